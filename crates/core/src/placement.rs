@@ -1,0 +1,276 @@
+//! The placement table: which worker owns each slot, versioned by an epoch that only grows.
+//!
+//! Slots are assigned by consistent hashing (`hashring`, with virtual nodes per worker), so a
+//! worker joining or leaving moves close to 1/N of the slots instead of reshuffling them.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+
+use hashring::HashRing;
+
+use crate::error::Error;
+use crate::ids::WorkerId;
+use crate::slot::Slot;
+
+/// Virtual nodes per worker on the hash ring. More even shares cost only placement time,
+/// which is paid when membership changes, never per request.
+pub const VIRTUAL_NODES_PER_WORKER: u32 = 128;
+
+/// The version of a placement table. Every change to the table raises it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Epoch(pub u64);
+
+impl Epoch {
+    pub fn next(self) -> Epoch {
+        Epoch(self.0 + 1)
+    }
+}
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Owner of every slot at one epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacementTable {
+    epoch: Epoch,
+    workers: Vec<WorkerId>,
+    /// `owners[slot]` indexes `workers`; `None` when no live worker exists.
+    owners: Vec<Option<u32>>,
+}
+
+impl PlacementTable {
+    /// The table before any worker joined: every slot unassigned, epoch 0.
+    pub fn empty(slot_count: u32) -> Self {
+        PlacementTable {
+            epoch: Epoch::default(),
+            workers: Vec::new(),
+            owners: vec![None; slot_count as usize],
+        }
+    }
+
+    /// Rebuilds a table received from elsewhere, checking that it is consistent.
+    pub fn from_parts(
+        epoch: Epoch,
+        workers: Vec<WorkerId>,
+        owners: Vec<Option<u32>>,
+    ) -> Result<Self, Error> {
+        if owners.is_empty() {
+            return Err(Error::invalid("placement.slot_count", "must be positive"));
+        }
+        if let Some(bad) = owners.iter().flatten().find(|&&index| index as usize >= workers.len()) {
+            return Err(Error::invalid(
+                "placement.slot_owners",
+                format!("worker index {bad} is out of range"),
+            ));
+        }
+        Ok(PlacementTable {
+            epoch,
+            workers,
+            owners,
+        })
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    pub fn slot_count(&self) -> u32 {
+        self.owners.len() as u32
+    }
+
+    pub fn workers(&self) -> &[WorkerId] {
+        &self.workers
+    }
+
+    /// Owner indexes per slot, as carried on the wire.
+    pub fn owner_indexes(&self) -> &[Option<u32>] {
+        &self.owners
+    }
+
+    pub fn owner(&self, slot: Slot) -> Option<&WorkerId> {
+        let index = (*self.owners.get(slot as usize)?)?;
+        self.workers.get(index as usize)
+    }
+
+    pub fn is_owner(&self, slot: Slot, worker: &WorkerId) -> bool {
+        self.owner(slot) == Some(worker)
+    }
+
+    /// The slots `worker` owns, in ascending order.
+    pub fn slots_of(&self, worker: &WorkerId) -> Vec<Slot> {
+        let Some(index) = self.workers.iter().position(|w| w == worker) else {
+            return Vec::new();
+        };
+        self.owners
+            .iter()
+            .enumerate()
+            .filter(|(_, owner)| **owner == Some(index as u32))
+            .map(|(slot, _)| slot as Slot)
+            .collect()
+    }
+
+    /// Slot counts per worker.
+    pub fn slot_counts(&self) -> HashMap<&WorkerId, u32> {
+        let mut counts: HashMap<&WorkerId, u32> = HashMap::new();
+        for owner in self.owners.iter().flatten() {
+            *counts.entry(&self.workers[*owner as usize]).or_default() += 1;
+        }
+        counts
+    }
+
+    pub fn unassigned_slots(&self) -> u32 {
+        self.owners.iter().filter(|owner| owner.is_none()).count() as u32
+    }
+
+    /// The table for a new set of live workers: `None` when the assignment would not
+    /// change, otherwise the new assignment at the next epoch.
+    pub fn rebalanced(&self, live_workers: &[WorkerId]) -> Option<PlacementTable> {
+        let assignment = assign_slots(self.slot_count(), live_workers);
+        let next = PlacementTable::from_assignment(self.epoch.next(), &assignment);
+        if next.same_assignment(self) {
+            return None;
+        }
+        Some(next)
+    }
+
+    /// The same assignment at a higher epoch, for a coordinator that restarted and must
+    /// never hand out an epoch a worker has already seen.
+    pub fn with_epoch(mut self, epoch: Epoch) -> PlacementTable {
+        self.epoch = epoch;
+        self
+    }
+
+    fn from_assignment(epoch: Epoch, assignment: &[Option<WorkerId>]) -> PlacementTable {
+        let mut workers: Vec<WorkerId> = Vec::new();
+        let mut index_of: HashMap<&WorkerId, u32> = HashMap::new();
+        let owners = assignment
+            .iter()
+            .map(|owner| {
+                owner.as_ref().map(|worker| {
+                    *index_of.entry(worker).or_insert_with(|| {
+                        workers.push(worker.clone());
+                        (workers.len() - 1) as u32
+                    })
+                })
+            })
+            .collect();
+        PlacementTable {
+            epoch,
+            workers,
+            owners,
+        }
+    }
+
+    fn same_assignment(&self, other: &PlacementTable) -> bool {
+        self.slot_count() == other.slot_count()
+            && (0..self.slot_count()).all(|slot| self.owner(slot) == other.owner(slot))
+    }
+}
+
+/// One worker's point on the ring. Only the worker id and the replica number are hashed,
+/// so a worker's points do not depend on which other workers are present.
+#[derive(Clone, Debug)]
+struct VirtualNode<'a> {
+    worker: &'a WorkerId,
+    replica: u32,
+}
+
+impl Hash for VirtualNode<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.worker.as_str().hash(state);
+        self.replica.hash(state);
+    }
+}
+
+/// Assigns each slot to a live worker by consistent hashing.
+pub fn assign_slots(slot_count: u32, live_workers: &[WorkerId]) -> Vec<Option<WorkerId>> {
+    let mut ring = HashRing::new();
+    ring.batch_add(
+        live_workers
+            .iter()
+            .flat_map(|worker| {
+                (0..VIRTUAL_NODES_PER_WORKER).map(move |replica| VirtualNode { worker, replica })
+            })
+            .collect(),
+    );
+    (0..slot_count)
+        .map(|slot| ring.get(&u64::from(slot)).map(|node| node.worker.clone()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workers(count: usize) -> Vec<WorkerId> {
+        (0..count)
+            .map(|index| WorkerId::parse(format!("worker-{index}")).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn every_slot_gets_a_live_owner_and_shares_are_even() {
+        let live = workers(4);
+        let table = PlacementTable::empty(1024).rebalanced(&live).unwrap();
+        assert_eq!(table.epoch(), Epoch(1));
+        assert_eq!(table.unassigned_slots(), 0);
+        for count in table.slot_counts().values() {
+            // 256 is the ideal share; virtual nodes keep every worker near it.
+            assert!((150..370).contains(count), "{:?}", table.slot_counts());
+        }
+    }
+
+    #[test]
+    fn unchanged_membership_keeps_the_epoch() {
+        let live = workers(3);
+        let table = PlacementTable::empty(64).rebalanced(&live).unwrap();
+        assert!(table.rebalanced(&live).is_none());
+    }
+
+    #[test]
+    fn a_join_moves_slots_only_to_the_newcomer() {
+        let before = PlacementTable::empty(1024).rebalanced(&workers(3)).unwrap();
+        let grown = workers(4);
+        let after = before.rebalanced(&grown).unwrap();
+        assert_eq!(after.epoch(), Epoch(2));
+        let mut moved = 0;
+        for slot in 0..1024 {
+            if before.owner(slot) != after.owner(slot) {
+                moved += 1;
+                assert_eq!(after.owner(slot), Some(&grown[3]));
+            }
+        }
+        assert!(moved > 0 && moved < 1024 / 2, "moved {moved}");
+    }
+
+    #[test]
+    fn a_leave_moves_only_the_leavers_slots() {
+        let all = workers(4);
+        let before = PlacementTable::empty(1024).rebalanced(&all).unwrap();
+        let after = before.rebalanced(&all[..3]).unwrap();
+        for slot in 0..1024 {
+            if before.owner(slot) != Some(&all[3]) {
+                assert_eq!(before.owner(slot), after.owner(slot));
+            }
+        }
+        assert!(after.slots_of(&all[3]).is_empty());
+    }
+
+    #[test]
+    fn no_workers_leaves_slots_unassigned() {
+        let table = PlacementTable::empty(8).rebalanced(&workers(1)).unwrap();
+        let empty = table.rebalanced(&[]).unwrap();
+        assert_eq!(empty.unassigned_slots(), 8);
+        assert_eq!(empty.owner(3), None);
+    }
+
+    #[test]
+    fn from_parts_rejects_out_of_range_owner() {
+        let error = PlacementTable::from_parts(Epoch(1), workers(1), vec![Some(0), Some(1)]);
+        assert!(error.is_err());
+    }
+}

@@ -1,0 +1,282 @@
+//! Sessions, messages, and the limits every input is held to.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use crate::error::{Error, quote};
+use crate::ids::{SessionId, UserId};
+use crate::slot::Slot;
+
+/// A session as stored: who owns it and what it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub id: SessionId,
+    pub user_id: UserId,
+    pub slot: Slot,
+    pub created_at: SystemTime,
+    pub last_activity_at: SystemTime,
+    pub metadata: BTreeMap<String, String>,
+    pub message_count: u64,
+}
+
+/// Who wrote a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    User,
+    Assistant,
+    System,
+    Tool,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::System => "system",
+            Role::Tool => "tool",
+        }
+    }
+
+    /// Parses a role; `field` names where it came from, for the error.
+    pub fn parse(input: &str, field: impl Into<String>) -> Result<Role, Error> {
+        match input {
+            "user" => Ok(Role::User),
+            "assistant" => Ok(Role::Assistant),
+            "system" => Ok(Role::System),
+            "tool" => Ok(Role::Tool),
+            other => Err(Error::invalid(
+                field,
+                format!(
+                    "{} is not a role: use user, assistant, system or tool",
+                    quote(other)
+                ),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A message to append to a context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+    /// The author's name within its role: a tool's name, or the agent type of a reply.
+    pub name: String,
+}
+
+/// A message as stored in a context, with its sequence number (1, 2, 3, … per session).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContextMessage {
+    pub seq: u64,
+    pub role: Role,
+    pub content: String,
+    pub name: String,
+    pub created_at: SystemTime,
+}
+
+/// Limits on sessions and on every input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Creating one more session ends the user's least recently created one.
+    pub max_sessions_per_user: u32,
+    /// A session with no call for this long is ended.
+    pub idle_timeout: Duration,
+    /// How long a session token stays valid.
+    pub token_ttl: Duration,
+    pub max_message_bytes: usize,
+    pub max_messages_per_append: usize,
+    pub max_name_bytes: usize,
+    pub max_context_messages: u64,
+    pub max_metadata_entries: usize,
+    pub max_metadata_key_bytes: usize,
+    pub max_metadata_value_bytes: usize,
+    pub max_agent_type_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_sessions_per_user: 5,
+            idle_timeout: Duration::from_secs(30 * 60),
+            token_ttl: Duration::from_secs(7 * 24 * 3600),
+            max_message_bytes: 64 * 1024,
+            max_messages_per_append: 256,
+            max_name_bytes: 64,
+            max_context_messages: 100_000,
+            max_metadata_entries: 32,
+            max_metadata_key_bytes: 64,
+            max_metadata_value_bytes: 1024,
+            max_agent_type_bytes: 64,
+        }
+    }
+}
+
+impl Limits {
+    pub fn validate_metadata(&self, metadata: &BTreeMap<String, String>) -> Result<(), Error> {
+        if metadata.len() > self.max_metadata_entries {
+            return Err(Error::invalid(
+                "metadata",
+                format!(
+                    "has {} entries, the limit is {}",
+                    metadata.len(),
+                    self.max_metadata_entries
+                ),
+            ));
+        }
+        for (key, value) in metadata {
+            if key.is_empty() || key.len() > self.max_metadata_key_bytes {
+                return Err(Error::invalid(
+                    "metadata",
+                    format!(
+                        "key {} must be 1 to {} bytes long",
+                        quote(key),
+                        self.max_metadata_key_bytes
+                    ),
+                ));
+            }
+            if value.len() > self.max_metadata_value_bytes {
+                return Err(Error::invalid(
+                    format!("metadata[{key}]"),
+                    format!(
+                        "value is {} bytes long, the limit is {}",
+                        value.len(),
+                        self.max_metadata_value_bytes
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a batch of messages to append; `field` is the repeated field they came in.
+    pub fn validate_messages(&self, messages: &[Message], field: &str) -> Result<(), Error> {
+        if messages.is_empty() {
+            return Err(Error::invalid(field, "must hold at least one message"));
+        }
+        if messages.len() > self.max_messages_per_append {
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "holds {} messages, the limit per call is {}",
+                    messages.len(),
+                    self.max_messages_per_append
+                ),
+            ));
+        }
+        for (index, message) in messages.iter().enumerate() {
+            self.validate_content(&message.content, &format!("{field}[{index}].content"))?;
+            if message.name.len() > self.max_name_bytes {
+                return Err(Error::invalid(
+                    format!("{field}[{index}].name"),
+                    format!("is longer than {} bytes", self.max_name_bytes),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn validate_content(&self, content: &str, field: &str) -> Result<(), Error> {
+        if content.len() > self.max_message_bytes {
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "is {} bytes long, the limit is {}",
+                    content.len(),
+                    self.max_message_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn validate_agent_type(&self, agent_type: &str) -> Result<(), Error> {
+        if agent_type.is_empty() {
+            return Err(Error::invalid("agent_type", "must not be empty"));
+        }
+        if agent_type.len() > self.max_agent_type_bytes {
+            return Err(Error::invalid(
+                "agent_type",
+                format!("is longer than {} bytes", self.max_agent_type_bytes),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether `count` more messages fit in a context that holds `current`.
+    pub fn check_context_room(&self, current: u64, count: u64) -> Result<(), Error> {
+        if current.saturating_add(count) > self.max_context_messages {
+            return Err(Error::ResourceExhausted(format!(
+                "context holds {current} messages and the limit is {}: end the session or start a new one",
+                self.max_context_messages
+            )));
+        }
+        Ok(())
+    }
+
+    /// How many of a user's sessions must end before one more can be created.
+    pub fn evictions_before_create(&self, current_sessions: usize) -> usize {
+        (current_sessions + 1).saturating_sub(self.max_sessions_per_user.max(1) as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(content: &str) -> Message {
+        Message {
+            role: Role::User,
+            content: content.to_string(),
+            name: String::new(),
+        }
+    }
+
+    #[test]
+    fn roles_parse_and_name_the_field() {
+        assert_eq!(Role::parse("tool", "messages[0].role"), Ok(Role::Tool));
+        let error = Role::parse("admin", "messages[2].role").unwrap_err();
+        assert!(error.to_string().starts_with("messages[2].role: "), "{error}");
+    }
+
+    #[test]
+    fn oversized_content_names_its_index() {
+        let limits = Limits {
+            max_message_bytes: 4,
+            ..Limits::default()
+        };
+        let error = limits
+            .validate_messages(&[message("ok"), message("too long")], "messages")
+            .unwrap_err();
+        assert!(error.to_string().starts_with("messages[1].content: "), "{error}");
+        assert!(limits.validate_messages(&[], "messages").is_err());
+    }
+
+    #[test]
+    fn metadata_limits() {
+        let limits = Limits::default();
+        let mut metadata = BTreeMap::new();
+        metadata.insert("plan".to_string(), "pro".to_string());
+        assert!(limits.validate_metadata(&metadata).is_ok());
+        metadata.insert(String::new(), "x".to_string());
+        assert!(limits.validate_metadata(&metadata).is_err());
+        let many: BTreeMap<_, _> = (0..33).map(|i| (format!("k{i}"), String::new())).collect();
+        assert!(limits.validate_metadata(&many).is_err());
+    }
+
+    #[test]
+    fn evictions_keep_the_user_at_the_limit() {
+        let limits = Limits::default();
+        assert_eq!(limits.evictions_before_create(0), 0);
+        assert_eq!(limits.evictions_before_create(4), 0);
+        assert_eq!(limits.evictions_before_create(5), 1);
+        assert_eq!(limits.evictions_before_create(7), 3);
+    }
+}
