@@ -1,0 +1,6 @@
+//! What the `switchyard` binary runs, as a library so tests start the same thing.
+
+pub mod dev;
+pub mod keys;
+
+pub use dev::{DevCluster, DevClusterConfig};

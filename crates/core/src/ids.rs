@@ -35,9 +35,9 @@ impl SessionId {
         if input.is_empty() {
             return Err(Error::invalid("session_id", "must not be empty"));
         }
-        Uuid::try_parse(input).map(SessionId).map_err(|_| {
-            Error::invalid("session_id", format!("{} is not a UUID", quote(input)))
-        })
+        Uuid::try_parse(input)
+            .map(SessionId)
+            .map_err(|_| Error::invalid("session_id", format!("{} is not a UUID", quote(input))))
     }
 }
 

@@ -61,7 +61,11 @@ impl PlacementTable {
         if owners.is_empty() {
             return Err(Error::invalid("placement.slot_count", "must be positive"));
         }
-        if let Some(bad) = owners.iter().flatten().find(|&&index| index as usize >= workers.len()) {
+        if let Some(bad) = owners
+            .iter()
+            .flatten()
+            .find(|&&index| index as usize >= workers.len())
+        {
             return Err(Error::invalid(
                 "placement.slot_owners",
                 format!("worker index {bad} is out of range"),

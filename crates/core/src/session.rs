@@ -243,7 +243,10 @@ mod tests {
     fn roles_parse_and_name_the_field() {
         assert_eq!(Role::parse("tool", "messages[0].role"), Ok(Role::Tool));
         let error = Role::parse("admin", "messages[2].role").unwrap_err();
-        assert!(error.to_string().starts_with("messages[2].role: "), "{error}");
+        assert!(
+            error.to_string().starts_with("messages[2].role: "),
+            "{error}"
+        );
     }
 
     #[test]
@@ -255,7 +258,10 @@ mod tests {
         let error = limits
             .validate_messages(&[message("ok"), message("too long")], "messages")
             .unwrap_err();
-        assert!(error.to_string().starts_with("messages[1].content: "), "{error}");
+        assert!(
+            error.to_string().starts_with("messages[1].content: "),
+            "{error}"
+        );
         assert!(limits.validate_messages(&[], "messages").is_err());
     }
 

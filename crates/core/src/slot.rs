@@ -36,6 +36,9 @@ mod tests {
         for user in 0..16_000 {
             counts[slot_of(&format!("user-{user}"), 16) as usize] += 1;
         }
-        assert!(counts.iter().all(|&count| (800..1200).contains(&count)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&count| (800..1200).contains(&count)),
+            "{counts:?}"
+        );
     }
 }

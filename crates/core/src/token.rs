@@ -60,7 +60,9 @@ pub struct TokenKey {
 
 impl std::fmt::Debug for TokenKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenKey").field("id", &self.id()).finish_non_exhaustive()
+        f.debug_struct("TokenKey")
+            .field("id", &self.id())
+            .finish_non_exhaustive()
     }
 }
 
@@ -188,10 +190,18 @@ mod tests {
     #[test]
     fn tampering_is_detected() {
         let key = key(7);
-        let token = key.mint(SessionId::new_random(), &user("alice"), Duration::from_secs(60));
+        let token = key.mint(
+            SessionId::new_random(),
+            &user("alice"),
+            Duration::from_secs(60),
+        );
         let (head, tag) = token.rsplit_once('.').unwrap();
         // Swap the user inside the payload while keeping the old MAC.
-        let forged_payload = key.mint(SessionId::new_random(), &user("mallory"), Duration::from_secs(60));
+        let forged_payload = key.mint(
+            SessionId::new_random(),
+            &user("mallory"),
+            Duration::from_secs(60),
+        );
         let forged_head = forged_payload.rsplit_once('.').unwrap().0;
         assert_eq!(
             key.verify(&format!("{forged_head}.{tag}"), SystemTime::now()),
@@ -200,19 +210,33 @@ mod tests {
         let mut flipped = tag.to_string().into_bytes();
         flipped[0] = if flipped[0] == b'A' { b'B' } else { b'A' };
         let flipped = format!("{head}.{}", String::from_utf8(flipped).unwrap());
-        assert_eq!(key.verify(&flipped, SystemTime::now()), Err(TokenError::BadSignature));
+        assert_eq!(
+            key.verify(&flipped, SystemTime::now()),
+            Err(TokenError::BadSignature)
+        );
     }
 
     #[test]
     fn another_key_is_refused() {
-        let token = key(1).mint(SessionId::new_random(), &user("alice"), Duration::from_secs(60));
-        assert_eq!(key(2).verify(&token, SystemTime::now()), Err(TokenError::UnknownKey));
+        let token = key(1).mint(
+            SessionId::new_random(),
+            &user("alice"),
+            Duration::from_secs(60),
+        );
+        assert_eq!(
+            key(2).verify(&token, SystemTime::now()),
+            Err(TokenError::UnknownKey)
+        );
     }
 
     #[test]
     fn expiry_is_enforced() {
         let key = key(7);
-        let token = key.mint(SessionId::new_random(), &user("alice"), Duration::from_secs(60));
+        let token = key.mint(
+            SessionId::new_random(),
+            &user("alice"),
+            Duration::from_secs(60),
+        );
         let later = SystemTime::now() + Duration::from_secs(120);
         assert_eq!(key.verify(&token, later), Err(TokenError::Expired));
     }
@@ -220,7 +244,15 @@ mod tests {
     #[test]
     fn garbage_is_malformed_not_a_panic() {
         let key = key(7);
-        for input in ["", "sy1.", "sy1..", "sy1.AAAA.BBBB", "nope", "sy1.%%%.###", &"x".repeat(5000)] {
+        for input in [
+            "",
+            "sy1.",
+            "sy1..",
+            "sy1.AAAA.BBBB",
+            "nope",
+            "sy1.%%%.###",
+            &"x".repeat(5000),
+        ] {
             assert!(key.verify(input, SystemTime::now()).is_err(), "{input}");
         }
     }

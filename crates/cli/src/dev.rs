@@ -1,0 +1,150 @@
+//! `DevCluster`: a coordinator and N workers in one process on loopback, sharing one store.
+//! `switchyard dev` runs it, and so do the cluster tests.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard_agents::AgentCatalog;
+use switchyard_coordinator::{CoordinatorConfig, CoordinatorHandle};
+use switchyard_core::{DEFAULT_SLOT_COUNT, Limits, TokenKey, WorkerId};
+use switchyard_store::{MemoryStore, SessionStore};
+use switchyard_worker::{WorkerConfig, WorkerHandle};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("worker {worker_id} failed to start: {source}")]
+    Worker {
+        worker_id: String,
+        source: switchyard_worker::StartError,
+    },
+}
+
+#[derive(Clone)]
+pub struct DevClusterConfig {
+    /// The coordinator's address; port 0 picks a free one.
+    pub listen: SocketAddr,
+    pub workers: usize,
+    pub token_key: TokenKey,
+    pub limits: Limits,
+    pub slot_count: u32,
+    pub heartbeat_interval: Duration,
+    pub lease: Duration,
+    pub agents: AgentCatalog,
+}
+
+impl DevClusterConfig {
+    pub fn new(listen: SocketAddr, workers: usize, token_key: TokenKey) -> Self {
+        DevClusterConfig {
+            listen,
+            workers,
+            token_key,
+            limits: Limits::default(),
+            slot_count: DEFAULT_SLOT_COUNT,
+            heartbeat_interval: Duration::from_millis(500),
+            lease: Duration::from_secs(2),
+            agents: AgentCatalog::with_builtin(),
+        }
+    }
+}
+
+pub struct DevCluster {
+    config: DevClusterConfig,
+    pub coordinator: CoordinatorHandle,
+    /// `None` where a worker was stopped.
+    pub workers: Vec<Option<WorkerHandle>>,
+    store: Arc<dyn SessionStore>,
+    shutdown: CancellationToken,
+}
+
+impl DevCluster {
+    pub async fn start(config: DevClusterConfig) -> Result<Self, DevError> {
+        let shutdown = CancellationToken::new();
+        let listener = switchyard_server::bind(config.listen).await?;
+        let mut coordinator_config = CoordinatorConfig::new(config.token_key.clone());
+        coordinator_config.slot_count = config.slot_count;
+        coordinator_config.heartbeat_interval = config.heartbeat_interval;
+        coordinator_config.lease = config.lease;
+        let coordinator =
+            switchyard_coordinator::start(coordinator_config, listener, shutdown.child_token())?;
+        let mut cluster = DevCluster {
+            config,
+            coordinator,
+            workers: Vec::new(),
+            store: Arc::new(MemoryStore::new()),
+            shutdown,
+        };
+        for _ in 0..cluster.config.workers {
+            cluster.add_worker().await?;
+        }
+        Ok(cluster)
+    }
+
+    pub fn coordinator_address(&self) -> SocketAddr {
+        self.coordinator.address
+    }
+
+    pub fn coordinator_url(&self) -> String {
+        format!("http://{}", self.coordinator.address)
+    }
+
+    /// Starts one more worker, named `dev-worker-N`, on a free loopback port.
+    pub async fn add_worker(&mut self) -> Result<&WorkerHandle, DevError> {
+        let index = self.workers.len();
+        let worker_id = WorkerId::parse(format!("dev-worker-{index}")).map_err(|error| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, error.to_string())
+        })?;
+        let listener = switchyard_server::bind(SocketAddr::new(self.config.listen.ip(), 0)).await?;
+        let config = WorkerConfig {
+            worker_id: worker_id.clone(),
+            coordinator_url: self.coordinator_url(),
+            advertise_address: None,
+            token_key: self.config.token_key.clone(),
+            limits: self.config.limits.clone(),
+            agents: self.config.agents.clone(),
+        };
+        let handle = switchyard_worker::start(
+            config,
+            listener,
+            self.store.clone(),
+            self.shutdown.child_token(),
+        )
+        .await
+        .map_err(|source| DevError::Worker {
+            worker_id: worker_id.to_string(),
+            source,
+        })?;
+        self.workers.push(Some(handle));
+        Ok(self.workers[index].as_ref().expect("just pushed"))
+    }
+
+    /// The running workers.
+    pub fn live_workers(&self) -> impl Iterator<Item = &WorkerHandle> {
+        self.workers.iter().flatten()
+    }
+
+    /// Stops a worker gracefully: it leaves the cluster and finishes its calls.
+    pub async fn stop_worker(&mut self, index: usize) {
+        if let Some(worker) = self.workers.get_mut(index).and_then(Option::take) {
+            worker.stop().await;
+        }
+    }
+
+    /// Stops a worker abruptly, as a crash would; the coordinator notices at lease expiry.
+    pub fn kill_worker(&mut self, index: usize) {
+        if let Some(worker) = self.workers.get_mut(index).and_then(Option::take) {
+            worker.abort();
+        }
+    }
+
+    /// Stops the workers (each leaves the cluster first), then the coordinator.
+    pub async fn stop(self) {
+        for worker in self.workers.into_iter().flatten() {
+            worker.stop().await;
+        }
+        self.coordinator.stop().await;
+    }
+}

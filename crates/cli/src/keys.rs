@@ -1,0 +1,107 @@
+//! Loading and creating the session-token signing key.
+
+use std::path::{Path, PathBuf};
+
+use ring::rand::{SecureRandom, SystemRandom};
+use switchyard_core::TokenKey;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read the token key file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write the token key file {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("token key from {origin}: {reason}")]
+    Invalid { origin: String, reason: String },
+    #[error(
+        "no token key: pass --token-key-file (or set SWITCHYARD_TOKEN_KEY_FILE or SWITCHYARD_TOKEN_KEY) with the same secret of at least 32 bytes on every node"
+    )]
+    Missing,
+    #[error("cannot generate a token key: the system random source failed")]
+    Random,
+}
+
+/// The key from a file, or from the secret itself; the file wins.
+pub fn load(file: Option<&Path>, secret: Option<&str>) -> Result<TokenKey, KeyError> {
+    if let Some(path) = file {
+        let contents = std::fs::read(path).map_err(|source| KeyError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        return from_bytes(contents.trim_ascii(), &path.display().to_string());
+    }
+    if let Some(secret) = secret {
+        return from_bytes(secret.trim().as_bytes(), "SWITCHYARD_TOKEN_KEY");
+    }
+    Err(KeyError::Missing)
+}
+
+fn from_bytes(secret: &[u8], origin: &str) -> Result<TokenKey, KeyError> {
+    TokenKey::from_secret(secret).map_err(|error| KeyError::Invalid {
+        origin: origin.to_string(),
+        reason: error.to_string(),
+    })
+}
+
+/// The key in `data_dir/token.key`, created on first use, so tokens survive restarts.
+pub fn load_or_create(data_dir: &Path) -> Result<TokenKey, KeyError> {
+    let path = data_dir.join("token.key");
+    if path.exists() {
+        return load(Some(&path), None);
+    }
+    let mut secret = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut secret)
+        .map_err(|_| KeyError::Random)?;
+    let hex: String = secret.iter().map(|byte| format!("{byte:02x}")).collect();
+    std::fs::create_dir_all(data_dir)
+        .and_then(|()| write_private(&path, hex.as_bytes()))
+        .map_err(|source| KeyError::Write {
+            path: path.clone(),
+            source,
+        })?;
+    load(Some(&path), None)
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path)?.write_all(contents)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn created_keys_are_reused() {
+        let dir = std::env::temp_dir().join(format!("switchyard-keys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let first = load_or_create(&dir).unwrap();
+        let second = load_or_create(&dir).unwrap();
+        assert_eq!(first.id(), second.id());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn short_or_missing_keys_are_refused() {
+        assert!(matches!(
+            load(None, Some("short")),
+            Err(KeyError::Invalid { .. })
+        ));
+        assert!(matches!(load(None, None), Err(KeyError::Missing)));
+        assert!(load(None, Some(&"k".repeat(32))).is_ok());
+    }
+}

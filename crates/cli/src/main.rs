@@ -1,0 +1,259 @@
+//! `switchyard`: run a coordinator, a worker, or a whole cluster in one process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use switchyard_agents::AgentCatalog;
+use switchyard_cli::{DevCluster, DevClusterConfig, keys};
+use switchyard_core::{DEFAULT_SLOT_COUNT, Limits, WorkerId};
+use switchyard_store::MemoryStore;
+use switchyard_worker::WorkerConfig;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "gRPC control plane for the sessions of multi-agent systems"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the coordinator: membership, placement, routing and admin.
+    Coordinator(CoordinatorArgs),
+    /// Run a worker that hosts sessions for the slots the coordinator gives it.
+    Worker(WorkerArgs),
+    /// Run a coordinator and several workers in this process, on loopback.
+    Dev(DevArgs),
+}
+
+#[derive(Args)]
+struct KeyArgs {
+    /// File holding the session-token signing secret (at least 32 bytes), the same on every node.
+    #[arg(long, env = "SWITCHYARD_TOKEN_KEY_FILE")]
+    token_key_file: Option<PathBuf>,
+    /// The signing secret itself, when no file is given.
+    #[arg(
+        long = "token-key",
+        env = "SWITCHYARD_TOKEN_KEY",
+        hide_env_values = true,
+        hide = true
+    )]
+    token_key: Option<String>,
+}
+
+#[derive(Args)]
+struct ClusterTimingArgs {
+    /// How often workers heartbeat.
+    #[arg(long, env = "SWITCHYARD_HEARTBEAT_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Duration,
+    /// A worker silent for this long is declared dead and its slots move.
+    #[arg(long, env = "SWITCHYARD_LEASE", default_value = "2s", value_parser = humantime::parse_duration)]
+    lease: Duration,
+    /// Slots per cluster; fixed for the life of the cluster.
+    #[arg(long, env = "SWITCHYARD_SLOT_COUNT", default_value_t = DEFAULT_SLOT_COUNT, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    slot_count: u32,
+}
+
+#[derive(Args)]
+struct SessionArgs {
+    /// Sessions a user may hold; one more ends the least recently created.
+    #[arg(long, env = "SWITCHYARD_MAX_SESSIONS_PER_USER", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    max_sessions_per_user: u32,
+    /// A session with no call for this long ends.
+    #[arg(long, env = "SWITCHYARD_IDLE_TIMEOUT", default_value = "30m", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// How long session tokens stay valid.
+    #[arg(long, env = "SWITCHYARD_TOKEN_TTL", default_value = "7days", value_parser = humantime::parse_duration)]
+    token_ttl: Duration,
+}
+
+impl SessionArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_sessions_per_user: self.max_sessions_per_user,
+            idle_timeout: self.idle_timeout,
+            token_ttl: self.token_ttl,
+            ..Limits::default()
+        }
+    }
+}
+
+#[derive(Args)]
+struct CoordinatorArgs {
+    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "0.0.0.0:50051")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    keys: KeyArgs,
+    #[command(flatten)]
+    timing: ClusterTimingArgs,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// The coordinator's URL, e.g. http://coordinator:50051.
+    #[arg(long, env = "SWITCHYARD_COORDINATOR")]
+    coordinator: String,
+    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "0.0.0.0:50061")]
+    listen: SocketAddr,
+    /// This worker's id: letters, digits, '.', '_' and '-'; stable across restarts.
+    #[arg(long, env = "SWITCHYARD_WORKER_ID")]
+    id: String,
+    /// host:port the coordinator reaches this worker at; defaults to the listen address.
+    #[arg(long, env = "SWITCHYARD_ADVERTISE")]
+    advertise: Option<String>,
+    #[command(flatten)]
+    keys: KeyArgs,
+    #[command(flatten)]
+    sessions: SessionArgs,
+}
+
+#[derive(Args)]
+struct DevArgs {
+    /// Where the coordinator listens; the workers take free ports on the same host.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
+    workers: u16,
+    /// Holds the token signing key, created on first start and reused after.
+    #[arg(long, env = "SWITCHYARD_DATA_DIR", default_value = "switchyard-data")]
+    data_dir: PathBuf,
+    #[command(flatten)]
+    sessions: SessionArgs,
+    #[command(flatten)]
+    timing: ClusterTimingArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Coordinator(args) => run_coordinator(args).await,
+            Command::Worker(args) => run_worker(args).await,
+            Command::Dev(args) => run_dev(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn run_coordinator(args: CoordinatorArgs) -> Result<(), BoxError> {
+    let token_key = keys::load(
+        args.keys.token_key_file.as_deref(),
+        args.keys.token_key.as_deref(),
+    )?;
+    let shutdown = CancellationToken::new();
+    switchyard_server::cancel_on_signal(shutdown.clone());
+    let listener = switchyard_server::bind(args.listen).await?;
+    let mut config = switchyard_coordinator::CoordinatorConfig::new(token_key);
+    config.slot_count = args.timing.slot_count;
+    config.heartbeat_interval = args.timing.heartbeat_interval;
+    config.lease = args.timing.lease;
+    validate_timing(config.heartbeat_interval, config.lease)?;
+    let coordinator = switchyard_coordinator::start(config, listener, shutdown)?;
+    coordinator.wait().await;
+    Ok(())
+}
+
+async fn run_worker(args: WorkerArgs) -> Result<(), BoxError> {
+    let token_key = keys::load(
+        args.keys.token_key_file.as_deref(),
+        args.keys.token_key.as_deref(),
+    )?;
+    let worker_id = WorkerId::parse(args.id).map_err(|error| format!("--id: {error}"))?;
+    let shutdown = CancellationToken::new();
+    switchyard_server::cancel_on_signal(shutdown.clone());
+    let listener = switchyard_server::bind(args.listen).await?;
+    let config = WorkerConfig {
+        worker_id,
+        coordinator_url: args.coordinator,
+        advertise_address: args.advertise,
+        token_key,
+        limits: args.sessions.limits(),
+        agents: AgentCatalog::with_builtin(),
+    };
+    let store = Arc::new(MemoryStore::new());
+    let worker = switchyard_worker::start(config, listener, store, shutdown.clone()).await?;
+    shutdown.cancelled().await;
+    worker.stop().await;
+    Ok(())
+}
+
+async fn run_dev(args: DevArgs) -> Result<(), BoxError> {
+    validate_timing(args.timing.heartbeat_interval, args.timing.lease)?;
+    let token_key = keys::load_or_create(&args.data_dir)?;
+    let shutdown = CancellationToken::new();
+    switchyard_server::cancel_on_signal(shutdown.clone());
+    let mut config = DevClusterConfig::new(args.listen, usize::from(args.workers), token_key);
+    config.limits = args.sessions.limits();
+    config.slot_count = args.timing.slot_count;
+    config.heartbeat_interval = args.timing.heartbeat_interval;
+    config.lease = args.timing.lease;
+    let cluster = DevCluster::start(config).await?;
+    print_banner(&cluster, &args.data_dir);
+    shutdown.cancelled().await;
+    cluster.stop().await;
+    println!("switchyard dev stopped");
+    Ok(())
+}
+
+fn validate_timing(heartbeat_interval: Duration, lease: Duration) -> Result<(), String> {
+    if heartbeat_interval.is_zero() || lease <= heartbeat_interval {
+        return Err(format!(
+            "--lease ({}) must be longer than --heartbeat-interval ({})",
+            humantime::format_duration(lease),
+            humantime::format_duration(heartbeat_interval)
+        ));
+    }
+    Ok(())
+}
+
+fn print_banner(cluster: &DevCluster, data_dir: &std::path::Path) {
+    let address = cluster.coordinator_address();
+    println!("switchyard dev is running");
+    println!("  coordinator  {address}  (SessionService, AdminService, health, reflection)");
+    for worker in cluster.live_workers() {
+        println!("  worker       {}  {}", worker.address, worker.worker_id);
+    }
+    println!("  data dir     {}", data_dir.display());
+    println!();
+    println!("try:");
+    println!("  grpcurl -plaintext {address} list");
+    println!(
+        "  grpcurl -plaintext -d '{{\"user_id\": \"alice\"}}' {address} switchyard.v1.SessionService/CreateSession"
+    );
+    println!();
+    println!("Ctrl-C stops it.");
+}

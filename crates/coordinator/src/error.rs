@@ -1,0 +1,45 @@
+use switchyard::auth::AuthError;
+use switchyard_core::{ErrorCode, ServiceError, Slot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error(transparent)]
+    Domain(#[from] switchyard_core::Error),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("no live worker owns slot {0}: the cluster has no live worker; retry")]
+    NoOwner(Slot),
+    #[error(
+        "worker {worker_id} holds token key {worker_key} but the coordinator holds {coordinator_key}: give every node the same token key"
+    )]
+    TokenKeyMismatch {
+        worker_id: String,
+        worker_key: String,
+        coordinator_key: String,
+    },
+    #[error("address: {0}")]
+    InvalidAddress(String),
+    #[error("worker {0} is not registered (or its lease expired): register again")]
+    UnknownRegistration(String),
+}
+
+impl ServiceError for CoordinatorError {
+    fn error_code(&self) -> ErrorCode {
+        match self {
+            CoordinatorError::Domain(error) => error.error_code(),
+            CoordinatorError::Auth(error) => error.error_code(),
+            CoordinatorError::NoOwner(_) => ErrorCode::Unavailable,
+            CoordinatorError::TokenKeyMismatch { .. } => ErrorCode::FailedPrecondition,
+            CoordinatorError::InvalidAddress(_) => ErrorCode::InvalidArgument,
+            CoordinatorError::UnknownRegistration(_) => ErrorCode::NotFound,
+        }
+    }
+}
+
+impl From<CoordinatorError> for tonic::Status {
+    fn from(error: CoordinatorError) -> tonic::Status {
+        switchyard::status_from(&error)
+    }
+}
+
+pub type Result<T, E = CoordinatorError> = std::result::Result<T, E>;

@@ -1,0 +1,66 @@
+use switchyard::auth::AuthError;
+use switchyard::metadata::{KNOWN_EPOCH, SLOT_OWNER};
+use switchyard_agents::AgentError;
+use switchyard_core::{Epoch, ErrorCode, ServiceError, Slot, WorkerId};
+use switchyard_store::StoreError;
+use tonic::Status;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Domain(#[from] switchyard_core::Error),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error("slot {slot} is not owned by this worker at epoch {epoch}")]
+    NotOwner {
+        slot: Slot,
+        epoch: Epoch,
+        owner: Option<WorkerId>,
+    },
+    #[error("worker placement is at epoch {known}, behind the request's epoch {requested}; retry")]
+    PlacementBehind { known: Epoch, requested: Epoch },
+    #[error("worker has no fresh lease from the coordinator; retry")]
+    LeaseExpired,
+    #[error("{0}")]
+    InvalidMetadata(String),
+    #[error("worker is shutting down")]
+    ShuttingDown,
+}
+
+impl ServiceError for WorkerError {
+    fn error_code(&self) -> ErrorCode {
+        match self {
+            WorkerError::Domain(error) => error.error_code(),
+            WorkerError::Auth(error) => error.error_code(),
+            WorkerError::Store(error) => error.error_code(),
+            WorkerError::Agent(error) => error.error_code(),
+            WorkerError::NotOwner { .. } => ErrorCode::FailedPrecondition,
+            WorkerError::PlacementBehind { .. }
+            | WorkerError::LeaseExpired
+            | WorkerError::ShuttingDown => ErrorCode::Unavailable,
+            WorkerError::InvalidMetadata(_) => ErrorCode::InvalidArgument,
+        }
+    }
+}
+
+impl From<WorkerError> for Status {
+    fn from(error: WorkerError) -> Status {
+        let mut status = switchyard::status_from(&error);
+        if let WorkerError::NotOwner { epoch, owner, .. } = &error {
+            let metadata = status.metadata_mut();
+            if let Ok(value) = epoch.0.to_string().parse() {
+                metadata.insert(KNOWN_EPOCH, value);
+            }
+            if let Some(value) = owner.as_ref().and_then(|owner| owner.as_str().parse().ok()) {
+                metadata.insert(SLOT_OWNER, value);
+            }
+        }
+        status
+    }
+}
+
+pub type Result<T, E = WorkerError> = std::result::Result<T, E>;

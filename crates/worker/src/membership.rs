@@ -1,0 +1,231 @@
+//! The worker's side of membership: register, heartbeat, learn the placement table, leave.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use switchyard::conversions::placement_from_wire;
+use switchyard::pb;
+use switchyard::pb::membership_service_client::MembershipServiceClient;
+use switchyard_core::WorkerId;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::placement::PlacementView;
+use crate::sessions::SessionManager;
+
+/// Longest pause between registration attempts while the coordinator is unreachable.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
+/// Bound on one membership call, so a hung coordinator cannot stall the loop.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    #[error("invalid coordinator URL {url:?}: {source}")]
+    InvalidUrl {
+        url: String,
+        source: tonic::transport::Error,
+    },
+    #[error("the coordinator refused registration: {0}")]
+    Refused(String),
+    #[error("the coordinator sent an invalid placement table: {0}")]
+    InvalidPlacement(String),
+    #[error("stopped before registering")]
+    Stopped,
+}
+
+/// What registration granted.
+pub struct Registration {
+    pub registration_id: String,
+    pub heartbeat_interval: Duration,
+    pub lease: Duration,
+}
+
+pub struct MembershipClient {
+    client: MembershipServiceClient<Channel>,
+    worker_id: WorkerId,
+    address: String,
+    token_key_id: String,
+    placement: Arc<PlacementView>,
+}
+
+impl MembershipClient {
+    pub fn new(
+        coordinator_url: &str,
+        worker_id: WorkerId,
+        address: String,
+        token_key_id: String,
+        placement: Arc<PlacementView>,
+    ) -> Result<Self, MembershipError> {
+        let channel = Endpoint::from_shared(coordinator_url.to_string())
+            .map_err(|source| MembershipError::InvalidUrl {
+                url: coordinator_url.to_string(),
+                source,
+            })?
+            .connect_timeout(CALL_TIMEOUT)
+            .connect_lazy();
+        Ok(MembershipClient {
+            client: MembershipServiceClient::new(channel),
+            worker_id,
+            address,
+            token_key_id,
+            placement,
+        })
+    }
+
+    /// Registers, retrying while the coordinator is unreachable. A refusal (a token key
+    /// that differs from the coordinator's, say) is final.
+    pub async fn register(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Registration, MembershipError> {
+        let mut delay = Duration::from_millis(50);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match self.try_register().await {
+                Ok(registration) => return Ok(registration),
+                Err(status) if is_refusal(&status) => {
+                    return Err(MembershipError::Refused(status.message().to_string()));
+                }
+                Err(status) => {
+                    tracing::warn!(
+                        worker_id = %self.worker_id,
+                        attempt,
+                        error = %status.message(),
+                        "coordinator not reachable yet, retrying registration"
+                    );
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.cancelled() => return Err(MembershipError::Stopped),
+            }
+            delay = (delay * 2).min(MAX_RETRY_DELAY);
+        }
+    }
+
+    async fn try_register(&self) -> Result<Registration, Status> {
+        let sent_at = Instant::now();
+        let mut request = tonic::Request::new(pb::RegisterRequest {
+            worker_id: self.worker_id.to_string(),
+            address: self.address.clone(),
+            token_key_id: self.token_key_id.clone(),
+            known_epoch: self.placement.current().epoch().0,
+        });
+        request.set_timeout(CALL_TIMEOUT);
+        let response = self.client.clone().register(request).await?.into_inner();
+        let lease = Duration::from_millis(u64::from(response.lease_ms));
+        let table = response
+            .placement
+            .ok_or_else(|| Status::internal("registration reply carries no placement table"))?;
+        self.install(table)?;
+        self.placement.renew_lease(sent_at, lease);
+        tracing::info!(
+            worker_id = %self.worker_id,
+            address = %self.address,
+            epoch = %self.placement.current().epoch(),
+            "registered with the coordinator"
+        );
+        Ok(Registration {
+            registration_id: response.registration_id,
+            heartbeat_interval: Duration::from_millis(u64::from(response.heartbeat_interval_ms)),
+            lease,
+        })
+    }
+
+    fn install(&self, table: pb::PlacementTable) -> Result<(), Status> {
+        let table = placement_from_wire(table).map_err(|error| {
+            Status::internal(MembershipError::InvalidPlacement(error.to_string()).to_string())
+        })?;
+        let epoch = table.epoch();
+        if self.placement.install(table) {
+            tracing::debug!(worker_id = %self.worker_id, %epoch, "placement table installed");
+        }
+        Ok(())
+    }
+
+    /// Heartbeats until `shutdown`, re-registering when the coordinator no longer knows
+    /// this worker (it restarted, or declared the worker dead), then leaves the cluster.
+    pub async fn run(
+        self,
+        mut registration: Registration,
+        sessions: Arc<SessionManager>,
+        shutdown: CancellationToken,
+    ) {
+        let mut failures = 0u32;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(registration.heartbeat_interval) => {}
+                _ = self.placement.refresh_requested().notified() => {}
+                _ = shutdown.cancelled() => break,
+            }
+            match self.heartbeat(&registration, &sessions).await {
+                Ok(()) => failures = 0,
+                Err(status) if status.code() == Code::NotFound => {
+                    tracing::warn!(worker_id = %self.worker_id, "coordinator no longer knows this worker, registering again");
+                    self.placement.expire_lease();
+                    match self.register(&shutdown).await {
+                        Ok(renewed) => registration = renewed,
+                        Err(MembershipError::Stopped) => break,
+                        Err(error) => {
+                            tracing::error!(worker_id = %self.worker_id, %error, "registration refused");
+                            break;
+                        }
+                    }
+                }
+                Err(status) => {
+                    failures += 1;
+                    // One line per outage, then one every ten failures.
+                    if failures == 1 || failures % 10 == 0 {
+                        tracing::warn!(worker_id = %self.worker_id, failures, error = %status.message(), "heartbeat failed");
+                    }
+                }
+            }
+        }
+        self.leave(&registration).await;
+    }
+
+    async fn heartbeat(
+        &self,
+        registration: &Registration,
+        sessions: &SessionManager,
+    ) -> Result<(), Status> {
+        let sent_at = Instant::now();
+        let mut request = tonic::Request::new(pb::HeartbeatRequest {
+            worker_id: self.worker_id.to_string(),
+            registration_id: registration.registration_id.clone(),
+            known_epoch: self.placement.current().epoch().0,
+            session_count: sessions.hot_count() as u64,
+        });
+        request.set_timeout(CALL_TIMEOUT);
+        let response = self.client.clone().heartbeat(request).await?.into_inner();
+        if let Some(table) = response.placement {
+            self.install(table)?;
+        }
+        self.placement.renew_lease(sent_at, registration.lease);
+        Ok(())
+    }
+
+    async fn leave(&self, registration: &Registration) {
+        self.placement.expire_lease();
+        let mut request = tonic::Request::new(pb::LeaveRequest {
+            worker_id: self.worker_id.to_string(),
+            registration_id: registration.registration_id.clone(),
+        });
+        request.set_timeout(CALL_TIMEOUT);
+        match self.client.clone().leave(request).await {
+            Ok(_) => tracing::info!(worker_id = %self.worker_id, "left the cluster"),
+            Err(status) => {
+                tracing::warn!(worker_id = %self.worker_id, error = %status.message(), "could not leave the cluster; the lease will expire")
+            }
+        }
+    }
+}
+
+fn is_refusal(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::FailedPrecondition | Code::InvalidArgument | Code::PermissionDenied
+    )
+}

@@ -1,0 +1,172 @@
+//! The worker's view of the placement table and its lease.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use switchyard_core::{Epoch, PlacementTable, Slot, WorkerId};
+use tokio::sync::{Notify, watch};
+
+use crate::error::{Result, WorkerError};
+
+/// How long a call waits for the worker to catch up with a newer epoch it was sent.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(1);
+
+/// The latest table the coordinator sent, and until when the worker may act on it.
+pub struct PlacementView {
+    worker_id: WorkerId,
+    table: watch::Sender<Arc<PlacementTable>>,
+    lease_valid_until: Mutex<Option<Instant>>,
+    /// Asks the membership loop to heartbeat now rather than at its next tick.
+    refresh: Notify,
+}
+
+impl PlacementView {
+    pub fn new(worker_id: WorkerId, slot_count: u32) -> Self {
+        let (table, _) = watch::channel(Arc::new(PlacementTable::empty(slot_count)));
+        PlacementView {
+            worker_id,
+            table,
+            lease_valid_until: Mutex::new(None),
+            refresh: Notify::new(),
+        }
+    }
+
+    pub fn current(&self) -> Arc<PlacementTable> {
+        self.table.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<PlacementTable>> {
+        self.table.subscribe()
+    }
+
+    /// Installs a table if it is newer than the one held; older ones are ignored, so the
+    /// worker never acts on an epoch older than one it has seen.
+    pub fn install(&self, table: PlacementTable) -> bool {
+        self.table.send_if_modified(|current| {
+            if table.epoch() <= current.epoch() {
+                return false;
+            }
+            *current = Arc::new(table);
+            true
+        })
+    }
+
+    /// Extends the lease: `sent_at` is when the request the coordinator answered was sent,
+    /// so the worker's lease always ends before the coordinator's view of it.
+    pub fn renew_lease(&self, sent_at: Instant, lease: Duration) {
+        let mut valid_until = self
+            .lease_valid_until
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *valid_until = Some(sent_at + lease);
+    }
+
+    pub fn expire_lease(&self) {
+        *self
+            .lease_valid_until
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+    }
+
+    fn lease_is_fresh(&self) -> bool {
+        self.lease_valid_until
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    pub fn refresh_requested(&self) -> &Notify {
+        &self.refresh
+    }
+
+    /// Succeeds when this worker owns `slot` at `requested` (the epoch the coordinator
+    /// routed with) or later. A worker behind the request's epoch catches up first.
+    pub async fn check_owner(&self, slot: Slot, requested: Option<Epoch>) -> Result<()> {
+        if !self.lease_is_fresh() {
+            return Err(WorkerError::LeaseExpired);
+        }
+        let mut table = self.current();
+        if let Some(requested) = requested.filter(|requested| table.epoch() < *requested) {
+            self.refresh.notify_one();
+            let mut receiver = self.table.subscribe();
+            let caught_up = tokio::time::timeout(
+                CATCH_UP_WAIT,
+                receiver.wait_for(|table| table.epoch() >= requested),
+            )
+            .await;
+            table = self.current();
+            if !matches!(caught_up, Ok(Ok(_))) {
+                return Err(WorkerError::PlacementBehind {
+                    known: table.epoch(),
+                    requested,
+                });
+            }
+        }
+        if table.is_owner(slot, &self.worker_id) {
+            return Ok(());
+        }
+        Err(WorkerError::NotOwner {
+            slot,
+            epoch: table.epoch(),
+            owner: table.owner(slot).cloned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(id: &str) -> WorkerId {
+        WorkerId::parse(id).unwrap()
+    }
+
+    #[tokio::test]
+    async fn ownership_follows_the_newest_table() {
+        let me = worker("a");
+        let view = PlacementView::new(me.clone(), 16);
+        view.renew_lease(Instant::now(), Duration::from_secs(60));
+        let first = PlacementTable::empty(16).rebalanced(&[me.clone()]).unwrap();
+        assert!(view.install(first.clone()));
+        assert!(view.check_owner(3, Some(Epoch(1))).await.is_ok());
+
+        let second = first.rebalanced(&[worker("b")]).unwrap();
+        assert!(view.install(second.clone()));
+        assert!(!view.install(first), "an older epoch must be ignored");
+        let error = view.check_owner(3, None).await.unwrap_err();
+        assert!(
+            matches!(
+                error,
+                WorkerError::NotOwner {
+                    epoch: Epoch(2),
+                    ..
+                }
+            ),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_refuses_calls() {
+        let me = worker("a");
+        let view = PlacementView::new(me.clone(), 4);
+        view.install(PlacementTable::empty(4).rebalanced(&[me]).unwrap());
+        assert!(matches!(
+            view.check_owner(0, None).await,
+            Err(WorkerError::LeaseExpired)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_newer_requested_epoch_waits_then_gives_up() {
+        let me = worker("a");
+        let view = PlacementView::new(me.clone(), 4);
+        view.renew_lease(Instant::now(), Duration::from_secs(60));
+        view.install(PlacementTable::empty(4).rebalanced(&[me]).unwrap());
+        let error = view.check_owner(0, Some(Epoch(9))).await.unwrap_err();
+        assert!(
+            matches!(error, WorkerError::PlacementBehind { .. }),
+            "{error}"
+        );
+    }
+}

@@ -1,0 +1,221 @@
+//! The worker's `SessionService` handlers: unpack, validate, check the token and slot
+//! ownership, then call the session manager.
+
+use std::sync::Arc;
+
+use switchyard::auth::verify_session_token;
+use switchyard::conversions::{
+    context_message_to_wire, messages_from_wire, metadata_from_wire, session_to_wire,
+};
+use switchyard::metadata::PLACEMENT_EPOCH;
+use switchyard::pb;
+use switchyard::pb::session_service_server::SessionService;
+use switchyard_agents::AgentCatalog;
+use switchyard_core::{Epoch, Error, SessionId, TokenKey, UserId, WorkerId, slot_of};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status};
+
+use crate::error::{Result, WorkerError};
+use crate::placement::PlacementView;
+use crate::sessions::{SessionCall, SessionManager};
+use crate::turn::start_turn;
+
+pub struct WorkerSessionService {
+    worker_id: WorkerId,
+    placement: Arc<PlacementView>,
+    sessions: Arc<SessionManager>,
+    agents: AgentCatalog,
+    token_key: TokenKey,
+}
+
+impl WorkerSessionService {
+    pub fn new(
+        worker_id: WorkerId,
+        placement: Arc<PlacementView>,
+        sessions: Arc<SessionManager>,
+        agents: AgentCatalog,
+        token_key: TokenKey,
+    ) -> Self {
+        WorkerSessionService {
+            worker_id,
+            placement,
+            sessions,
+            agents,
+            token_key,
+        }
+    }
+
+    /// Checks that this worker owns the user's slot at the request's epoch.
+    async fn check_owner(&self, user_id: &UserId, metadata: &MetadataMap) -> Result<()> {
+        let slot = slot_of(user_id.as_str(), self.placement.current().slot_count());
+        self.placement
+            .check_owner(slot, requested_epoch(metadata)?)
+            .await
+    }
+
+    /// Verifies the session token, the slot ownership, and starts a call on the session.
+    async fn begin_session_call(
+        &self,
+        session_id: &str,
+        metadata: &MetadataMap,
+    ) -> Result<SessionCall> {
+        let session_id = SessionId::parse(session_id)?;
+        let claims = verify_session_token(&self.token_key, metadata, session_id)?;
+        self.check_owner(&claims.user_id, metadata).await?;
+        self.sessions.begin(session_id).await
+    }
+}
+
+fn requested_epoch(metadata: &MetadataMap) -> Result<Option<Epoch>> {
+    let Some(value) = metadata.get(PLACEMENT_EPOCH) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|text| text.parse::<u64>().ok())
+        .map(|epoch| Some(Epoch(epoch)))
+        .ok_or_else(|| {
+            WorkerError::InvalidMetadata(format!("{PLACEMENT_EPOCH}: must be an unsigned integer"))
+        })
+}
+
+#[tonic::async_trait]
+impl SessionService for WorkerSessionService {
+    async fn create_session(
+        &self,
+        request: Request<pb::CreateSessionRequest>,
+    ) -> Result<Response<pb::CreateSessionResponse>, Status> {
+        let (metadata, _, message) = request.into_parts();
+        let user_id = UserId::parse(message.user_id).map_err(WorkerError::from)?;
+        self.check_owner(&user_id, &metadata).await?;
+        let (session, evicted) = self
+            .sessions
+            .create(user_id, metadata_from_wire(message.metadata))
+            .await?;
+        let token = self.token_key.mint(
+            session.id,
+            &session.user_id,
+            self.sessions.limits().token_ttl,
+        );
+        Ok(Response::new(pb::CreateSessionResponse {
+            session: Some(session_to_wire(&session, &self.worker_id)),
+            token,
+            evicted_session_ids: evicted.iter().map(ToString::to_string).collect(),
+        }))
+    }
+
+    async fn get_session(
+        &self,
+        request: Request<pb::GetSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        let (metadata, _, message) = request.into_parts();
+        let call = self
+            .begin_session_call(&message.session_id, &metadata)
+            .await?;
+        let session = self.sessions.describe(&call).await?;
+        Ok(Response::new(session_to_wire(&session, &self.worker_id)))
+    }
+
+    async fn list_sessions(
+        &self,
+        request: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let (metadata, _, message) = request.into_parts();
+        let user_id = UserId::parse(message.user_id).map_err(WorkerError::from)?;
+        self.check_owner(&user_id, &metadata).await?;
+        let sessions = self.sessions.list(&user_id).await?;
+        Ok(Response::new(pb::ListSessionsResponse {
+            sessions: sessions
+                .iter()
+                .map(|session| session_to_wire(session, &self.worker_id))
+                .collect(),
+        }))
+    }
+
+    async fn end_session(
+        &self,
+        request: Request<pb::EndSessionRequest>,
+    ) -> Result<Response<pb::EndSessionResponse>, Status> {
+        let (metadata, _, message) = request.into_parts();
+        let session_id = SessionId::parse(&message.session_id).map_err(WorkerError::from)?;
+        let claims = verify_session_token(&self.token_key, &metadata, session_id)
+            .map_err(WorkerError::from)?;
+        self.check_owner(&claims.user_id, &metadata).await?;
+        let ended = self.sessions.end(session_id).await?;
+        if ended {
+            tracing::info!(%session_id, "session ended");
+        }
+        Ok(Response::new(pb::EndSessionResponse { ended }))
+    }
+
+    async fn append_context(
+        &self,
+        request: Request<pb::AppendContextRequest>,
+    ) -> Result<Response<pb::AppendContextResponse>, Status> {
+        let (metadata, _, message) = request.into_parts();
+        let call = self
+            .begin_session_call(&message.session_id, &metadata)
+            .await?;
+        let messages =
+            messages_from_wire(message.messages, "messages").map_err(WorkerError::from)?;
+        self.sessions
+            .limits()
+            .validate_messages(&messages, "messages")
+            .map_err(WorkerError::from)?;
+        let last_seq = self.sessions.append(&call, &messages).await?;
+        Ok(Response::new(pb::AppendContextResponse { last_seq }))
+    }
+
+    async fn get_context(
+        &self,
+        request: Request<pb::GetContextRequest>,
+    ) -> Result<Response<pb::GetContextResponse>, Status> {
+        let (metadata, _, message) = request.into_parts();
+        let call = self
+            .begin_session_call(&message.session_id, &metadata)
+            .await?;
+        let messages = self
+            .sessions
+            .context(&call, message.last_n, message.after_seq)
+            .await?;
+        Ok(Response::new(pb::GetContextResponse {
+            messages: messages.into_iter().map(context_message_to_wire).collect(),
+        }))
+    }
+
+    type SendMessageStream = ReceiverStream<Result<pb::TurnEvent, Status>>;
+
+    async fn send_message(
+        &self,
+        request: Request<pb::SendMessageRequest>,
+    ) -> Result<Response<Self::SendMessageStream>, Status> {
+        let (metadata, _, message) = request.into_parts();
+        let call = self
+            .begin_session_call(&message.session_id, &metadata)
+            .await?;
+        let limits = self.sessions.limits();
+        limits
+            .validate_agent_type(&message.agent_type)
+            .map_err(WorkerError::from)?;
+        if message.content.is_empty() {
+            return Err(WorkerError::from(Error::invalid("content", "must not be empty")).into());
+        }
+        limits
+            .validate_content(&message.content, "content")
+            .map_err(WorkerError::from)?;
+        let agent = self
+            .agents
+            .create(&message.agent_type)
+            .map_err(WorkerError::from)?;
+        let events = start_turn(
+            self.sessions.clone(),
+            call,
+            agent,
+            message.agent_type,
+            message.content,
+        );
+        Ok(Response::new(ReceiverStream::new(events)))
+    }
+}

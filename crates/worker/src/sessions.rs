@@ -1,0 +1,358 @@
+//! Hot sessions over the store: limits, eviction, idle expiry and per-session turn order.
+//!
+//! The store is the source of truth. A session is "hot" while this worker holds a small
+//! in-memory entry for it: its activity clock, the count of calls in progress and the lock
+//! that runs its turns one at a time. Idle expiry and a call starting both take the entry's
+//! lock, so a session is never expired under a call that has begun.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use switchyard_core::{ContextMessage, Limits, Message, Session, SessionId, Slot, UserId, slot_of};
+use switchyard_store::SessionStore;
+
+use crate::error::Result;
+
+/// A session this worker has in memory.
+pub struct HotSession {
+    pub session_id: SessionId,
+    pub slot: Slot,
+    activity: Mutex<Activity>,
+    /// Held for the whole of a turn; tokio's mutex is fair, so turns run in arrival order.
+    turn: tokio::sync::Mutex<()>,
+}
+
+struct Activity {
+    in_flight: u32,
+    last_activity_at: SystemTime,
+    message_count: u64,
+    ended: bool,
+}
+
+impl HotSession {
+    fn new(
+        session_id: SessionId,
+        slot: Slot,
+        last_activity_at: SystemTime,
+        message_count: u64,
+    ) -> Self {
+        HotSession {
+            session_id,
+            slot,
+            activity: Mutex::new(Activity {
+                in_flight: 0,
+                last_activity_at,
+                message_count,
+                ended: false,
+            }),
+            turn: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn activity(&self) -> MutexGuard<'_, Activity> {
+        self.activity
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn message_count(&self) -> u64 {
+        self.activity().message_count
+    }
+
+    pub fn last_activity_at(&self) -> SystemTime {
+        self.activity().last_activity_at
+    }
+
+    pub async fn lock_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.turn.lock().await
+    }
+}
+
+/// A call in progress on a session. The session cannot expire while one exists.
+pub struct SessionCall {
+    pub session: Arc<HotSession>,
+}
+
+impl Drop for SessionCall {
+    fn drop(&mut self) {
+        let mut activity = self.session.activity();
+        activity.in_flight -= 1;
+        activity.last_activity_at = SystemTime::now();
+    }
+}
+
+pub struct SessionManager {
+    store: Arc<dyn SessionStore>,
+    limits: Limits,
+    slot_count: u32,
+    hot: Mutex<HashMap<SessionId, Arc<HotSession>>>,
+    /// Serialises session creation and eviction per slot, so a user never goes over the limit.
+    slot_locks: Vec<tokio::sync::Mutex<()>>,
+}
+
+impl SessionManager {
+    pub fn new(store: Arc<dyn SessionStore>, limits: Limits, slot_count: u32) -> Self {
+        SessionManager {
+            store,
+            limits,
+            slot_count,
+            hot: Mutex::new(HashMap::new()),
+            slot_locks: (0..slot_count)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn store(&self) -> &Arc<dyn SessionStore> {
+        &self.store
+    }
+
+    fn hot(&self) -> MutexGuard<'_, HashMap<SessionId, Arc<HotSession>>> {
+        self.hot
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn hot_count(&self) -> usize {
+        self.hot().len()
+    }
+
+    pub fn slot_of(&self, user_id: &UserId) -> Slot {
+        slot_of(user_id.as_str(), self.slot_count)
+    }
+
+    /// Creates a session, first ending the user's oldest sessions if it is at its limit.
+    /// Returns the new session and the ids of the sessions it evicted.
+    pub async fn create(
+        &self,
+        user_id: UserId,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<(Session, Vec<SessionId>)> {
+        self.limits.validate_metadata(&metadata)?;
+        let slot = self.slot_of(&user_id);
+        let _creating = self.slot_locks[slot as usize].lock().await;
+
+        let existing = self.store.list_user_sessions(&user_id).await?;
+        let excess = self.limits.evictions_before_create(existing.len());
+        let mut evicted = Vec::with_capacity(excess);
+        for victim in existing.iter().take(excess) {
+            if self.end(victim.id).await? {
+                tracing::info!(session_id = %victim.id, user_id = %user_id, "session evicted by the per-user limit");
+                evicted.push(victim.id);
+            }
+        }
+
+        let now = SystemTime::now();
+        let session = Session {
+            id: SessionId::new_random(),
+            user_id,
+            slot,
+            created_at: now,
+            last_activity_at: now,
+            metadata,
+            message_count: 0,
+        };
+        self.store.create_session(&session).await?;
+        self.hot().insert(session.id, Arc::new(hot_entry(&session)));
+        tracing::debug!(session_id = %session.id, user_id = %session.user_id, "session created");
+        Ok((session, evicted))
+    }
+
+    /// Starts a call on a session, loading it from the store if it is not hot.
+    pub async fn begin(&self, session_id: SessionId) -> Result<SessionCall> {
+        let cached = self.hot().get(&session_id).cloned();
+        let session = match cached {
+            Some(session) => session,
+            None => {
+                let stored = self
+                    .store
+                    .get_session(session_id)
+                    .await?
+                    .ok_or(switchyard_core::Error::SessionNotFound(session_id))?;
+                self.hot()
+                    .entry(session_id)
+                    .or_insert_with(|| Arc::new(hot_entry(&stored)))
+                    .clone()
+            }
+        };
+        let mut activity = session.activity();
+        if activity.ended {
+            return Err(switchyard_core::Error::SessionNotFound(session_id).into());
+        }
+        activity.in_flight += 1;
+        activity.last_activity_at = SystemTime::now();
+        drop(activity);
+        Ok(SessionCall { session })
+    }
+
+    /// The session as stored, with this worker's view of its activity.
+    pub async fn describe(&self, call: &SessionCall) -> Result<Session> {
+        let session_id = call.session.session_id;
+        let mut session = self
+            .store
+            .get_session(session_id)
+            .await?
+            .ok_or(switchyard_core::Error::SessionNotFound(session_id))?;
+        session.last_activity_at = session
+            .last_activity_at
+            .max(call.session.last_activity_at());
+        Ok(session)
+    }
+
+    /// A user's sessions, least recently created first.
+    pub async fn list(&self, user_id: &UserId) -> Result<Vec<Session>> {
+        let mut sessions = self.store.list_user_sessions(user_id).await?;
+        let hot = self.hot();
+        for session in &mut sessions {
+            if let Some(entry) = hot.get(&session.id) {
+                session.last_activity_at = session.last_activity_at.max(entry.last_activity_at());
+            }
+        }
+        Ok(sessions)
+    }
+
+    /// Ends a session and deletes everything it held; false when it had already ended.
+    pub async fn end(&self, session_id: SessionId) -> Result<bool> {
+        let tombstone = {
+            let mut hot = self.hot();
+            // An entry that is not hot still gets one, marked ended, so that a call loading
+            // the session concurrently finds it ended rather than resurrecting it.
+            let entry = hot
+                .entry(session_id)
+                .or_insert_with(|| Arc::new(HotSession::new(session_id, 0, SystemTime::now(), 0)));
+            entry.activity().ended = true;
+            entry.clone()
+        };
+        let deleted = self.store.delete_session(session_id).await;
+        self.hot().remove(&tombstone.session_id);
+        Ok(deleted?)
+    }
+
+    /// Appends messages to a session's context and returns the last seq.
+    pub async fn append(&self, call: &SessionCall, messages: &[Message]) -> Result<u64> {
+        let current = call.session.message_count();
+        self.limits
+            .check_context_room(current, messages.len() as u64)?;
+        let last_seq = self
+            .store
+            .append_messages(call.session.session_id, messages, SystemTime::now())
+            .await?;
+        let mut activity = call.session.activity();
+        activity.message_count = activity.message_count.max(last_seq);
+        Ok(last_seq)
+    }
+
+    pub async fn context(
+        &self,
+        call: &SessionCall,
+        last_n: u32,
+        after_seq: u64,
+    ) -> Result<Vec<ContextMessage>> {
+        Ok(self
+            .store
+            .read_context(call.session.session_id, last_n, after_seq)
+            .await?)
+    }
+
+    /// Ends sessions idle for longer than the idle timeout, in the slots this worker owns.
+    pub async fn expire_idle(&self, owned_slots: &[Slot]) -> Result<usize> {
+        let cutoff = SystemTime::now()
+            .checked_sub(self.limits.idle_timeout)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut expired = 0;
+
+        let idle_hot: Vec<Arc<HotSession>> = self
+            .hot()
+            .values()
+            .filter(|session| {
+                let activity = session.activity();
+                activity.in_flight == 0 && activity.last_activity_at < cutoff
+            })
+            .cloned()
+            .collect();
+        for session in idle_hot {
+            if self.expire_if_idle(&session, cutoff).await? {
+                expired += 1;
+            }
+        }
+
+        // Sessions this worker never loaded (created before a slot moved here, say).
+        let idle_cold = self.store.idle_sessions(owned_slots, cutoff, 1000).await?;
+        for idle in idle_cold {
+            let entry = {
+                let mut hot = self.hot();
+                if hot.contains_key(&idle.id) {
+                    continue;
+                }
+                let entry = Arc::new(HotSession::new(
+                    idle.id,
+                    idle.slot,
+                    idle.last_activity_at,
+                    0,
+                ));
+                hot.insert(idle.id, entry.clone());
+                entry
+            };
+            if self.expire_if_idle(&entry, cutoff).await? {
+                expired += 1;
+            }
+        }
+        Ok(expired)
+    }
+
+    async fn expire_if_idle(&self, session: &Arc<HotSession>, cutoff: SystemTime) -> Result<bool> {
+        {
+            let mut activity = session.activity();
+            if activity.ended || activity.in_flight > 0 || activity.last_activity_at >= cutoff {
+                return Ok(false);
+            }
+            // From here on a call that tries to begin sees the session as ended.
+            activity.ended = true;
+        }
+        let deleted = self.store.delete_session(session.session_id).await;
+        self.hot().remove(&session.session_id);
+        let deleted = deleted?;
+        if deleted {
+            tracing::info!(session_id = %session.session_id, "idle session expired");
+        }
+        Ok(deleted)
+    }
+
+    /// Forgets hot sessions of slots this worker no longer owns, saving their activity.
+    pub async fn release_slots(&self, still_owned: impl Fn(Slot) -> bool) {
+        let released: Vec<Arc<HotSession>> = {
+            let mut hot = self.hot();
+            let ids: Vec<SessionId> = hot
+                .values()
+                .filter(|session| !still_owned(session.slot))
+                .map(|session| session.session_id)
+                .collect();
+            ids.iter().filter_map(|id| hot.remove(id)).collect()
+        };
+        for session in released {
+            let at = session.last_activity_at();
+            if let Err(error) = self.store.touch_session(session.session_id, at).await {
+                tracing::debug!(session_id = %session.session_id, %error, "activity not saved on slot release");
+            }
+        }
+    }
+
+    /// How often the idle reaper should run for this timeout.
+    pub fn reap_interval(&self) -> Duration {
+        (self.limits.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
+    }
+}
+
+fn hot_entry(session: &Session) -> HotSession {
+    HotSession::new(
+        session.id,
+        session.slot,
+        session.last_activity_at,
+        session.message_count,
+    )
+}

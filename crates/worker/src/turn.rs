@@ -1,0 +1,109 @@
+//! One agent turn: commit the user message, stream the agent's reply, commit the reply.
+
+use std::sync::Arc;
+
+use switchyard::pb;
+use switchyard_agents::{Agent, AgentError, Usage};
+use switchyard_core::{Message, Role};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::error::{Result, WorkerError};
+use crate::sessions::{SessionCall, SessionManager};
+
+/// Events buffered between the turn and a slow caller before the agent is held back.
+const EVENT_BUFFER: usize = 32;
+
+pub type TurnEvents = mpsc::Receiver<Result<pb::TurnEvent, Status>>;
+
+/// Starts a turn in the background and returns its events. The turn waits for any turn
+/// already running on the session; a caller that goes away cancels it.
+pub fn start_turn(
+    sessions: Arc<SessionManager>,
+    call: SessionCall,
+    agent: Box<dyn Agent>,
+    agent_type: String,
+    content: String,
+) -> TurnEvents {
+    let (events, receiver) = mpsc::channel(EVENT_BUFFER);
+    tokio::spawn(async move {
+        let session_id = call.session.session_id;
+        match run_turn(&sessions, &call, agent, &agent_type, content, &events).await {
+            Ok(()) => {}
+            Err(WorkerError::Agent(AgentError::Cancelled)) => {
+                tracing::debug!(%session_id, "turn cancelled by the caller");
+            }
+            Err(error) => {
+                tracing::debug!(%session_id, %error, "turn failed");
+                let _ = events.send(Err(error.into())).await;
+            }
+        }
+    });
+    receiver
+}
+
+async fn run_turn(
+    sessions: &SessionManager,
+    call: &SessionCall,
+    mut agent: Box<dyn Agent>,
+    agent_type: &str,
+    content: String,
+    events: &mpsc::Sender<Result<pb::TurnEvent, Status>>,
+) -> Result<()> {
+    let _turn = tokio::select! {
+        guard = call.session.lock_turn() => guard,
+        _ = events.closed() => return Err(AgentError::Cancelled.into()),
+    };
+    let user_message = Message {
+        role: Role::User,
+        content,
+        name: String::new(),
+    };
+    let user_seq = sessions.append(call, &[user_message]).await?;
+    let context = sessions.context(call, 0, 0).await?;
+
+    let (deltas, mut delta_receiver) = mpsc::channel::<String>(EVENT_BUFFER);
+    let run = async move {
+        let result = agent.run_turn(&context, &deltas).await;
+        drop(deltas);
+        agent.reset().await;
+        result
+    };
+    let forward = async move {
+        let mut reply = String::new();
+        while let Some(text) = delta_receiver.recv().await {
+            reply.push_str(&text);
+            let event = pb::TurnEvent {
+                event: Some(pb::turn_event::Event::Delta(pb::TextDelta { text })),
+            };
+            if events.send(Ok(event)).await.is_err() {
+                // Dropping the receiver makes the agent's next send fail: it stops.
+                return None;
+            }
+        }
+        Some(reply)
+    };
+    let (usage, reply) = tokio::join!(run, forward);
+    let usage: Usage = usage?;
+    let reply = reply.ok_or(AgentError::Cancelled)?;
+
+    let reply_message = Message {
+        role: Role::Assistant,
+        content: reply,
+        name: agent_type.to_string(),
+    };
+    let reply_seq = sessions.append(call, &[reply_message]).await?;
+    let done = pb::TurnEvent {
+        event: Some(pb::turn_event::Event::Done(pb::TurnDone {
+            user_seq,
+            reply_seq,
+            usage: Some(pb::Usage {
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+                compute_seconds: usage.compute_seconds,
+            }),
+        })),
+    };
+    let _ = events.send(Ok(done)).await;
+    Ok(())
+}

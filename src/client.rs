@@ -1,0 +1,279 @@
+//! `SwitchyardClient`: the Rust SDK for calling services.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status, Streaming};
+
+use crate::metadata::SESSION_TOKEN;
+use crate::pb;
+use crate::pb::session_service_client::SessionServiceClient;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid endpoint {endpoint:?}: {source}")]
+    InvalidEndpoint {
+        endpoint: String,
+        source: tonic::transport::Error,
+    },
+    #[error("cannot connect to {endpoint}: {source}")]
+    Connect {
+        endpoint: String,
+        source: tonic::transport::Error,
+    },
+}
+
+/// A reply collected from a `SendMessage` stream.
+#[derive(Debug, Clone)]
+pub struct TurnReply {
+    /// The deltas, joined.
+    pub text: String,
+    /// How many deltas the reply came in.
+    pub delta_count: usize,
+    pub done: pb::TurnDone,
+}
+
+/// A client of `switchyard.v1.SessionService` that keeps the token of every session it
+/// created (or was given with [`SwitchyardClient::set_token`]) and attaches it for you.
+///
+/// Cloning is cheap and clones share the token store.
+#[derive(Clone)]
+pub struct SwitchyardClient {
+    inner: SessionServiceClient<Channel>,
+    tokens: Arc<RwLock<HashMap<String, String>>>,
+    timeout: Option<Duration>,
+}
+
+impl SwitchyardClient {
+    /// Connects to a coordinator (or a worker), for example `http://127.0.0.1:50051`.
+    pub async fn connect(endpoint: impl Into<String>) -> Result<Self, ClientError> {
+        let endpoint = endpoint.into();
+        let channel = Endpoint::from_shared(endpoint.clone())
+            .map_err(|source| ClientError::InvalidEndpoint {
+                endpoint: endpoint.clone(),
+                source,
+            })?
+            .connect()
+            .await
+            .map_err(|source| ClientError::Connect { endpoint, source })?;
+        Ok(Self::new(channel))
+    }
+
+    pub fn new(channel: Channel) -> Self {
+        SwitchyardClient {
+            inner: SessionServiceClient::new(channel),
+            tokens: Arc::default(),
+            timeout: None,
+        }
+    }
+
+    /// Sets a deadline on every call (sent as `grpc-timeout` and honoured end to end).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Remembers the token of a session created elsewhere.
+    pub fn set_token(&self, session_id: impl Into<String>, token: impl Into<String>) {
+        self.tokens
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(session_id.into(), token.into());
+    }
+
+    /// The token this client holds for a session.
+    pub fn token(&self, session_id: &str) -> Option<String> {
+        self.tokens
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(session_id)
+            .cloned()
+    }
+
+    fn forget_token(&self, session_id: &str) {
+        self.tokens
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(session_id);
+    }
+
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(timeout) = self.timeout {
+            request.set_timeout(timeout);
+        }
+        request
+    }
+
+    fn session_request<T>(&self, session_id: &str, message: T) -> Request<T> {
+        let mut request = self.request(message);
+        if let Some(token) = self.token(session_id) {
+            // A token this client stored always parses; skip it rather than panic if not.
+            if let Ok(value) = MetadataValue::try_from(token.as_str()) {
+                request.metadata_mut().insert(SESSION_TOKEN, value);
+            }
+        }
+        request
+    }
+
+    /// Creates a session and keeps its token. Sessions evicted to make room are forgotten.
+    pub async fn create_session<K, V>(
+        &self,
+        user_id: &str,
+        metadata: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<pb::CreateSessionResponse, Status>
+    where
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let message = pb::CreateSessionRequest {
+            user_id: user_id.to_string(),
+            metadata: metadata
+                .into_iter()
+                .map(|(key, value)| (key.into(), value.into()))
+                .collect(),
+        };
+        let response = self
+            .inner
+            .clone()
+            .create_session(self.request(message))
+            .await?
+            .into_inner();
+        if let Some(session) = &response.session {
+            self.set_token(session.session_id.clone(), response.token.clone());
+        }
+        for evicted in &response.evicted_session_ids {
+            self.forget_token(evicted);
+        }
+        Ok(response)
+    }
+
+    pub async fn get_session(&self, session_id: &str) -> Result<pb::Session, Status> {
+        let message = pb::GetSessionRequest {
+            session_id: session_id.to_string(),
+        };
+        let request = self.session_request(session_id, message);
+        Ok(self.inner.clone().get_session(request).await?.into_inner())
+    }
+
+    pub async fn list_sessions(&self, user_id: &str) -> Result<Vec<pb::Session>, Status> {
+        let message = pb::ListSessionsRequest {
+            user_id: user_id.to_string(),
+        };
+        let response = self
+            .inner
+            .clone()
+            .list_sessions(self.request(message))
+            .await?;
+        Ok(response.into_inner().sessions)
+    }
+
+    /// Ends a session; returns false when it had already ended.
+    pub async fn end_session(&self, session_id: &str) -> Result<bool, Status> {
+        let message = pb::EndSessionRequest {
+            session_id: session_id.to_string(),
+        };
+        let request = self.session_request(session_id, message);
+        let ended = self
+            .inner
+            .clone()
+            .end_session(request)
+            .await?
+            .into_inner()
+            .ended;
+        self.forget_token(session_id);
+        Ok(ended)
+    }
+
+    /// Appends messages and returns the sequence number of the last one.
+    pub async fn append_context(
+        &self,
+        session_id: &str,
+        messages: Vec<pb::Message>,
+    ) -> Result<u64, Status> {
+        let message = pb::AppendContextRequest {
+            session_id: session_id.to_string(),
+            messages,
+        };
+        let request = self.session_request(session_id, message);
+        Ok(self
+            .inner
+            .clone()
+            .append_context(request)
+            .await?
+            .into_inner()
+            .last_seq)
+    }
+
+    /// Reads the context: the last `last_n` messages after `after_seq` (0 and 0 for all).
+    pub async fn get_context(
+        &self,
+        session_id: &str,
+        last_n: u32,
+        after_seq: u64,
+    ) -> Result<Vec<pb::ContextMessage>, Status> {
+        let message = pb::GetContextRequest {
+            session_id: session_id.to_string(),
+            last_n,
+            after_seq,
+        };
+        let request = self.session_request(session_id, message);
+        Ok(self
+            .inner
+            .clone()
+            .get_context(request)
+            .await?
+            .into_inner()
+            .messages)
+    }
+
+    /// Starts a turn and returns the stream of its events.
+    pub async fn send_message(
+        &self,
+        session_id: &str,
+        agent_type: &str,
+        content: &str,
+    ) -> Result<Streaming<pb::TurnEvent>, Status> {
+        let message = pb::SendMessageRequest {
+            session_id: session_id.to_string(),
+            agent_type: agent_type.to_string(),
+            content: content.to_string(),
+        };
+        let request = self.session_request(session_id, message);
+        Ok(self.inner.clone().send_message(request).await?.into_inner())
+    }
+
+    /// Runs a turn and waits for the whole reply.
+    pub async fn send_message_collect(
+        &self,
+        session_id: &str,
+        agent_type: &str,
+        content: &str,
+    ) -> Result<TurnReply, Status> {
+        let mut stream = self.send_message(session_id, agent_type, content).await?;
+        let mut text = String::new();
+        let mut delta_count = 0;
+        while let Some(event) = stream.message().await? {
+            match event.event {
+                Some(pb::turn_event::Event::Delta(delta)) => {
+                    text.push_str(&delta.text);
+                    delta_count += 1;
+                }
+                Some(pb::turn_event::Event::Done(done)) => {
+                    return Ok(TurnReply {
+                        text,
+                        delta_count,
+                        done,
+                    });
+                }
+                None => {}
+            }
+        }
+        Err(Status::unavailable(
+            "the turn's stream ended before its final event",
+        ))
+    }
+}
