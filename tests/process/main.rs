@@ -1,1 +1,8 @@
-fn main() {}
+//! Process-level tests: the real `switchyard` binary as separate processes, driven over
+//! gRPC and with signals, as an operator would run it.
+
+#![allow(clippy::unwrap_used)]
+
+mod cluster;
+mod harness;
+mod readme;

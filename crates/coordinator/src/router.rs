@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use switchyard::auth::verify_session_token;
-use switchyard::metadata::{KNOWN_EPOCH, PLACEMENT_EPOCH, SESSION_TOKEN};
+use switchyard::metadata::{KNOWN_EPOCH, PLACEMENT_EPOCH, SESSION_TOKEN, deadline_of};
 use switchyard::pb;
 use switchyard::pb::session_service_client::SessionServiceClient;
 use switchyard::pb::session_service_server::SessionService;
@@ -155,31 +155,6 @@ fn is_not_owner(status: &Status) -> bool {
     status.code() == Code::FailedPrecondition && status.metadata().contains_key(KNOWN_EPOCH)
 }
 
-/// The caller's deadline, from its `grpc-timeout` metadata.
-fn deadline_of(metadata: &MetadataMap) -> Option<Instant> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let timeout = parse_grpc_timeout(value)?;
-    Some(Instant::now() + timeout)
-}
-
-/// Parses a gRPC `TimeoutValue` ("100m", "5S": at most 8 digits and a unit).
-fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    if value.len() < 2 || value.len() > 9 {
-        return None;
-    }
-    let (digits, unit) = value.split_at(value.len() - 1);
-    let amount: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(amount * 3600),
-        "M" => Duration::from_secs(amount * 60),
-        "S" => Duration::from_secs(amount),
-        "m" => Duration::from_millis(amount),
-        "u" => Duration::from_micros(amount),
-        "n" => Duration::from_nanos(amount),
-        _ => return None,
-    })
-}
-
 #[tonic::async_trait]
 impl SessionService for Router {
     async fn create_session(
@@ -275,24 +250,5 @@ impl SessionService for Router {
             |mut client, request| async move { client.send_message(request).await },
         )
         .await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_timeouts_parse() {
-        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
-        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
-        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(
-            parse_grpc_timeout("99999999u"),
-            Some(Duration::from_micros(99_999_999))
-        );
-        for bad in ["", "5", "m", "123456789S", "5x", "-5S"] {
-            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
-        }
     }
 }

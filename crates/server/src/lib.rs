@@ -26,10 +26,14 @@ pub enum ServerError {
     },
 }
 
+/// How long calls in progress may run on after shutdown begins, unless configured.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// A gRPC server under construction: add services, then [`GrpcServer::serve`].
 pub struct GrpcServer {
     routes: RoutesBuilder,
     service_names: Vec<&'static str>,
+    shutdown_grace: Duration,
 }
 
 impl Default for GrpcServer {
@@ -43,7 +47,14 @@ impl GrpcServer {
         GrpcServer {
             routes: RoutesBuilder::default(),
             service_names: Vec::new(),
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
+    }
+
+    /// Bounds how long shutdown waits for calls and connections in progress.
+    pub fn with_shutdown_grace(mut self, grace: Duration) -> Self {
+        self.shutdown_grace = grace;
+        self
     }
 
     pub fn add_service<S>(mut self, service: S) -> Self
@@ -64,8 +75,8 @@ impl GrpcServer {
         self
     }
 
-    /// Serves on `listener` until `shutdown` is cancelled, then reports NOT_SERVING,
-    /// lets calls in progress finish and returns.
+    /// Serves on `listener` until `shutdown` is cancelled, then reports NOT_SERVING, lets
+    /// calls in progress finish (for at most the shutdown grace) and returns.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -108,14 +119,24 @@ impl GrpcServer {
                 report_not_serving(&health, &names).await;
             }
         };
-        Server::builder()
+        let serving = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .trace_fn(|request| tracing::debug_span!("grpc", path = %request.uri().path()))
             .add_routes(routes.routes())
-            .serve_with_incoming_shutdown(incoming, stopping)
-            .await
-            .map_err(|source| ServerError::Serve { address, source })
+            .serve_with_incoming_shutdown(incoming, stopping);
+        // A client that never closes its connection must not hold the process up forever.
+        let grace_over = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(self.shutdown_grace).await;
+        };
+        tokio::select! {
+            result = serving => result.map_err(|source| ServerError::Serve { address, source }),
+            () = grace_over => {
+                tracing::warn!(%address, grace = ?self.shutdown_grace, "connections still open after the shutdown grace; closing them");
+                Ok(())
+            }
+        }
     }
 }
 

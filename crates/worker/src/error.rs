@@ -27,8 +27,8 @@ pub enum WorkerError {
     LeaseExpired,
     #[error("{0}")]
     InvalidMetadata(String),
-    #[error("worker is shutting down")]
-    ShuttingDown,
+    #[error("the turn did not finish within the caller's deadline; its reply was not committed")]
+    DeadlineExceeded,
 }
 
 impl ServiceError for WorkerError {
@@ -39,9 +39,10 @@ impl ServiceError for WorkerError {
             WorkerError::Store(error) => error.error_code(),
             WorkerError::Agent(error) => error.error_code(),
             WorkerError::NotOwner { .. } => ErrorCode::FailedPrecondition,
-            WorkerError::PlacementBehind { .. }
-            | WorkerError::LeaseExpired
-            | WorkerError::ShuttingDown => ErrorCode::Unavailable,
+            WorkerError::PlacementBehind { .. } | WorkerError::LeaseExpired => {
+                ErrorCode::Unavailable
+            }
+            WorkerError::DeadlineExceeded => ErrorCode::DeadlineExceeded,
             WorkerError::InvalidMetadata(_) => ErrorCode::InvalidArgument,
         }
     }

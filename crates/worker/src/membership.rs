@@ -177,7 +177,7 @@ impl MembershipClient {
                 Err(status) => {
                     failures += 1;
                     // One line per outage, then one every ten failures.
-                    if failures == 1 || failures % 10 == 0 {
+                    if failures == 1 || failures.is_multiple_of(10) {
                         tracing::warn!(worker_id = %self.worker_id, failures, error = %status.message(), "heartbeat failed");
                     }
                 }

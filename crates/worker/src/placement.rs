@@ -126,7 +126,9 @@ mod tests {
         let me = worker("a");
         let view = PlacementView::new(me.clone(), 16);
         view.renew_lease(Instant::now(), Duration::from_secs(60));
-        let first = PlacementTable::empty(16).rebalanced(&[me.clone()]).unwrap();
+        let first = PlacementTable::empty(16)
+            .rebalanced(std::slice::from_ref(&me))
+            .unwrap();
         assert!(view.install(first.clone()));
         assert!(view.check_owner(3, Some(Epoch(1))).await.is_ok());
 

@@ -7,7 +7,7 @@ use switchyard::auth::verify_session_token;
 use switchyard::conversions::{
     context_message_to_wire, messages_from_wire, metadata_from_wire, session_to_wire,
 };
-use switchyard::metadata::PLACEMENT_EPOCH;
+use switchyard::metadata::{PLACEMENT_EPOCH, deadline_of};
 use switchyard::pb;
 use switchyard::pb::session_service_server::SessionService;
 use switchyard_agents::AgentCatalog;
@@ -215,6 +215,7 @@ impl SessionService for WorkerSessionService {
             agent,
             message.agent_type,
             message.content,
+            deadline_of(&metadata),
         );
         Ok(Response::new(ReceiverStream::new(events)))
     }

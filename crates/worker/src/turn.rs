@@ -1,6 +1,7 @@
 //! One agent turn: commit the user message, stream the agent's reply, commit the reply.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use switchyard::pb;
 use switchyard_agents::{Agent, AgentError, Usage};
@@ -18,17 +19,28 @@ pub type TurnEvents = mpsc::Receiver<Result<pb::TurnEvent, Status>>;
 
 /// Starts a turn in the background and returns its events. The turn waits for any turn
 /// already running on the session; a caller that goes away cancels it.
+///
+/// A turn still running at `deadline` (the caller's `grpc-timeout`) is stopped and ends
+/// with DEADLINE_EXCEEDED; its reply is not committed.
 pub fn start_turn(
     sessions: Arc<SessionManager>,
     call: SessionCall,
     agent: Box<dyn Agent>,
     agent_type: String,
     content: String,
+    deadline: Option<Instant>,
 ) -> TurnEvents {
     let (events, receiver) = mpsc::channel(EVENT_BUFFER);
     tokio::spawn(async move {
         let session_id = call.session.session_id;
-        match run_turn(&sessions, &call, agent, &agent_type, content, &events).await {
+        let turn = run_turn(&sessions, &call, agent, &agent_type, content, &events);
+        let result = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), turn)
+                .await
+                .unwrap_or(Err(WorkerError::DeadlineExceeded)),
+            None => turn.await,
+        };
+        match result {
             Ok(()) => {}
             Err(WorkerError::Agent(AgentError::Cancelled)) => {
                 tracing::debug!(%session_id, "turn cancelled by the caller");

@@ -1,0 +1,68 @@
+//! Losing a worker leaves the users of the others served.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::sandbox::{Sandbox, create, text, wait_for};
+
+#[tokio::test]
+async fn a_dead_worker_leaves_the_others_users_served() {
+    let mut sandbox = Sandbox::start().await;
+    let client = sandbox.client().await;
+    let mut sessions: HashMap<String, (String, String)> = HashMap::new();
+    for index in 0..24 {
+        let user = format!("user-{index}");
+        let session = create(&client, &user).await;
+        client
+            .append_context(&session.session_id, vec![text("user", "before")])
+            .await
+            .unwrap();
+        sessions.insert(user, (session.session_id, session.worker_id));
+    }
+    let victim = sandbox
+        .cluster
+        .live_workers()
+        .next()
+        .unwrap()
+        .worker_id
+        .to_string();
+    assert!(sessions.values().any(|(_, worker)| *worker == victim));
+    sandbox.cluster.kill_worker(0);
+    let killed_at = Instant::now();
+
+    // Users of the surviving workers are served at once, without waiting for the lease.
+    for (user, (session_id, worker)) in &sessions {
+        if *worker != victim {
+            client
+                .append_context(session_id, vec![text("user", "during")])
+                .await
+                .unwrap_or_else(|status| panic!("{user} on {worker} was not served: {status:?}"));
+        }
+    }
+    assert!(
+        killed_at.elapsed() < Duration::from_millis(600),
+        "served only after the lease"
+    );
+
+    // After the lease the victim's users move to the survivors; with the shared dev store
+    // their sessions come along.
+    for (user, (session_id, worker)) in &sessions {
+        if *worker != victim {
+            continue;
+        }
+        let context = wait_for(
+            &format!("{user} to be served again"),
+            Duration::from_secs(10),
+            || {
+                let client = client.clone();
+                let id = session_id.clone();
+                async move { client.get_context(&id, 0, 0).await.ok() }
+            },
+        )
+        .await;
+        assert_eq!(context[0].content, "before");
+        let moved = client.get_session(session_id).await.unwrap();
+        assert_ne!(moved.worker_id, victim);
+    }
+    sandbox.stop().await;
+}

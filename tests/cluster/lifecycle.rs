@@ -1,0 +1,199 @@
+//! Creating, listing, limiting, expiring and ending sessions.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use switchyard_core::Limits;
+use tonic::Code;
+
+use crate::sandbox::{Sandbox, SandboxOptions, create, text};
+
+#[tokio::test]
+async fn concurrent_creates_are_unique_and_no_user_exceeds_the_limit() {
+    let sandbox = Sandbox::start_with(SandboxOptions {
+        limits: Limits {
+            max_sessions_per_user: 3,
+            ..Limits::default()
+        },
+        ..SandboxOptions::default()
+    })
+    .await;
+    let client = sandbox.client().await;
+    let users = ["ada", "grace", "alan"];
+
+    let creates = (0..10).map(|index| {
+        let client = client.clone();
+        let user = users[index % users.len()];
+        async move {
+            (
+                user,
+                client
+                    .create_session(user, [("n", index.to_string())])
+                    .await,
+            )
+        }
+    });
+    let results = futures::future::join_all(creates).await;
+
+    let mut created: HashMap<&str, Vec<String>> = HashMap::new();
+    let mut evicted: HashSet<String> = HashSet::new();
+    for (user, result) in results {
+        let response = result.expect("create succeeds");
+        created
+            .entry(user)
+            .or_default()
+            .push(response.session.expect("session").session_id);
+        evicted.extend(response.evicted_session_ids);
+    }
+    let all: HashSet<&String> = created.values().flatten().collect();
+    assert_eq!(all.len(), 10, "every session id is unique");
+
+    for user in users {
+        let listed = client.list_sessions(user).await.expect("list");
+        assert!(
+            listed.len() <= 3,
+            "{user} holds {} sessions, above the limit of 3",
+            listed.len()
+        );
+        let listed_ids: HashSet<String> = listed.iter().map(|s| s.session_id.clone()).collect();
+        for id in &created[user] {
+            // Every session created for the user is either still listed or was evicted.
+            assert!(
+                listed_ids.contains(id) ^ evicted.contains(id),
+                "session {id} of {user} is lost"
+            );
+        }
+        assert!(listed.iter().all(|session| session.user_id == user));
+    }
+    // ada got 4 creates against a limit of 3.
+    assert!(!evicted.is_empty());
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn eviction_ends_the_least_recently_created_session_and_its_token() {
+    let sandbox = Sandbox::start_with(SandboxOptions {
+        workers: 1,
+        limits: Limits {
+            max_sessions_per_user: 2,
+            ..Limits::default()
+        },
+    })
+    .await;
+    let client = sandbox.client().await;
+    let first = create(&client, "eve").await;
+    let token = client.token(&first.session_id).expect("token kept");
+    let _second = create(&client, "eve").await;
+    let third = client.create_session("eve", [("k", "v")]).await.unwrap();
+    assert_eq!(third.evicted_session_ids, vec![first.session_id.clone()]);
+
+    // The evicted session's token no longer opens anything.
+    client.set_token(first.session_id.clone(), token);
+    let status = client.get_session(&first.session_id).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(
+        status.message().contains(&first.session_id),
+        "{}",
+        status.message()
+    );
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn end_session_deletes_it() {
+    let sandbox = Sandbox::start().await;
+    let client = sandbox.client().await;
+    let session = create(&client, "frank").await;
+    let token = client.token(&session.session_id).unwrap();
+    client
+        .append_context(&session.session_id, vec![text("user", "remember me")])
+        .await
+        .unwrap();
+    assert!(client.end_session(&session.session_id).await.unwrap());
+    client.set_token(session.session_id.clone(), token.clone());
+    assert!(
+        !client.end_session(&session.session_id).await.unwrap(),
+        "second end reports false"
+    );
+    client.set_token(session.session_id.clone(), token.clone());
+    let status = client
+        .get_context(&session.session_id, 0, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert!(client.list_sessions("frank").await.unwrap().is_empty());
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn idle_sessions_expire_but_never_under_a_running_call() {
+    let sandbox = Sandbox::start_with(SandboxOptions {
+        workers: 2,
+        limits: Limits {
+            idle_timeout: Duration::from_millis(400),
+            ..Limits::default()
+        },
+    })
+    .await;
+    let client = sandbox.client().await;
+    let idle = create(&client, "ivan").await;
+    let busy = create(&client, "judy").await;
+
+    // A turn of about a second, longer than the idle timeout, completes and lands.
+    let reply = client
+        .send_message_collect(
+            &busy.session_id,
+            crate::sandbox::SLOW_AGENT,
+            "keep me alive please",
+        )
+        .await
+        .expect("slow turn completes");
+    assert_eq!(reply.text, "echo: keep me alive please");
+    let context = client
+        .get_context(&busy.session_id, 0, 0)
+        .await
+        .expect("busy session survives its turn");
+    assert_eq!(context.len(), 2);
+
+    // The untouched session expires.
+    crate::sandbox::wait_for("the idle session to expire", Duration::from_secs(5), || {
+        let client = client.clone();
+        let id = idle.session_id.clone();
+        async move {
+            let status = client.get_session(&id).await.err()?;
+            (status.code() == tonic::Code::NotFound).then_some(())
+        }
+    })
+    .await;
+    assert!(client.list_sessions("ivan").await.unwrap().is_empty());
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn get_session_reports_counts_metadata_and_placement() {
+    let sandbox = Sandbox::start().await;
+    let client = sandbox.client().await;
+    let created = client
+        .create_session("mallory", [("plan", "pro"), ("region", "eu")])
+        .await
+        .unwrap();
+    let session = created.session.unwrap();
+    client
+        .append_context(
+            &session.session_id,
+            vec![text("system", "be brief"), text("user", "hi")],
+        )
+        .await
+        .unwrap();
+    let fetched = client.get_session(&session.session_id).await.unwrap();
+    assert_eq!(fetched.message_count, 2);
+    assert_eq!(
+        fetched.metadata.get("plan").map(String::as_str),
+        Some("pro")
+    );
+    assert_eq!(fetched.user_id, "mallory");
+    assert_eq!(fetched.slot, switchyard_core::slot_of("mallory", 1024));
+    assert_eq!(fetched.worker_id, sandbox.owner_of("mallory").await);
+    assert!(fetched.last_activity_at.unwrap().seconds >= fetched.created_at.unwrap().seconds);
+    sandbox.stop().await;
+}

@@ -1,0 +1,170 @@
+//! `Sandbox`: an in-process cluster on loopback with fast timings, and helpers.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use switchyard::SwitchyardClient;
+use switchyard::pb;
+use switchyard::pb::admin_service_client::AdminServiceClient;
+use switchyard_agents::{AgentCatalog, EchoConfig};
+use switchyard_cli::{DevCluster, DevClusterConfig};
+use switchyard_core::{Limits, TokenKey};
+use tonic::transport::Channel;
+
+/// Agent type whose turns take about a second: 6 deltas, 150 ms apart.
+pub const SLOW_AGENT: &str = "slow-echo";
+
+pub struct Sandbox {
+    pub cluster: DevCluster,
+    pub token_key: TokenKey,
+}
+
+pub struct SandboxOptions {
+    pub workers: usize,
+    pub limits: Limits,
+}
+
+impl Default for SandboxOptions {
+    fn default() -> Self {
+        SandboxOptions {
+            workers: 3,
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Sandbox {
+    pub async fn start() -> Sandbox {
+        Sandbox::start_with(SandboxOptions::default()).await
+    }
+
+    pub async fn start_with(options: SandboxOptions) -> Sandbox {
+        let token_key = TokenKey::from_secret(&rand_secret()).expect("a 32-byte secret");
+        let mut agents = AgentCatalog::with_builtin();
+        agents.register(
+            SLOW_AGENT,
+            Arc::new(EchoConfig {
+                chunk_chars: 4,
+                delay: Duration::from_millis(150),
+            }),
+        );
+        let mut config = DevClusterConfig::new(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            options.workers,
+            token_key.clone(),
+        );
+        config.limits = options.limits;
+        config.heartbeat_interval = Duration::from_millis(100);
+        config.lease = Duration::from_millis(600);
+        config.agents = agents;
+        let cluster = DevCluster::start(config).await.expect("cluster starts");
+        let sandbox = Sandbox { cluster, token_key };
+        sandbox.wait_until_serving().await;
+        sandbox
+    }
+
+    pub async fn client(&self) -> SwitchyardClient {
+        SwitchyardClient::connect(self.cluster.coordinator_url())
+            .await
+            .expect("client connects")
+    }
+
+    pub async fn admin(&self) -> AdminServiceClient<Channel> {
+        AdminServiceClient::connect(self.cluster.coordinator_url())
+            .await
+            .expect("admin client connects")
+    }
+
+    /// Waits until every slot has a live owner and every running worker holds slots.
+    pub async fn wait_until_serving(&self) {
+        let expected = self.cluster.live_workers().count() as u32;
+        let mut admin = self.admin().await;
+        wait_for(
+            "every slot to have a live owner",
+            Duration::from_secs(10),
+            || {
+                let mut admin = admin.clone();
+                async move {
+                    let status = admin
+                        .cluster_status(pb::ClusterStatusRequest {})
+                        .await
+                        .ok()?
+                        .into_inner();
+                    (status.serving && status.live_workers == expected).then_some(())
+                }
+            },
+        )
+        .await;
+        let _ = admin.list_workers(pb::ListWorkersRequest {}).await;
+    }
+
+    /// The worker that owns `user_id`'s slot, as the coordinator says.
+    pub async fn owner_of(&self, user_id: &str) -> String {
+        let placement = self
+            .admin()
+            .await
+            .get_placement(pb::GetPlacementRequest {
+                user_id: user_id.to_string(),
+            })
+            .await
+            .expect("placement")
+            .into_inner();
+        placement.assignments[0].worker_id.clone()
+    }
+
+    pub async fn stop(self) {
+        self.cluster.stop().await;
+    }
+}
+
+/// Polls `check` until it yields a value, panicking after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub async fn channel(url: &str) -> Channel {
+    tonic::transport::Endpoint::from_shared(url.to_string())
+        .expect("valid url")
+        .connect()
+        .await
+        .expect("connects")
+}
+
+pub fn text(role: &str, content: &str) -> pb::Message {
+    pb::Message {
+        role: role.to_string(),
+        content: content.to_string(),
+        name: String::new(),
+    }
+}
+
+pub async fn create(client: &SwitchyardClient, user_id: &str) -> pb::Session {
+    client
+        .create_session(user_id, [("test", "yes")])
+        .await
+        .expect("session created")
+        .session
+        .expect("response holds the session")
+}
+
+fn rand_secret() -> Vec<u8> {
+    [uuid::Uuid::new_v4(), uuid::Uuid::new_v4()]
+        .iter()
+        .flat_map(|id| *id.as_bytes())
+        .collect()
+}

@@ -1,0 +1,137 @@
+//! SendMessage: streamed replies that land in the context.
+
+use std::time::{Duration, Instant};
+
+use switchyard::pb;
+use tonic::Code;
+
+use crate::sandbox::{SLOW_AGENT, Sandbox, create, text};
+
+#[tokio::test]
+async fn a_turn_streams_several_deltas_and_lands_in_the_context() {
+    let sandbox = Sandbox::start().await;
+    let client = sandbox.client().await;
+    let session = create(&client, "carol").await;
+    client
+        .append_context(&session.session_id, vec![text("system", "you echo")])
+        .await
+        .unwrap();
+
+    let content = "the quick brown fox jumps over the lazy dog";
+    let reply = client
+        .send_message_collect(&session.session_id, "echo", content)
+        .await
+        .unwrap();
+    assert_eq!(reply.text, format!("echo: {content}"));
+    assert!(reply.delta_count >= 3, "{} deltas", reply.delta_count);
+    assert_eq!((reply.done.user_seq, reply.done.reply_seq), (2, 3));
+    let usage = reply.done.usage.unwrap();
+    assert_eq!(usage.prompt_tokens, 2 + 9);
+    assert_eq!(usage.completion_tokens, 10);
+
+    let context = client.get_context(&session.session_id, 2, 0).await.unwrap();
+    assert_eq!(context.len(), 2);
+    assert_eq!(
+        (
+            context[0].seq,
+            context[0].role.as_str(),
+            context[0].content.as_str()
+        ),
+        (2, "user", content)
+    );
+    assert_eq!((context[1].seq, context[1].role.as_str()), (3, "assistant"));
+    assert_eq!(context[1].content, reply.text);
+    assert_eq!(
+        context[1].name, "echo",
+        "the reply names the agent that wrote it"
+    );
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn deltas_arrive_while_the_turn_runs() {
+    let sandbox = Sandbox::start_with(crate::sandbox::SandboxOptions {
+        workers: 1,
+        ..Default::default()
+    })
+    .await;
+    let client = sandbox.client().await;
+    let session = create(&client, "dave").await;
+    let started = Instant::now();
+    let mut stream = client
+        .send_message(&session.session_id, SLOW_AGENT, "stream me")
+        .await
+        .unwrap();
+    let mut arrivals = Vec::new();
+    while let Some(event) = stream.message().await.unwrap() {
+        arrivals.push((
+            started.elapsed(),
+            matches!(event.event, Some(pb::turn_event::Event::Done(_))),
+        ));
+    }
+    assert!(
+        arrivals.last().unwrap().1,
+        "the stream ends with its final event"
+    );
+    // "echo: stream me" is 15 characters: 4 deltas of 4, each 150 ms after the last, so
+    // the first must arrive well before the last if the coordinator forwards as it goes.
+    assert!(arrivals.len() >= 5);
+    let first = arrivals[0].0;
+    let last = arrivals.last().unwrap().0;
+    assert!(
+        last - first >= Duration::from_millis(300),
+        "deltas were collected, not streamed: {arrivals:?}"
+    );
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn turns_on_one_session_run_one_at_a_time() {
+    let sandbox = Sandbox::start().await;
+    let client = sandbox.client().await;
+    let session = create(&client, "erin").await;
+    let turns = (0..3).map(|index| {
+        let client = client.clone();
+        let id = session.session_id.clone();
+        async move {
+            client
+                .send_message_collect(&id, SLOW_AGENT, &format!("turn {index}"))
+                .await
+                .unwrap()
+        }
+    });
+    let replies = futures::future::join_all(turns).await;
+    let context = client.get_context(&session.session_id, 0, 0).await.unwrap();
+    assert_eq!(context.len(), 6);
+    // Each user message is followed directly by its own reply: turns never interleave.
+    for pair in context.chunks(2) {
+        assert_eq!(pair[0].role, "user");
+        assert_eq!(pair[1].content, format!("echo: {}", pair[0].content));
+    }
+    for reply in replies {
+        assert_eq!(reply.done.reply_seq, reply.done.user_seq + 1);
+    }
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn the_callers_deadline_reaches_the_worker() {
+    let sandbox = Sandbox::start().await;
+    let client = sandbox.client().await;
+    let session = create(&client, "heidi").await;
+    let hurried = client.clone().with_timeout(Duration::from_millis(300));
+    let started = Instant::now();
+    let result = hurried
+        .send_message_collect(&session.session_id, SLOW_AGENT, "this takes a second")
+        .await;
+    let status = result.expect_err("a one-second turn cannot finish in 300 ms");
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "deadline was not honoured"
+    );
+    sandbox.stop().await;
+}

