@@ -1,15 +1,21 @@
-//! The `SessionStore` trait and its implementations.
+//! The `SessionStore` trait and its implementations: `MemoryStore`, and `SqlStore` on
+//! SQLite (the default, embedded) or PostgreSQL (for many nodes), both through sqlx.
 
 mod memory;
+mod sql;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use std::time::SystemTime;
 
 use async_trait::async_trait;
 use switchyard_core::{
-    ContextMessage, ErrorCode, Message, ServiceError, Session, SessionId, Slot, UserId,
+    ContextMessage, Epoch, ErrorCode, Message, ServiceError, Session, SessionId, Slot, UserId,
+    WorkerId,
 };
 
 pub use memory::MemoryStore;
+pub use sql::{SqlStore, SqlStoreOptions};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -17,21 +23,35 @@ pub enum StoreError {
     SessionNotFound(SessionId),
     #[error("session {0} already exists")]
     SessionExists(SessionId),
+    /// The writer no longer holds the slot's lease at its epoch: another worker owns it.
+    #[error("slot {slot} has moved to another worker (this worker's lease at epoch {epoch} is gone); retry")]
+    Fenced { slot: Slot, epoch: Epoch },
     #[error("session store unavailable: {0}")]
     Unavailable(String),
+    #[error("session store holds invalid data: {0}")]
+    Corrupt(String),
 }
 
 impl ServiceError for StoreError {
     fn error_code(&self) -> ErrorCode {
         match self {
             StoreError::SessionNotFound(_) => ErrorCode::NotFound,
-            StoreError::SessionExists(_) => ErrorCode::Internal,
-            StoreError::Unavailable(_) => ErrorCode::Unavailable,
+            StoreError::SessionExists(_) | StoreError::Corrupt(_) => ErrorCode::Internal,
+            StoreError::Fenced { .. } | StoreError::Unavailable(_) => ErrorCode::Unavailable,
         }
     }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The right to write a slot's data: the slot's lease, held by `owner` since `epoch`.
+/// Every write carries one and is refused unless the lease is still exactly that.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Fence {
+    pub slot: Slot,
+    pub owner: WorkerId,
+    pub epoch: Epoch,
+}
 
 /// A session that has seen no call since `last_activity_at`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,11 +61,23 @@ pub struct IdleSession {
     pub last_activity_at: SystemTime,
 }
 
-/// Durable home of sessions and their contexts. Every method returns only after its write
-/// is committed.
+/// Durable home of sessions and their contexts. Every write returns only after it is
+/// committed, and only if its [`Fence`] still holds, checked in the same transaction.
 #[async_trait]
 pub trait SessionStore: Send + Sync + 'static {
-    async fn create_session(&self, session: &Session) -> Result<()>;
+    /// The id of the cluster this store belongs to, created with the store.
+    async fn cluster_id(&self) -> Result<String>;
+
+    /// Takes the leases of `slots` for `owner` at `epoch`, where no lease at `epoch` or
+    /// later exists. Returns the slots now held (at `epoch`); the others are held by a
+    /// newer epoch and must not be written by `owner`.
+    async fn acquire_slots(&self, owner: &WorkerId, epoch: Epoch, slots: &[Slot])
+    -> Result<Vec<Slot>>;
+
+    /// The highest epoch any lease was taken at, so a restarted coordinator continues above it.
+    async fn max_lease_epoch(&self) -> Result<Epoch>;
+
+    async fn create_session(&self, fence: &Fence, session: &Session) -> Result<()>;
 
     async fn get_session(&self, session_id: SessionId) -> Result<Option<Session>>;
 
@@ -53,12 +85,13 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn list_user_sessions(&self, user_id: &UserId) -> Result<Vec<Session>>;
 
     /// Deletes a session and its context; false when there was nothing to delete.
-    async fn delete_session(&self, session_id: SessionId) -> Result<bool>;
+    async fn delete_session(&self, fence: &Fence, session_id: SessionId) -> Result<bool>;
 
     /// Appends messages in order and returns the sequence number of the last one. The
     /// session's activity time becomes `at`.
     async fn append_messages(
         &self,
+        fence: &Fence,
         session_id: SessionId,
         messages: &[Message],
         at: SystemTime,
@@ -72,8 +105,9 @@ pub trait SessionStore: Send + Sync + 'static {
         after_seq: u64,
     ) -> Result<Vec<ContextMessage>>;
 
-    /// Records activity on a session that wrote nothing.
-    async fn touch_session(&self, session_id: SessionId, at: SystemTime) -> Result<()>;
+    /// Records activity on a session that wrote nothing (when it leaves memory).
+    async fn touch_session(&self, fence: &Fence, session_id: SessionId, at: SystemTime)
+    -> Result<()>;
 
     /// Up to `limit` sessions in `slots` whose last activity is before `before`.
     async fn idle_sessions(

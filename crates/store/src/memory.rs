@@ -5,13 +5,26 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
-use switchyard_core::{ContextMessage, Message, Session, SessionId, Slot, UserId};
+use switchyard_core::{
+    ContextMessage, Epoch, Message, Session, SessionId, Slot, UserId, WorkerId,
+};
 
-use crate::{IdleSession, Result, SessionStore, StoreError};
+use crate::{Fence, IdleSession, Result, SessionStore, StoreError};
 
-#[derive(Default)]
+/// Everything in process memory: nothing survives the process. `switchyard dev --store
+/// memory` and tests use it; its fencing is the same as the SQL stores'.
 pub struct MemoryStore {
+    cluster_id: String,
     inner: Mutex<Inner>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore {
+            cluster_id: format!("memory-{}", SessionId::new_random()),
+            inner: Mutex::default(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -19,6 +32,19 @@ struct Inner {
     sessions: HashMap<SessionId, StoredSession>,
     /// Session ids per user, in creation order.
     by_user: HashMap<UserId, Vec<SessionId>>,
+    leases: HashMap<Slot, (WorkerId, Epoch)>,
+}
+
+impl Inner {
+    fn check(&self, fence: &Fence) -> Result<()> {
+        match self.leases.get(&fence.slot) {
+            Some((owner, epoch)) if *owner == fence.owner && *epoch == fence.epoch => Ok(()),
+            _ => Err(StoreError::Fenced {
+                slot: fence.slot,
+                epoch: fence.epoch,
+            }),
+        }
+    }
 }
 
 struct StoredSession {
@@ -42,8 +68,44 @@ impl MemoryStore {
 
 #[async_trait]
 impl SessionStore for MemoryStore {
-    async fn create_session(&self, session: &Session) -> Result<()> {
+    async fn cluster_id(&self) -> Result<String> {
+        Ok(self.cluster_id.clone())
+    }
+
+    async fn acquire_slots(
+        &self,
+        owner: &WorkerId,
+        epoch: Epoch,
+        slots: &[Slot],
+    ) -> Result<Vec<Slot>> {
         let mut inner = self.lock();
+        let mut acquired = Vec::with_capacity(slots.len());
+        for &slot in slots {
+            let free = match inner.leases.get(&slot) {
+                None => true,
+                Some((holder, held_at)) => *held_at < epoch || (*held_at == epoch && holder == owner),
+            };
+            if free {
+                inner.leases.insert(slot, (owner.clone(), epoch));
+                acquired.push(slot);
+            }
+        }
+        Ok(acquired)
+    }
+
+    async fn max_lease_epoch(&self) -> Result<Epoch> {
+        Ok(self
+            .lock()
+            .leases
+            .values()
+            .map(|(_, epoch)| *epoch)
+            .max()
+            .unwrap_or_default())
+    }
+
+    async fn create_session(&self, fence: &Fence, session: &Session) -> Result<()> {
+        let mut inner = self.lock();
+        inner.check(fence)?;
         if inner.sessions.contains_key(&session.id) {
             return Err(StoreError::SessionExists(session.id));
         }
@@ -82,8 +144,9 @@ impl SessionStore for MemoryStore {
             .collect())
     }
 
-    async fn delete_session(&self, session_id: SessionId) -> Result<bool> {
+    async fn delete_session(&self, fence: &Fence, session_id: SessionId) -> Result<bool> {
         let mut inner = self.lock();
+        inner.check(fence)?;
         let Some(stored) = inner.sessions.remove(&session_id) else {
             return Ok(false);
         };
@@ -99,11 +162,13 @@ impl SessionStore for MemoryStore {
 
     async fn append_messages(
         &self,
+        fence: &Fence,
         session_id: SessionId,
         messages: &[Message],
         at: SystemTime,
     ) -> Result<u64> {
         let mut inner = self.lock();
+        inner.check(fence)?;
         let stored = inner
             .sessions
             .get_mut(&session_id)
@@ -145,8 +210,9 @@ impl SessionStore for MemoryStore {
         Ok(selected.to_vec())
     }
 
-    async fn touch_session(&self, session_id: SessionId, at: SystemTime) -> Result<()> {
+    async fn touch_session(&self, fence: &Fence, session_id: SessionId, at: SystemTime) -> Result<()> {
         let mut inner = self.lock();
+        inner.check(fence)?;
         let stored = inner
             .sessions
             .get_mut(&session_id)
@@ -177,119 +243,5 @@ impl SessionStore for MemoryStore {
                 last_activity_at: session.last_activity_at,
             })
             .collect())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-    use std::time::Duration;
-
-    use switchyard_core::Role;
-
-    use super::*;
-
-    fn session(user: &str) -> Session {
-        let now = SystemTime::now();
-        Session {
-            id: SessionId::new_random(),
-            user_id: UserId::parse(user).unwrap(),
-            slot: 3,
-            created_at: now,
-            last_activity_at: now,
-            metadata: BTreeMap::new(),
-            message_count: 0,
-        }
-    }
-
-    fn text(content: &str) -> Message {
-        Message {
-            role: Role::User,
-            content: content.to_string(),
-            name: String::new(),
-        }
-    }
-
-    #[tokio::test]
-    async fn context_windows() {
-        let store = MemoryStore::new();
-        let session = session("alice");
-        store.create_session(&session).await.unwrap();
-        let batch: Vec<Message> = (1..=5).map(|i| text(&format!("m{i}"))).collect();
-        assert_eq!(
-            store
-                .append_messages(session.id, &batch, SystemTime::now())
-                .await,
-            Ok(5)
-        );
-        let seqs =
-            |messages: Vec<ContextMessage>| messages.iter().map(|m| m.seq).collect::<Vec<_>>();
-        assert_eq!(
-            seqs(store.read_context(session.id, 0, 0).await.unwrap()),
-            [1, 2, 3, 4, 5]
-        );
-        assert_eq!(
-            seqs(store.read_context(session.id, 2, 0).await.unwrap()),
-            [4, 5]
-        );
-        assert_eq!(
-            seqs(store.read_context(session.id, 0, 3).await.unwrap()),
-            [4, 5]
-        );
-        assert_eq!(
-            seqs(store.read_context(session.id, 1, 2).await.unwrap()),
-            [5]
-        );
-        assert!(
-            store
-                .read_context(session.id, 0, u64::MAX)
-                .await
-                .unwrap()
-                .is_empty()
-        );
-    }
-
-    #[tokio::test]
-    async fn delete_removes_everything() {
-        let store = MemoryStore::new();
-        let first = session("alice");
-        let second = session("alice");
-        store.create_session(&first).await.unwrap();
-        store.create_session(&second).await.unwrap();
-        assert!(store.delete_session(first.id).await.unwrap());
-        assert!(!store.delete_session(first.id).await.unwrap());
-        let left = store.list_user_sessions(&first.user_id).await.unwrap();
-        assert_eq!(left.iter().map(|s| s.id).collect::<Vec<_>>(), [second.id]);
-        assert_eq!(
-            store
-                .append_messages(first.id, &[text("x")], SystemTime::now())
-                .await,
-            Err(StoreError::SessionNotFound(first.id))
-        );
-    }
-
-    #[tokio::test]
-    async fn idle_sessions_respect_slots_and_time() {
-        let store = MemoryStore::new();
-        let old = session("alice");
-        store.create_session(&old).await.unwrap();
-        let later = SystemTime::now() + Duration::from_secs(60);
-        let idle = store.idle_sessions(&[3], later, 10).await.unwrap();
-        assert_eq!(idle.len(), 1);
-        assert!(
-            store
-                .idle_sessions(&[4], later, 10)
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        store.touch_session(old.id, later).await.unwrap();
-        assert!(
-            store
-                .idle_sessions(&[3], later, 10)
-                .await
-                .unwrap()
-                .is_empty()
-        );
     }
 }

@@ -1,0 +1,512 @@
+//! `SqlStore`: the session store on SQLite (embedded, the default) or PostgreSQL, through
+//! sqlx's `Any` driver so that one implementation serves both.
+//!
+//! Appends are group-committed: an appender task per lane takes every request waiting in
+//! its queue and commits them in one transaction, so durability costs one commit per batch
+//! rather than one per call. Every write checks its fence in the same transaction.
+
+mod appender;
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::{AnyPool, Executor, Row, SqlSafeStr};
+use switchyard_core::{
+    ContextMessage, Epoch, Message, Role, Session, SessionId, Slot, UserId, WorkerId,
+};
+
+use self::appender::Appender;
+use crate::{Fence, IdleSession, Result, SessionStore, StoreError};
+
+/// Which SQL engine a store runs on; the few statements that differ are picked by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// Starts a write transaction. SQLite takes the write lock at once, so the fence read
+    /// that follows cannot go stale before the write.
+    fn begin_write(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "BEGIN IMMEDIATE",
+            Backend::Postgres => "BEGIN",
+        }
+    }
+
+    /// Checks a fence. On PostgreSQL the shared row lock makes a concurrent takeover of the
+    /// lease wait until this transaction ends, so no write lands after the lease moved.
+    fn fence_query(self) -> &'static str {
+        match self {
+            Backend::Sqlite => {
+                "SELECT 1 FROM slot_leases WHERE slot = $1 AND owner = $2 AND epoch = $3"
+            }
+            Backend::Postgres => {
+                "SELECT 1 FROM slot_leases WHERE slot = $1 AND owner = $2 AND epoch = $3 FOR SHARE"
+            }
+        }
+    }
+
+    fn migrations(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Backend::Sqlite => &[(
+                "initial",
+                include_str!("../../migrations/sqlite/0001_initial.sql"),
+            )],
+            Backend::Postgres => &[(
+                "initial",
+                include_str!("../../migrations/postgres/0001_initial.sql"),
+            )],
+        }
+    }
+}
+
+/// How to open a [`SqlStore`].
+#[derive(Debug, Clone)]
+pub struct SqlStoreOptions {
+    /// `sqlite://PATH?mode=rwc` or `postgres://USER@HOST:PORT/DATABASE`.
+    pub url: String,
+    pub max_connections: u32,
+    /// Parallel group-commit queues; SQLite has one writer, so it always uses one.
+    pub append_lanes: usize,
+    /// Most appends committed in one transaction.
+    pub max_batch: usize,
+}
+
+impl SqlStoreOptions {
+    pub fn new(url: impl Into<String>) -> Self {
+        SqlStoreOptions {
+            url: url.into(),
+            max_connections: 16,
+            append_lanes: 4,
+            max_batch: 256,
+        }
+    }
+
+    /// The embedded store: a SQLite file, created if missing.
+    pub fn sqlite_file(path: &Path) -> Self {
+        Self::new(format!("sqlite://{}?mode=rwc", path.display()))
+    }
+}
+
+pub struct SqlStore {
+    pool: AnyPool,
+    backend: Backend,
+    cluster_id: String,
+    appender: Appender,
+}
+
+fn unavailable(error: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(error.to_string())
+}
+
+fn corrupt(what: impl Into<String>) -> StoreError {
+    StoreError::Corrupt(what.into())
+}
+
+pub(crate) fn micros(time: SystemTime) -> i64 {
+    time.duration_since(UNIX_EPOCH)
+        .map(|since| i64::try_from(since.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn time_from_micros(micros: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(u64::try_from(micros).unwrap_or(0))
+}
+
+fn epoch_param(epoch: Epoch) -> i64 {
+    i64::try_from(epoch.0).unwrap_or(i64::MAX)
+}
+
+fn count(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+impl SqlStore {
+    /// Connects, runs the migrations and reads (or creates) the cluster id.
+    pub async fn open(options: SqlStoreOptions) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let backend = if options.url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if options.url.starts_with("postgres:") || options.url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            return Err(StoreError::Unavailable(format!(
+                "store URL must start with sqlite:// or postgres://, not {:?}",
+                options.url.split(':').next().unwrap_or_default()
+            )));
+        };
+        let mut pool_options = AnyPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(Duration::from_secs(10));
+        if backend == Backend::Sqlite {
+            pool_options = pool_options.after_connect(|connection, _| {
+                Box::pin(async move {
+                    // WAL lets readers run beside the one writer; FULL makes every commit
+                    // durable before it returns (group commit pays for the fsync).
+                    connection.execute("PRAGMA journal_mode = WAL").await?;
+                    connection.execute("PRAGMA synchronous = FULL").await?;
+                    Ok(())
+                })
+            });
+        }
+        let pool = pool_options
+            .connect(&options.url)
+            .await
+            .map_err(|error| StoreError::Unavailable(format!("cannot open the store: {error}")))?;
+        migrate(&pool, backend).await?;
+        let cluster_id = ensure_cluster_id(&pool).await?;
+        let lanes = match backend {
+            Backend::Sqlite => 1,
+            Backend::Postgres => options.append_lanes.max(1),
+        };
+        let appender = Appender::start(pool.clone(), backend, lanes, options.max_batch.max(1));
+        tracing::info!(backend = ?backend, %cluster_id, "session store open");
+        Ok(SqlStore {
+            pool,
+            backend,
+            cluster_id,
+            appender,
+        })
+    }
+
+    /// Begins a write transaction in which `fence` holds.
+    async fn begin_fenced(&self, fence: &Fence) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
+        let mut transaction = self
+            .pool
+            .begin_with(self.backend.begin_write())
+            .await
+            .map_err(unavailable)?;
+        check_fence(&mut transaction, self.backend, fence).await?;
+        Ok(transaction)
+    }
+}
+
+async fn migrate(pool: &AnyPool, backend: Backend) -> Result<()> {
+    let migrations: Vec<Migration> = backend
+        .migrations()
+        .iter()
+        .enumerate()
+        .map(|(index, (description, sql))| {
+            Migration::new(
+                index as i64 + 1,
+                Cow::Borrowed(*description),
+                MigrationType::Simple,
+                sql.into_sql_str(),
+                false,
+            )
+        })
+        .collect();
+    let migrator = Migrator {
+        migrations: Cow::Owned(migrations),
+        ..Migrator::DEFAULT
+    };
+    migrator
+        .run(pool)
+        .await
+        .map_err(|error| StoreError::Unavailable(format!("store migration failed: {error}")))
+}
+
+async fn ensure_cluster_id(pool: &AnyPool) -> Result<String> {
+    let candidate = format!("cluster-{}", SessionId::new_random());
+    sqlx::query(
+        "INSERT INTO cluster (singleton, cluster_id, created_at_us) VALUES (1, $1, $2) \
+         ON CONFLICT (singleton) DO NOTHING",
+    )
+    .bind(candidate)
+    .bind(micros(SystemTime::now()))
+    .execute(pool)
+    .await
+    .map_err(unavailable)?;
+    let row = sqlx::query("SELECT cluster_id FROM cluster WHERE singleton = 1")
+        .fetch_one(pool)
+        .await
+        .map_err(unavailable)?;
+    row.try_get("cluster_id").map_err(unavailable)
+}
+
+async fn check_fence(
+    connection: &mut sqlx::AnyConnection,
+    backend: Backend,
+    fence: &Fence,
+) -> Result<()> {
+    let held = sqlx::query(backend.fence_query())
+        .bind(i64::from(fence.slot))
+        .bind(fence.owner.as_str().to_string())
+        .bind(epoch_param(fence.epoch))
+        .fetch_optional(&mut *connection)
+        .await
+        .map_err(unavailable)?;
+    match held {
+        Some(_) => Ok(()),
+        None => Err(StoreError::Fenced {
+            slot: fence.slot,
+            epoch: fence.epoch,
+        }),
+    }
+}
+
+fn session_from_row(row: &AnyRow) -> Result<Session> {
+    let id: Vec<u8> = row.try_get("session_id").map_err(unavailable)?;
+    let id: [u8; 16] = id
+        .try_into()
+        .map_err(|_| corrupt("a session id is not 16 bytes"))?;
+    let user_id: String = row.try_get("user_id").map_err(unavailable)?;
+    let metadata: String = row.try_get("metadata").map_err(unavailable)?;
+    let metadata: BTreeMap<String, String> = serde_json::from_str(&metadata)
+        .map_err(|error| corrupt(format!("session metadata is not a JSON object: {error}")))?;
+    let slot: i64 = row.try_get("slot").map_err(unavailable)?;
+    Ok(Session {
+        id: SessionId::from_bytes(id),
+        user_id: UserId::parse(user_id).map_err(|error| corrupt(error.to_string()))?,
+        slot: Slot::try_from(slot).map_err(|_| corrupt("a slot is out of range"))?,
+        created_at: time_from_micros(row.try_get("created_at_us").map_err(unavailable)?),
+        last_activity_at: time_from_micros(row.try_get("last_activity_us").map_err(unavailable)?),
+        metadata,
+        message_count: count(row.try_get("message_count").map_err(unavailable)?),
+    })
+}
+
+fn message_from_row(row: &AnyRow) -> Result<ContextMessage> {
+    let role: String = row.try_get("role").map_err(unavailable)?;
+    Ok(ContextMessage {
+        seq: count(row.try_get("seq").map_err(unavailable)?),
+        role: Role::parse(&role, "role").map_err(|error| corrupt(error.to_string()))?,
+        content: row.try_get("content").map_err(unavailable)?,
+        name: row.try_get("name").map_err(unavailable)?,
+        created_at: time_from_micros(row.try_get("created_at_us").map_err(unavailable)?),
+    })
+}
+
+const SESSION_COLUMNS: &str =
+    "session_id, user_id, slot, created_at_us, last_activity_us, metadata, message_count";
+
+#[async_trait]
+impl SessionStore for SqlStore {
+    async fn cluster_id(&self) -> Result<String> {
+        Ok(self.cluster_id.clone())
+    }
+
+    async fn acquire_slots(
+        &self,
+        owner: &WorkerId,
+        epoch: Epoch,
+        slots: &[Slot],
+    ) -> Result<Vec<Slot>> {
+        let mut acquired = Vec::with_capacity(slots.len());
+        let mut transaction = self
+            .pool
+            .begin_with(self.backend.begin_write())
+            .await
+            .map_err(unavailable)?;
+        for &slot in slots {
+            let row = sqlx::query(
+                "INSERT INTO slot_leases (slot, owner, epoch) VALUES ($1, $2, $3) \
+                 ON CONFLICT (slot) DO UPDATE SET owner = excluded.owner, epoch = excluded.epoch \
+                 WHERE slot_leases.epoch < excluded.epoch \
+                    OR (slot_leases.epoch = excluded.epoch AND slot_leases.owner = excluded.owner) \
+                 RETURNING slot",
+            )
+            .bind(i64::from(slot))
+            .bind(owner.as_str().to_string())
+            .bind(epoch_param(epoch))
+            .fetch_optional(&mut *transaction)
+            .await
+            .map_err(unavailable)?;
+            if row.is_some() {
+                acquired.push(slot);
+            }
+        }
+        transaction.commit().await.map_err(unavailable)?;
+        Ok(acquired)
+    }
+
+    async fn max_lease_epoch(&self) -> Result<Epoch> {
+        let row = sqlx::query("SELECT COALESCE(MAX(epoch), 0) AS epoch FROM slot_leases")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        let epoch: i64 = row.try_get("epoch").map_err(unavailable)?;
+        Ok(Epoch(count(epoch)))
+    }
+
+    async fn create_session(&self, fence: &Fence, session: &Session) -> Result<()> {
+        let metadata = serde_json::to_string(&session.metadata)
+            .map_err(|error| corrupt(format!("metadata does not encode: {error}")))?;
+        let mut transaction = self.begin_fenced(fence).await?;
+        let result = sqlx::query(
+                    "INSERT INTO sessions (session_id, user_id, slot, created_at_us, last_activity_us, metadata, message_count) \
+                     VALUES ($1, $2, $3, $4, $5, $6, 0) ON CONFLICT (session_id) DO NOTHING",
+                )
+                .bind(session.id.as_bytes().to_vec())
+                .bind(session.user_id.as_str().to_string())
+                .bind(i64::from(session.slot))
+                .bind(micros(session.created_at))
+                .bind(micros(session.last_activity_at))
+                .bind(metadata)
+                .execute(&mut *transaction)
+                .await
+                .map_err(unavailable)?;
+        if result.rows_affected() == 0 {
+            return Err(StoreError::SessionExists(session.id));
+        }
+        transaction.commit().await.map_err(unavailable)
+    }
+
+    async fn get_session(&self, session_id: SessionId) -> Result<Option<Session>> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {SESSION_COLUMNS} FROM sessions WHERE session_id = $1"
+        )))
+        .bind(session_id.as_bytes().to_vec())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        row.as_ref().map(session_from_row).transpose()
+    }
+
+    async fn list_user_sessions(&self, user_id: &UserId) -> Result<Vec<Session>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {SESSION_COLUMNS} FROM sessions WHERE user_id = $1 ORDER BY created_at_us, session_id"
+        )))
+        .bind(user_id.as_str().to_string())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(session_from_row).collect()
+    }
+
+    async fn delete_session(&self, fence: &Fence, session_id: SessionId) -> Result<bool> {
+        let mut transaction = self.begin_fenced(fence).await?;
+        let id = session_id.as_bytes().to_vec();
+        sqlx::query("DELETE FROM messages WHERE session_id = $1")
+            .bind(id.clone())
+            .execute(&mut *transaction)
+            .await
+            .map_err(unavailable)?;
+        let deleted = sqlx::query("DELETE FROM sessions WHERE session_id = $1")
+            .bind(id)
+            .execute(&mut *transaction)
+            .await
+            .map_err(unavailable)?;
+        transaction.commit().await.map_err(unavailable)?;
+        Ok(deleted.rows_affected() > 0)
+    }
+
+    async fn append_messages(
+        &self,
+        fence: &Fence,
+        session_id: SessionId,
+        messages: &[Message],
+        at: SystemTime,
+    ) -> Result<u64> {
+        self.appender
+            .append(fence.clone(), session_id, messages.to_vec(), at)
+            .await
+    }
+
+    async fn read_context(
+        &self,
+        session_id: SessionId,
+        last_n: u32,
+        after_seq: u64,
+    ) -> Result<Vec<ContextMessage>> {
+        let id = session_id.as_bytes().to_vec();
+        let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
+        let rows = if last_n == 0 {
+            sqlx::query(
+                "SELECT seq, role, content, name, created_at_us FROM messages \
+                 WHERE session_id = $1 AND seq > $2 ORDER BY seq",
+            )
+            .bind(id)
+            .bind(after)
+            .fetch_all(&self.pool)
+            .await
+        } else {
+            sqlx::query(
+                "SELECT seq, role, content, name, created_at_us FROM messages \
+                 WHERE session_id = $1 AND seq > $2 ORDER BY seq DESC LIMIT $3",
+            )
+            .bind(id)
+            .bind(after)
+            .bind(i64::from(last_n))
+            .fetch_all(&self.pool)
+            .await
+        }
+        .map_err(unavailable)?;
+        let mut messages: Vec<ContextMessage> =
+            rows.iter().map(message_from_row).collect::<Result<_>>()?;
+        if last_n > 0 {
+            messages.reverse();
+        }
+        if messages.is_empty() && self.get_session(session_id).await?.is_none() {
+            return Err(StoreError::SessionNotFound(session_id));
+        }
+        Ok(messages)
+    }
+
+    async fn touch_session(
+        &self,
+        fence: &Fence,
+        session_id: SessionId,
+        at: SystemTime,
+    ) -> Result<()> {
+        let mut transaction = self.begin_fenced(fence).await?;
+        sqlx::query(
+            "UPDATE sessions SET last_activity_us = $2 \
+             WHERE session_id = $1 AND last_activity_us < $2",
+        )
+        .bind(session_id.as_bytes().to_vec())
+        .bind(micros(at))
+        .execute(&mut *transaction)
+        .await
+        .map_err(unavailable)?;
+        transaction.commit().await.map_err(unavailable)
+    }
+
+    async fn idle_sessions(
+        &self,
+        slots: &[Slot],
+        before: SystemTime,
+        limit: usize,
+    ) -> Result<Vec<IdleSession>> {
+        if slots.is_empty() || limit == 0 {
+            return Ok(Vec::new());
+        }
+        // Placeholders only; every value is bound.
+        let slot_list: Vec<String> = (0..slots.len()).map(|index| format!("${}", index + 3)).collect();
+        let sql = format!(
+            "SELECT session_id, slot, last_activity_us FROM sessions \
+             WHERE last_activity_us < $1 AND slot IN ({}) ORDER BY last_activity_us LIMIT $2",
+            slot_list.join(", ")
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(micros(before))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        for &slot in slots {
+            query = query.bind(i64::from(slot));
+        }
+        let rows = query.fetch_all(&self.pool).await.map_err(unavailable)?;
+        rows.iter()
+            .map(|row| {
+                let id: Vec<u8> = row.try_get("session_id").map_err(unavailable)?;
+                let id: [u8; 16] = id
+                    .try_into()
+                    .map_err(|_| corrupt("a session id is not 16 bytes"))?;
+                let slot: i64 = row.try_get("slot").map_err(unavailable)?;
+                Ok(IdleSession {
+                    id: SessionId::from_bytes(id),
+                    slot: Slot::try_from(slot).map_err(|_| corrupt("a slot is out of range"))?,
+                    last_activity_at: time_from_micros(
+                        row.try_get("last_activity_us").map_err(unavailable)?,
+                    ),
+                })
+            })
+            .collect()
+    }
+}
