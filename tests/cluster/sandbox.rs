@@ -1,6 +1,7 @@
 //! `Sandbox`: an in-process cluster on loopback with fast timings, and helpers.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,6 +11,7 @@ use switchyard::pb::admin_service_client::AdminServiceClient;
 use switchyard_agents::{AgentCatalog, EchoConfig};
 use switchyard_cli::{DevCluster, DevClusterConfig};
 use switchyard_core::{Limits, TokenKey};
+use switchyard_store::{SqlStore, SqlStoreOptions};
 use tonic::transport::Channel;
 
 /// Agent type whose turns take about a second: 6 deltas, 150 ms apart.
@@ -18,6 +20,8 @@ pub const SLOW_AGENT: &str = "slow-echo";
 pub struct Sandbox {
     pub cluster: DevCluster,
     pub token_key: TokenKey,
+    /// Holds the SQLite store; removed when the sandbox stops.
+    pub data_dir: PathBuf,
 }
 
 pub struct SandboxOptions {
@@ -32,6 +36,13 @@ impl Default for SandboxOptions {
             limits: Limits::default(),
         }
     }
+}
+
+/// A fresh directory for one sandbox's store.
+pub fn temp_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("switchyard-cluster-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
 }
 
 impl Sandbox {
@@ -49,17 +60,29 @@ impl Sandbox {
                 delay: Duration::from_millis(150),
             }),
         );
+        // The real default: an embedded SQLite store that every node shares.
+        let data_dir = temp_dir();
+        let store = SqlStore::open(SqlStoreOptions::sqlite_file(
+            &data_dir.join("switchyard.db"),
+        ))
+        .await
+        .expect("store opens");
         let mut config = DevClusterConfig::new(
             SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             options.workers,
             token_key.clone(),
+            Arc::new(store),
         );
         config.limits = options.limits;
         config.heartbeat_interval = Duration::from_millis(100);
         config.lease = Duration::from_millis(600);
         config.agents = agents;
         let cluster = DevCluster::start(config).await.expect("cluster starts");
-        let sandbox = Sandbox { cluster, token_key };
+        let sandbox = Sandbox {
+            cluster,
+            token_key,
+            data_dir,
+        };
         sandbox.wait_until_serving().await;
         sandbox
     }
@@ -115,6 +138,7 @@ impl Sandbox {
 
     pub async fn stop(self) {
         self.cluster.stop().await;
+        let _ = std::fs::remove_dir_all(&self.data_dir);
     }
 }
 

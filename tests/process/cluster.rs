@@ -8,26 +8,7 @@ use switchyard::pb;
 use switchyard::pb::admin_service_client::AdminServiceClient;
 use tonic::Code;
 
-use crate::harness::{Process, free_address, grpcurl, run_grpcurl, temp_dir};
-
-async fn wait_for_workers(coordinator: &str, expected: u32) {
-    let started = Instant::now();
-    loop {
-        if let Ok(mut admin) = AdminServiceClient::connect(coordinator.to_string()).await
-            && let Ok(status) = admin.cluster_status(pb::ClusterStatusRequest {}).await
-        {
-            let status = status.into_inner();
-            if status.serving && status.live_workers == expected {
-                return;
-            }
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "cluster never had {expected} live workers"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use crate::harness::{Process, free_address, grpcurl, run_grpcurl, temp_dir, wait_for_workers};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn separate_processes_serve_fail_over_and_stop_cleanly() {
@@ -147,8 +128,8 @@ async fn separate_processes_serve_fail_over_and_stop_cleanly() {
         assert!(status.contains("\"liveWorkers\": 2"), "{status}");
     }
 
-    // SIGKILL worker-a: worker-b's users are served throughout, worker-a's users are
-    // served by worker-b once the lease runs out.
+    // SIGKILL worker-a: worker-b's users are served throughout, and worker-a's users, with
+    // their sessions and contexts, by worker-b once the lease runs out.
     let victim = workers.remove(0);
     let mut victim = victim;
     victim.kill();
@@ -242,5 +223,41 @@ async fn a_worker_with_another_token_key_is_refused() {
     assert!(!status.success());
     let log = worker.log();
     assert!(log.contains("token key"), "{log}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_on_another_store_is_refused() {
+    let dir = temp_dir("cluster-mismatch");
+    let coordinator_address = free_address().to_string();
+    let coordinator_url = format!("http://{coordinator_address}");
+    let _coordinator = Process::spawn(
+        "coordinator",
+        &["coordinator", "--listen", &coordinator_address],
+        &dir,
+    );
+    let listen = free_address().to_string();
+    let mut worker = Process::spawn(
+        "worker",
+        &[
+            "worker",
+            "--coordinator",
+            &coordinator_url,
+            "--listen",
+            &listen,
+            "--id",
+            "elsewhere",
+            "--data-dir",
+            "own-store",
+        ],
+        &dir,
+    );
+    let status = worker.wait_exit(Duration::from_secs(15));
+    assert!(!status.success());
+    let log = worker.log();
+    assert!(
+        log.contains("cluster") && log.contains("same store"),
+        "{log}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }

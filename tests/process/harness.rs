@@ -85,9 +85,9 @@ impl Drop for Process {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
-            if std::thread::panicking() {
-                eprintln!("--- log of {} ---\n{}", self.name, self.log());
-            }
+        }
+        if std::thread::panicking() {
+            eprintln!("--- log of {} ---\n{}", self.name, self.log());
         }
     }
 }
@@ -149,4 +149,28 @@ pub fn run_grpcurl(grpcurl: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Waits until the coordinator at `coordinator` reports `expected` live workers and every
+/// slot owned.
+pub async fn wait_for_workers(coordinator: &str, expected: u32) {
+    use switchyard::pb;
+    use switchyard::pb::admin_service_client::AdminServiceClient;
+
+    let started = Instant::now();
+    loop {
+        if let Ok(mut admin) = AdminServiceClient::connect(coordinator.to_string()).await
+            && let Ok(status) = admin.cluster_status(pb::ClusterStatusRequest {}).await
+        {
+            let status = status.into_inner();
+            if status.serving && status.live_workers == expected {
+                return;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "cluster never had {expected} live workers"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -4,5 +4,6 @@
 #![allow(clippy::unwrap_used)]
 
 mod cluster;
+mod durability;
 mod harness;
 mod readme;

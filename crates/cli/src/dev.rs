@@ -8,7 +8,7 @@ use std::time::Duration;
 use switchyard_agents::AgentCatalog;
 use switchyard_coordinator::{CoordinatorConfig, CoordinatorHandle};
 use switchyard_core::{DEFAULT_SLOT_COUNT, Limits, TokenKey, WorkerId};
-use switchyard_store::{MemoryStore, SessionStore};
+use switchyard_store::SessionStore;
 use switchyard_worker::{WorkerConfig, WorkerHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 pub enum DevError {
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] switchyard_store::StoreError),
     #[error("worker {worker_id} failed to start: {source}")]
     Worker {
         worker_id: String,
@@ -34,14 +36,23 @@ pub struct DevClusterConfig {
     pub heartbeat_interval: Duration,
     pub lease: Duration,
     pub agents: AgentCatalog,
+    /// The one store every in-process node shares.
+    pub store: Arc<dyn SessionStore>,
 }
 
 impl DevClusterConfig {
-    pub fn new(listen: SocketAddr, workers: usize, token_key: TokenKey) -> Self {
+    /// A cluster on `store`; `MemoryStore::new()` for one that keeps nothing.
+    pub fn new(
+        listen: SocketAddr,
+        workers: usize,
+        token_key: TokenKey,
+        store: Arc<dyn SessionStore>,
+    ) -> Self {
         DevClusterConfig {
             listen,
             workers,
             token_key,
+            store,
             limits: Limits::default(),
             slot_count: DEFAULT_SLOT_COUNT,
             heartbeat_interval: Duration::from_millis(500),
@@ -56,7 +67,6 @@ pub struct DevCluster {
     pub coordinator: CoordinatorHandle,
     /// `None` where a worker was stopped.
     pub workers: Vec<Option<WorkerHandle>>,
-    store: Arc<dyn SessionStore>,
     shutdown: CancellationToken,
 }
 
@@ -64,7 +74,11 @@ impl DevCluster {
     pub async fn start(config: DevClusterConfig) -> Result<Self, DevError> {
         let shutdown = CancellationToken::new();
         let listener = switchyard_server::bind(config.listen).await?;
-        let mut coordinator_config = CoordinatorConfig::new(config.token_key.clone());
+        let mut coordinator_config = CoordinatorConfig::new(
+            config.token_key.clone(),
+            config.store.cluster_id().await?,
+            config.store.max_lease_epoch().await?,
+        );
         coordinator_config.slot_count = config.slot_count;
         coordinator_config.heartbeat_interval = config.heartbeat_interval;
         coordinator_config.lease = config.lease;
@@ -74,7 +88,6 @@ impl DevCluster {
             config,
             coordinator,
             workers: Vec::new(),
-            store: Arc::new(MemoryStore::new()),
             shutdown,
         };
         for _ in 0..cluster.config.workers {
@@ -109,7 +122,7 @@ impl DevCluster {
         let handle = switchyard_worker::start(
             config,
             listener,
-            self.store.clone(),
+            self.config.store.clone(),
             self.shutdown.child_token(),
         )
         .await

@@ -2,5 +2,6 @@
 
 pub mod dev;
 pub mod keys;
+pub mod store;
 
 pub use dev::{DevCluster, DevClusterConfig};

@@ -1,5 +1,6 @@
 //! `switchyard`: run a coordinator, a worker, or a whole cluster in one process.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,9 +9,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use switchyard_agents::AgentCatalog;
-use switchyard_cli::{DevCluster, DevClusterConfig, keys};
+use switchyard_cli::{DevCluster, DevClusterConfig, keys, store};
 use switchyard_core::{DEFAULT_SLOT_COUNT, Limits, WorkerId};
-use switchyard_store::MemoryStore;
+use switchyard_store::SessionStore;
 use switchyard_worker::WorkerConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -51,6 +52,25 @@ struct KeyArgs {
 }
 
 #[derive(Args)]
+struct StoreArgs {
+    /// The session store: `sqlite://PATH`, `postgres://USER@HOST/DB` (for many nodes), or
+    /// `memory`. Default: the SQLite file switchyard.db in --data-dir.
+    #[arg(long, env = "SWITCHYARD_STORE", hide_env_values = true)]
+    store: Option<String>,
+    /// Where the embedded store and dev's token key live.
+    #[arg(long, env = "SWITCHYARD_DATA_DIR", default_value = "switchyard-data")]
+    data_dir: PathBuf,
+}
+
+impl StoreArgs {
+    async fn open(&self) -> Result<Arc<dyn SessionStore>, BoxError> {
+        let store = store::open(self.store.as_deref(), &self.data_dir).await?;
+        tracing::info!(store = %store::describe(self.store.as_deref(), &self.data_dir), "session store ready");
+        Ok(store)
+    }
+}
+
+#[derive(Args)]
 struct ClusterTimingArgs {
     /// How often workers heartbeat.
     #[arg(long, env = "SWITCHYARD_HEARTBEAT_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
@@ -71,6 +91,9 @@ struct SessionArgs {
     /// A session with no call for this long ends.
     #[arg(long, env = "SWITCHYARD_IDLE_TIMEOUT", default_value = "30m", value_parser = humantime::parse_duration)]
     idle_timeout: Duration,
+    /// A session with no call for this long leaves memory (it stays in the store).
+    #[arg(long, env = "SWITCHYARD_PASSIVATE_AFTER", default_value = "5m", value_parser = humantime::parse_duration)]
+    passivate_after: Duration,
     /// How long session tokens stay valid.
     #[arg(long, env = "SWITCHYARD_TOKEN_TTL", default_value = "7days", value_parser = humantime::parse_duration)]
     token_ttl: Duration,
@@ -81,6 +104,7 @@ impl SessionArgs {
         Limits {
             max_sessions_per_user: self.max_sessions_per_user,
             idle_timeout: self.idle_timeout,
+            passivate_after: self.passivate_after,
             token_ttl: self.token_ttl,
             ..Limits::default()
         }
@@ -93,6 +117,8 @@ struct CoordinatorArgs {
     listen: SocketAddr,
     #[command(flatten)]
     keys: KeyArgs,
+    #[command(flatten)]
+    store: StoreArgs,
     #[command(flatten)]
     timing: ClusterTimingArgs,
 }
@@ -113,6 +139,8 @@ struct WorkerArgs {
     #[command(flatten)]
     keys: KeyArgs,
     #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
     sessions: SessionArgs,
 }
 
@@ -123,9 +151,10 @@ struct DevArgs {
     listen: SocketAddr,
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
     workers: u16,
-    /// Holds the token signing key, created on first start and reused after.
-    #[arg(long, env = "SWITCHYARD_DATA_DIR", default_value = "switchyard-data")]
-    data_dir: PathBuf,
+    /// The store, and the data dir that also holds the token key, created on first start
+    /// and reused after, so sessions and tokens survive restarts.
+    #[command(flatten)]
+    store: StoreArgs,
     #[command(flatten)]
     sessions: SessionArgs,
     #[command(flatten)]
@@ -176,8 +205,13 @@ async fn run_coordinator(args: CoordinatorArgs) -> Result<(), BoxError> {
     )?;
     let shutdown = CancellationToken::new();
     switchyard_server::cancel_on_signal(shutdown.clone());
+    let store = args.store.open().await?;
     let listener = switchyard_server::bind(args.listen).await?;
-    let mut config = switchyard_coordinator::CoordinatorConfig::new(token_key);
+    let mut config = switchyard_coordinator::CoordinatorConfig::new(
+        token_key,
+        store.cluster_id().await?,
+        store.max_lease_epoch().await?,
+    );
     config.slot_count = args.timing.slot_count;
     config.heartbeat_interval = args.timing.heartbeat_interval;
     config.lease = args.timing.lease;
@@ -204,7 +238,7 @@ async fn run_worker(args: WorkerArgs) -> Result<(), BoxError> {
         limits: args.sessions.limits(),
         agents: AgentCatalog::with_builtin(),
     };
-    let store = Arc::new(MemoryStore::new());
+    let store = args.store.open().await?;
     let worker = switchyard_worker::start(config, listener, store, shutdown.clone()).await?;
     shutdown.cancelled().await;
     worker.stop().await;
@@ -213,19 +247,22 @@ async fn run_worker(args: WorkerArgs) -> Result<(), BoxError> {
 
 async fn run_dev(args: DevArgs) -> Result<(), BoxError> {
     validate_timing(args.timing.heartbeat_interval, args.timing.lease)?;
-    let token_key = keys::load_or_create(&args.data_dir)?;
+    let token_key = keys::load_or_create(&args.store.data_dir)?;
+    let store = args.store.open().await?;
     let shutdown = CancellationToken::new();
     switchyard_server::cancel_on_signal(shutdown.clone());
-    let mut config = DevClusterConfig::new(args.listen, usize::from(args.workers), token_key);
+    let mut config =
+        DevClusterConfig::new(args.listen, usize::from(args.workers), token_key, store);
     config.limits = args.sessions.limits();
     config.slot_count = args.timing.slot_count;
     config.heartbeat_interval = args.timing.heartbeat_interval;
     config.lease = args.timing.lease;
     let cluster = DevCluster::start(config).await?;
-    print_banner(&cluster, &args.data_dir);
+    print_banner(&cluster, &args.store);
     shutdown.cancelled().await;
     cluster.stop().await;
-    println!("switchyard dev stopped");
+    // stdout may be gone (a closed pipe) by now; that is no reason to fail.
+    let _ = writeln!(std::io::stdout(), "switchyard dev stopped");
     Ok(())
 }
 
@@ -240,20 +277,22 @@ fn validate_timing(heartbeat_interval: Duration, lease: Duration) -> Result<(), 
     Ok(())
 }
 
-fn print_banner(cluster: &DevCluster, data_dir: &std::path::Path) {
+fn print_banner(cluster: &DevCluster, store: &StoreArgs) {
     let address = cluster.coordinator_address();
-    println!("switchyard dev is running");
-    println!("  coordinator  {address}  (SessionService, AdminService, health, reflection)");
-    for worker in cluster.live_workers() {
-        println!("  worker       {}  {}", worker.address, worker.worker_id);
-    }
-    println!("  data dir     {}", data_dir.display());
-    println!();
-    println!("try:");
-    println!("  grpcurl -plaintext {address} list");
-    println!(
-        "  grpcurl -plaintext -d '{{\"user_id\": \"alice\"}}' {address} switchyard.v1.SessionService/CreateSession"
+    let mut banner = format!(
+        "switchyard dev is running\n  coordinator  {address}  (SessionService, AdminService, health, reflection)\n"
     );
-    println!();
-    println!("Ctrl-C stops it.");
+    for worker in cluster.live_workers() {
+        banner += &format!("  worker       {}  {}\n", worker.address, worker.worker_id);
+    }
+    banner += &format!(
+        "  data dir     {}\n  store        {}\n\ntry:\n  grpcurl -plaintext {address} list\n  \
+         grpcurl -plaintext -d '{{\"user_id\": \"alice\"}}' {address} switchyard.v1.SessionService/CreateSession\n\n\
+         Ctrl-C stops it.\n",
+        store.data_dir.display(),
+        switchyard_cli::store::describe(store.store.as_deref(), &store.data_dir)
+    );
+    // A closed stdout must not stop the cluster.
+    let _ = std::io::stdout().write_all(banner.as_bytes());
+    let _ = std::io::stdout().flush();
 }

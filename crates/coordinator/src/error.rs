@@ -17,6 +17,14 @@ pub enum CoordinatorError {
         worker_key: String,
         coordinator_key: String,
     },
+    #[error(
+        "worker {worker_id} uses a store of cluster {worker_cluster} but the coordinator's store is of cluster {coordinator_cluster}: point every node at the same store (for many nodes, --store postgres://…)"
+    )]
+    ClusterMismatch {
+        worker_id: String,
+        worker_cluster: String,
+        coordinator_cluster: String,
+    },
     #[error("address: {0}")]
     InvalidAddress(String),
     #[error("worker {0} is not registered (or its lease expired): register again")]
@@ -29,7 +37,8 @@ impl ServiceError for CoordinatorError {
             CoordinatorError::Domain(error) => error.error_code(),
             CoordinatorError::Auth(error) => error.error_code(),
             CoordinatorError::NoOwner(_) => ErrorCode::Unavailable,
-            CoordinatorError::TokenKeyMismatch { .. } => ErrorCode::FailedPrecondition,
+            CoordinatorError::TokenKeyMismatch { .. }
+            | CoordinatorError::ClusterMismatch { .. } => ErrorCode::FailedPrecondition,
             CoordinatorError::InvalidAddress(_) => ErrorCode::InvalidArgument,
             CoordinatorError::UnknownRegistration(_) => ErrorCode::NotFound,
         }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use switchyard::pb::admin_service_server::AdminServiceServer;
 use switchyard::pb::membership_service_server::MembershipServiceServer;
 use switchyard::pb::session_service_server::SessionServiceServer;
-use switchyard_core::{DEFAULT_SLOT_COUNT, TokenKey};
+use switchyard_core::{DEFAULT_SLOT_COUNT, Epoch, TokenKey};
 use switchyard_server::GrpcServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -28,15 +28,22 @@ use crate::router::Router;
 #[derive(Clone, Debug)]
 pub struct CoordinatorConfig {
     pub token_key: TokenKey,
+    /// The id of the cluster's store; workers on another store are refused.
+    pub cluster_id: String,
+    /// The highest placement epoch already used (the store's newest lease): new tables
+    /// start above it, so no epoch is ever handed out twice.
+    pub epoch_floor: Epoch,
     pub slot_count: u32,
     pub heartbeat_interval: Duration,
     pub lease: Duration,
 }
 
 impl CoordinatorConfig {
-    pub fn new(token_key: TokenKey) -> Self {
+    pub fn new(token_key: TokenKey, cluster_id: String, epoch_floor: Epoch) -> Self {
         CoordinatorConfig {
             token_key,
+            cluster_id,
+            epoch_floor,
             slot_count: DEFAULT_SLOT_COUNT,
             heartbeat_interval: Duration::from_millis(500),
             lease: Duration::from_secs(2),
@@ -81,6 +88,8 @@ pub fn start(
         heartbeat_interval: config.heartbeat_interval,
         lease: config.lease,
         token_key_id: config.token_key.id(),
+        cluster_id: config.cluster_id.clone(),
+        epoch_floor: config.epoch_floor,
     }));
     let server = GrpcServer::new()
         .add_service(SessionServiceServer::new(Router::new(

@@ -25,6 +25,8 @@ pub struct MembershipConfig {
     pub heartbeat_interval: Duration,
     pub lease: Duration,
     pub token_key_id: String,
+    pub cluster_id: String,
+    pub epoch_floor: Epoch,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +69,8 @@ struct MembershipState {
 
 impl Membership {
     pub fn new(config: MembershipConfig) -> Self {
-        let placement = PlacementTable::empty(config.slot_count);
+        let epoch_floor = config.epoch_floor;
+        let placement = PlacementTable::empty(config.slot_count).with_epoch(config.epoch_floor);
         let (routing, _) = watch::channel(Arc::new(RoutingTable {
             placement: placement.clone(),
             addresses: HashMap::new(),
@@ -77,7 +80,7 @@ impl Membership {
             state: Mutex::new(MembershipState {
                 workers: BTreeMap::new(),
                 placement,
-                epoch_floor: Epoch::default(),
+                epoch_floor,
             }),
             routing,
         }
@@ -110,8 +113,16 @@ impl Membership {
         worker_id: WorkerId,
         address: String,
         token_key_id: &str,
+        cluster_id: &str,
         known_epoch: Epoch,
     ) -> Result<(String, pb::PlacementTable)> {
+        if cluster_id != self.config.cluster_id {
+            return Err(CoordinatorError::ClusterMismatch {
+                worker_id: worker_id.to_string(),
+                worker_cluster: cluster_id.to_string(),
+                coordinator_cluster: self.config.cluster_id.clone(),
+            });
+        }
         if token_key_id != self.config.token_key_id {
             return Err(CoordinatorError::TokenKeyMismatch {
                 worker_id: worker_id.to_string(),
@@ -310,6 +321,7 @@ impl MembershipService for MembershipGrpc {
             worker_id,
             message.address,
             &message.token_key_id,
+            &message.cluster_id,
             Epoch(message.known_epoch),
         )?;
         let config = self.membership.config();
@@ -362,6 +374,8 @@ mod tests {
             heartbeat_interval: Duration::from_millis(10),
             lease,
             token_key_id: "key".into(),
+            cluster_id: "cluster".into(),
+            epoch_floor: Epoch(0),
         })
     }
 
@@ -373,11 +387,23 @@ mod tests {
     fn joins_and_leaves_raise_the_epoch() {
         let membership = membership(Duration::from_secs(60));
         let (first, table) = membership
-            .register(worker("a"), "127.0.0.1:1".into(), "key", Epoch(0))
+            .register(
+                worker("a"),
+                "127.0.0.1:1".into(),
+                "key",
+                "cluster",
+                Epoch(0),
+            )
             .unwrap();
         assert_eq!(table.epoch, 1);
         membership
-            .register(worker("b"), "127.0.0.1:2".into(), "key", Epoch(0))
+            .register(
+                worker("b"),
+                "127.0.0.1:2".into(),
+                "key",
+                "cluster",
+                Epoch(0),
+            )
             .unwrap();
         assert_eq!(membership.routing().placement.epoch(), Epoch(2));
         membership.leave(&worker("a"), &first).unwrap();
@@ -390,7 +416,13 @@ mod tests {
     fn a_restarted_coordinator_continues_above_the_workers_epoch() {
         let membership = membership(Duration::from_secs(60));
         let (_, table) = membership
-            .register(worker("a"), "127.0.0.1:1".into(), "key", Epoch(41))
+            .register(
+                worker("a"),
+                "127.0.0.1:1".into(),
+                "key",
+                "cluster",
+                Epoch(41),
+            )
             .unwrap();
         assert_eq!(table.epoch, 42);
     }
@@ -399,13 +431,30 @@ mod tests {
     fn refusals() {
         let membership = membership(Duration::from_secs(60));
         let error = membership
-            .register(worker("a"), "127.0.0.1:1".into(), "other", Epoch(0))
+            .register(
+                worker("a"),
+                "127.0.0.1:1".into(),
+                "other",
+                "cluster",
+                Epoch(0),
+            )
             .unwrap_err();
         assert!(matches!(error, CoordinatorError::TokenKeyMismatch { .. }));
+        let error = membership
+            .register(
+                worker("a"),
+                "127.0.0.1:1".into(),
+                "key",
+                "elsewhere",
+                Epoch(0),
+            )
+            .unwrap_err();
+        assert!(matches!(error, CoordinatorError::ClusterMismatch { .. }));
+        assert!(error.to_string().contains("elsewhere"), "{error}");
         for address in ["", "nohost", "h:0", "http://h:1", "h:99999", "a b:1"] {
             assert!(
                 membership
-                    .register(worker("a"), address.into(), "key", Epoch(0))
+                    .register(worker("a"), address.into(), "key", "cluster", Epoch(0))
                     .is_err(),
                 "{address}"
             );
@@ -420,10 +469,22 @@ mod tests {
     fn a_missed_lease_kills_the_worker_and_moves_its_slots() {
         let membership = membership(Duration::from_millis(30));
         let (a, _) = membership
-            .register(worker("a"), "127.0.0.1:1".into(), "key", Epoch(0))
+            .register(
+                worker("a"),
+                "127.0.0.1:1".into(),
+                "key",
+                "cluster",
+                Epoch(0),
+            )
             .unwrap();
         let (b, _) = membership
-            .register(worker("b"), "127.0.0.1:2".into(), "key", Epoch(0))
+            .register(
+                worker("b"),
+                "127.0.0.1:2".into(),
+                "key",
+                "cluster",
+                Epoch(0),
+            )
             .unwrap();
         std::thread::sleep(Duration::from_millis(50));
         membership.heartbeat(&worker("a"), &a, Epoch(2), 0).unwrap();

@@ -89,6 +89,9 @@ pub struct Limits {
     pub max_sessions_per_user: u32,
     /// A session with no call for this long is ended.
     pub idle_timeout: Duration,
+    /// A session with no call for this long leaves memory; the store keeps it and the next
+    /// call loads it again.
+    pub passivate_after: Duration,
     /// How long a session token stays valid.
     pub token_ttl: Duration,
     pub max_message_bytes: usize,
@@ -106,6 +109,7 @@ impl Default for Limits {
         Limits {
             max_sessions_per_user: 5,
             idle_timeout: Duration::from_secs(30 * 60),
+            passivate_after: Duration::from_secs(5 * 60),
             token_ttl: Duration::from_secs(7 * 24 * 3600),
             max_message_bytes: 64 * 1024,
             max_messages_per_append: 256,

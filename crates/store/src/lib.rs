@@ -24,7 +24,9 @@ pub enum StoreError {
     #[error("session {0} already exists")]
     SessionExists(SessionId),
     /// The writer no longer holds the slot's lease at its epoch: another worker owns it.
-    #[error("slot {slot} has moved to another worker (this worker's lease at epoch {epoch} is gone); retry")]
+    #[error(
+        "slot {slot} has moved to another worker (this worker's lease at epoch {epoch} is gone); retry"
+    )]
     Fenced { slot: Slot, epoch: Epoch },
     #[error("session store unavailable: {0}")]
     Unavailable(String),
@@ -71,8 +73,12 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Takes the leases of `slots` for `owner` at `epoch`, where no lease at `epoch` or
     /// later exists. Returns the slots now held (at `epoch`); the others are held by a
     /// newer epoch and must not be written by `owner`.
-    async fn acquire_slots(&self, owner: &WorkerId, epoch: Epoch, slots: &[Slot])
-    -> Result<Vec<Slot>>;
+    async fn acquire_slots(
+        &self,
+        owner: &WorkerId,
+        epoch: Epoch,
+        slots: &[Slot],
+    ) -> Result<Vec<Slot>>;
 
     /// The highest epoch any lease was taken at, so a restarted coordinator continues above it.
     async fn max_lease_epoch(&self) -> Result<Epoch>;
@@ -106,8 +112,12 @@ pub trait SessionStore: Send + Sync + 'static {
     ) -> Result<Vec<ContextMessage>>;
 
     /// Records activity on a session that wrote nothing (when it leaves memory).
-    async fn touch_session(&self, fence: &Fence, session_id: SessionId, at: SystemTime)
-    -> Result<()>;
+    async fn touch_session(
+        &self,
+        fence: &Fence,
+        session_id: SessionId,
+        at: SystemTime,
+    ) -> Result<()>;
 
     /// Up to `limit` sessions in `slots` whose last activity is before `before`.
     async fn idle_sessions(

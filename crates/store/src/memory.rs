@@ -5,9 +5,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
-use switchyard_core::{
-    ContextMessage, Epoch, Message, Session, SessionId, Slot, UserId, WorkerId,
-};
+use switchyard_core::{ContextMessage, Epoch, Message, Session, SessionId, Slot, UserId, WorkerId};
 
 use crate::{Fence, IdleSession, Result, SessionStore, StoreError};
 
@@ -83,7 +81,9 @@ impl SessionStore for MemoryStore {
         for &slot in slots {
             let free = match inner.leases.get(&slot) {
                 None => true,
-                Some((holder, held_at)) => *held_at < epoch || (*held_at == epoch && holder == owner),
+                Some((holder, held_at)) => {
+                    *held_at < epoch || (*held_at == epoch && holder == owner)
+                }
             };
             if free {
                 inner.leases.insert(slot, (owner.clone(), epoch));
@@ -210,7 +210,12 @@ impl SessionStore for MemoryStore {
         Ok(selected.to_vec())
     }
 
-    async fn touch_session(&self, fence: &Fence, session_id: SessionId, at: SystemTime) -> Result<()> {
+    async fn touch_session(
+        &self,
+        fence: &Fence,
+        session_id: SessionId,
+        at: SystemTime,
+    ) -> Result<()> {
         let mut inner = self.lock();
         inner.check(fence)?;
         let stored = inner

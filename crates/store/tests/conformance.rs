@@ -45,7 +45,13 @@ fn seqs(messages: &[ContextMessage]) -> Vec<u64> {
 /// Takes slot `SLOT` for worker `a` at epoch 1 and returns its fence.
 async fn own_slot(store: &dyn SessionStore) -> Fence {
     let owner = worker("a");
-    assert_eq!(store.acquire_slots(&owner, Epoch(1), &[SLOT]).await.unwrap(), vec![SLOT]);
+    assert_eq!(
+        store
+            .acquire_slots(&owner, Epoch(1), &[SLOT])
+            .await
+            .unwrap(),
+        vec![SLOT]
+    );
     Fence {
         slot: SLOT,
         owner,
@@ -58,12 +64,35 @@ async fn context_windows(store: Arc<dyn SessionStore>) {
     let session = session("alice");
     store.create_session(&fence, &session).await.unwrap();
     let batch: Vec<Message> = (1..=5).map(|i| text(&format!("m{i}"))).collect();
-    assert_eq!(store.append_messages(&fence, session.id, &batch, SystemTime::now()).await, Ok(5));
-    assert_eq!(seqs(&store.read_context(session.id, 0, 0).await.unwrap()), [1, 2, 3, 4, 5]);
-    assert_eq!(seqs(&store.read_context(session.id, 2, 0).await.unwrap()), [4, 5]);
-    assert_eq!(seqs(&store.read_context(session.id, 0, 3).await.unwrap()), [4, 5]);
-    assert_eq!(seqs(&store.read_context(session.id, 1, 2).await.unwrap()), [5]);
-    assert!(store.read_context(session.id, 0, u64::MAX).await.unwrap().is_empty());
+    assert_eq!(
+        store
+            .append_messages(&fence, session.id, &batch, SystemTime::now())
+            .await,
+        Ok(5)
+    );
+    assert_eq!(
+        seqs(&store.read_context(session.id, 0, 0).await.unwrap()),
+        [1, 2, 3, 4, 5]
+    );
+    assert_eq!(
+        seqs(&store.read_context(session.id, 2, 0).await.unwrap()),
+        [4, 5]
+    );
+    assert_eq!(
+        seqs(&store.read_context(session.id, 0, 3).await.unwrap()),
+        [4, 5]
+    );
+    assert_eq!(
+        seqs(&store.read_context(session.id, 1, 2).await.unwrap()),
+        [5]
+    );
+    assert!(
+        store
+            .read_context(session.id, 0, u64::MAX)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let context = store.read_context(session.id, 0, 0).await.unwrap();
     assert_eq!(context[2].content, "m3");
     assert_eq!(context[2].role, Role::User);
@@ -73,9 +102,14 @@ async fn context_windows(store: Arc<dyn SessionStore>) {
     assert_eq!(stored.metadata, session.metadata);
     assert_eq!(stored.user_id, session.user_id);
     let missing = SessionId::new_random();
-    assert_eq!(store.read_context(missing, 0, 0).await, Err(StoreError::SessionNotFound(missing)));
     assert_eq!(
-        store.append_messages(&fence, missing, &[text("x")], SystemTime::now()).await,
+        store.read_context(missing, 0, 0).await,
+        Err(StoreError::SessionNotFound(missing))
+    );
+    assert_eq!(
+        store
+            .append_messages(&fence, missing, &[text("x")], SystemTime::now())
+            .await,
         Err(StoreError::SessionNotFound(missing))
     );
 }
@@ -86,12 +120,18 @@ async fn delete_removes_everything(store: Arc<dyn SessionStore>) {
     let second = session("bob");
     store.create_session(&fence, &first).await.unwrap();
     store.create_session(&fence, &second).await.unwrap();
-    store.append_messages(&fence, first.id, &[text("x")], SystemTime::now()).await.unwrap();
+    store
+        .append_messages(&fence, first.id, &[text("x")], SystemTime::now())
+        .await
+        .unwrap();
     assert!(store.delete_session(&fence, first.id).await.unwrap());
     assert!(!store.delete_session(&fence, first.id).await.unwrap());
     let left = store.list_user_sessions(&first.user_id).await.unwrap();
     assert_eq!(left.iter().map(|s| s.id).collect::<Vec<_>>(), [second.id]);
-    assert_eq!(store.read_context(first.id, 0, 0).await, Err(StoreError::SessionNotFound(first.id)));
+    assert_eq!(
+        store.read_context(first.id, 0, 0).await,
+        Err(StoreError::SessionNotFound(first.id))
+    );
     assert_eq!(store.get_session(first.id).await.unwrap(), None);
 }
 
@@ -102,9 +142,21 @@ async fn idle_sessions_respect_slots_and_time(store: Arc<dyn SessionStore>) {
     let later = SystemTime::now() + Duration::from_secs(60);
     let idle = store.idle_sessions(&[SLOT, 900], later, 10).await.unwrap();
     assert_eq!(idle.iter().map(|i| i.id).collect::<Vec<_>>(), [old.id]);
-    assert!(store.idle_sessions(&[4], later, 10).await.unwrap().is_empty());
+    assert!(
+        store
+            .idle_sessions(&[4], later, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     store.touch_session(&fence, old.id, later).await.unwrap();
-    assert!(store.idle_sessions(&[SLOT], later, 10).await.unwrap().is_empty());
+    assert!(
+        store
+            .idle_sessions(&[SLOT], later, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 /// Two workers that both believe they own a slot: only the newer epoch's writes land.
@@ -112,41 +164,92 @@ async fn a_stale_owner_cannot_write(store: Arc<dyn SessionStore>) {
     let stale = own_slot(&*store).await;
     let session = session("dave");
     store.create_session(&stale, &session).await.unwrap();
-    store.append_messages(&stale, session.id, &[text("from a")], SystemTime::now()).await.unwrap();
+    store
+        .append_messages(&stale, session.id, &[text("from a")], SystemTime::now())
+        .await
+        .unwrap();
 
     let b = worker("b");
-    assert_eq!(store.acquire_slots(&b, Epoch(2), &[SLOT]).await.unwrap(), vec![SLOT]);
-    let current = Fence { slot: SLOT, owner: b.clone(), epoch: Epoch(2) };
+    assert_eq!(
+        store.acquire_slots(&b, Epoch(2), &[SLOT]).await.unwrap(),
+        vec![SLOT]
+    );
+    let current = Fence {
+        slot: SLOT,
+        owner: b.clone(),
+        epoch: Epoch(2),
+    };
     assert_eq!(store.max_lease_epoch().await.unwrap(), Epoch(2));
     // The old owner cannot take the slot back at its old epoch.
-    assert!(store.acquire_slots(&worker("a"), Epoch(1), &[SLOT]).await.unwrap().is_empty());
+    assert!(
+        store
+            .acquire_slots(&worker("a"), Epoch(1), &[SLOT])
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
-    let fenced = Err(StoreError::Fenced { slot: SLOT, epoch: Epoch(1) });
-    assert_eq!(store.append_messages(&stale, session.id, &[text("late")], SystemTime::now()).await, fenced);
-    assert_eq!(store.create_session(&stale, &self::session("dave")).await, fenced.clone().map(|_: u64| ()));
-    assert_eq!(store.delete_session(&stale, session.id).await, fenced.clone().map(|_: u64| false));
-    assert_eq!(store.touch_session(&stale, session.id, SystemTime::now()).await, fenced.map(|_: u64| ()));
+    let fenced = Err(StoreError::Fenced {
+        slot: SLOT,
+        epoch: Epoch(1),
+    });
+    assert_eq!(
+        store
+            .append_messages(&stale, session.id, &[text("late")], SystemTime::now())
+            .await,
+        fenced
+    );
+    assert_eq!(
+        store.create_session(&stale, &self::session("dave")).await,
+        fenced.clone().map(|_: u64| ())
+    );
+    assert_eq!(
+        store.delete_session(&stale, session.id).await,
+        fenced.clone().map(|_: u64| false)
+    );
+    assert_eq!(
+        store
+            .touch_session(&stale, session.id, SystemTime::now())
+            .await,
+        fenced.map(|_: u64| ())
+    );
 
     // Both write at once; the stale writer's appends all fail and seqs never fork.
     let writes = (0..40).map(|index| {
         let store = store.clone();
-        let fence = if index % 2 == 0 { stale.clone() } else { current.clone() };
+        let fence = if index % 2 == 0 {
+            stale.clone()
+        } else {
+            current.clone()
+        };
         async move {
             let result = store
-                .append_messages(&fence, session.id, &[text(&format!("{}-{index}", fence.owner))], SystemTime::now())
+                .append_messages(
+                    &fence,
+                    session.id,
+                    &[text(&format!("{}-{index}", fence.owner))],
+                    SystemTime::now(),
+                )
                 .await;
             (fence.owner, result)
         }
     });
     for (owner, result) in futures::future::join_all(writes).await {
         match owner.as_str() {
-            "a" => assert!(matches!(result, Err(StoreError::Fenced { .. })), "{result:?}"),
+            "a" => assert!(
+                matches!(result, Err(StoreError::Fenced { .. })),
+                "{result:?}"
+            ),
             _ => assert!(result.is_ok(), "{result:?}"),
         }
     }
     let context = store.read_context(session.id, 0, 0).await.unwrap();
     assert_eq!(seqs(&context), (1..=21).collect::<Vec<_>>());
-    assert!(context[1..].iter().all(|message| message.content.starts_with("b-")));
+    assert!(
+        context[1..]
+            .iter()
+            .all(|message| message.content.starts_with("b-"))
+    );
 }
 
 /// Many concurrent appends (group-committed on SQL stores): every acknowledged append is
@@ -164,7 +267,10 @@ async fn concurrent_appends_are_all_kept_once(store: Arc<dyn SessionStore>) {
         async move {
             let content = format!("append {index}");
             let messages = [text(&content), text(&format!("{content} again"))];
-            let last_seq = store.append_messages(&fence, session_id, &messages, SystemTime::now()).await.unwrap();
+            let last_seq = store
+                .append_messages(&fence, session_id, &messages, SystemTime::now())
+                .await
+                .unwrap();
             (session_id, last_seq, content)
         }
     });
@@ -174,13 +280,23 @@ async fn concurrent_appends_are_all_kept_once(store: Arc<dyn SessionStore>) {
         assert_eq!(seqs(&context), (1..=64).collect::<Vec<_>>());
         let contents: HashSet<&str> = context.iter().map(|m| m.content.as_str()).collect();
         assert_eq!(contents.len(), 64, "no message is stored twice");
-        for (session_id, last_seq, content) in acknowledged.iter().filter(|(id, ..)| *id == session.id) {
+        for (session_id, last_seq, content) in
+            acknowledged.iter().filter(|(id, ..)| *id == session.id)
+        {
             let _ = session_id;
             let at = |seq: u64| &context[seq as usize - 1].content;
             assert_eq!(at(last_seq - 1), content);
             assert_eq!(at(*last_seq), &format!("{content} again"));
         }
-        assert_eq!(store.get_session(session.id).await.unwrap().unwrap().message_count, 64);
+        assert_eq!(
+            store
+                .get_session(session.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .message_count,
+            64
+        );
     }
 }
 
@@ -193,7 +309,10 @@ async fn users_are_listed_oldest_first(store: Arc<dyn SessionStore>) {
         store.create_session(&fence, &session).await.unwrap();
         created.push(session.id);
     }
-    store.create_session(&fence, &session("frank")).await.unwrap();
+    store
+        .create_session(&fence, &session("frank"))
+        .await
+        .unwrap();
     let listed: Vec<SessionId> = store
         .list_user_sessions(&UserId::parse("erin").unwrap())
         .await
@@ -203,7 +322,10 @@ async fn users_are_listed_oldest_first(store: Arc<dyn SessionStore>) {
         .collect();
     assert_eq!(listed, created);
     let duplicate = store.get_session(created[0]).await.unwrap().unwrap();
-    assert_eq!(store.create_session(&fence, &duplicate).await, Err(StoreError::SessionExists(created[0])));
+    assert_eq!(
+        store.create_session(&fence, &duplicate).await,
+        Err(StoreError::SessionExists(created[0]))
+    );
 }
 
 macro_rules! conformance {
@@ -238,14 +360,19 @@ conformance!(
 );
 
 fn temp_dir(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("switchyard-store-{test}-{}", SessionId::new_random()));
+    let dir = std::env::temp_dir().join(format!(
+        "switchyard-store-{test}-{}",
+        SessionId::new_random()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
 
 async fn sqlite_store(test: &str) -> (Arc<dyn SessionStore>, PathBuf) {
     let dir = temp_dir(test);
-    let store = SqlStore::open(SqlStoreOptions::sqlite_file(&dir.join("store.db"))).await.unwrap();
+    let store = SqlStore::open(SqlStoreOptions::sqlite_file(&dir.join("store.db")))
+        .await
+        .unwrap();
     (Arc::new(store), dir)
 }
 
@@ -254,19 +381,35 @@ async fn a_sqlite_store_keeps_everything_across_reopen() {
     let dir = temp_dir("reopen");
     let path = dir.join("store.db");
     let (cluster_id, session) = {
-        let store = SqlStore::open(SqlStoreOptions::sqlite_file(&path)).await.unwrap();
+        let store = SqlStore::open(SqlStoreOptions::sqlite_file(&path))
+            .await
+            .unwrap();
         let fence = own_slot(&store).await;
         let session = session("grace");
         store.create_session(&fence, &session).await.unwrap();
-        store.append_messages(&fence, session.id, &[text("durable")], SystemTime::now()).await.unwrap();
+        store
+            .append_messages(&fence, session.id, &[text("durable")], SystemTime::now())
+            .await
+            .unwrap();
         (store.cluster_id().await.unwrap(), session)
     };
-    let store = SqlStore::open(SqlStoreOptions::sqlite_file(&path)).await.unwrap();
+    let store = SqlStore::open(SqlStoreOptions::sqlite_file(&path))
+        .await
+        .unwrap();
     assert_eq!(store.cluster_id().await.unwrap(), cluster_id);
-    assert_eq!(store.read_context(session.id, 0, 0).await.unwrap()[0].content, "durable");
+    assert_eq!(
+        store.read_context(session.id, 0, 0).await.unwrap()[0].content,
+        "durable"
+    );
     assert_eq!(store.max_lease_epoch().await.unwrap(), Epoch(1));
-    let other = SqlStore::open(SqlStoreOptions::sqlite_file(&dir.join("other.db"))).await.unwrap();
-    assert_ne!(other.cluster_id().await.unwrap(), cluster_id, "each store is its own cluster");
+    let other = SqlStore::open(SqlStoreOptions::sqlite_file(&dir.join("other.db")))
+        .await
+        .unwrap();
+    assert_ne!(
+        other.cluster_id().await.unwrap(),
+        cluster_id,
+        "each store is its own cluster"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -275,5 +418,8 @@ async fn a_bad_store_url_is_a_clear_error() {
     let Err(error) = SqlStore::open(SqlStoreOptions::new("mysql://localhost/x")).await else {
         panic!("a mysql URL must be refused");
     };
-    assert!(error.to_string().contains("sqlite:// or postgres://"), "{error}");
+    assert!(
+        error.to_string().contains("sqlite:// or postgres://"),
+        "{error}"
+    );
 }

@@ -25,6 +25,8 @@ pub enum WorkerError {
     PlacementBehind { known: Epoch, requested: Epoch },
     #[error("worker has no fresh lease from the coordinator; retry")]
     LeaseExpired,
+    #[error("slot {0} was just placed on this worker and its store lease is not taken yet; retry")]
+    LeaseNotHeld(Slot),
     #[error("{0}")]
     InvalidMetadata(String),
     #[error("the turn did not finish within the caller's deadline; its reply was not committed")]
@@ -39,9 +41,9 @@ impl ServiceError for WorkerError {
             WorkerError::Store(error) => error.error_code(),
             WorkerError::Agent(error) => error.error_code(),
             WorkerError::NotOwner { .. } => ErrorCode::FailedPrecondition,
-            WorkerError::PlacementBehind { .. } | WorkerError::LeaseExpired => {
-                ErrorCode::Unavailable
-            }
+            WorkerError::PlacementBehind { .. }
+            | WorkerError::LeaseExpired
+            | WorkerError::LeaseNotHeld(_) => ErrorCode::Unavailable,
             WorkerError::DeadlineExceeded => ErrorCode::DeadlineExceeded,
             WorkerError::InvalidMetadata(_) => ErrorCode::InvalidArgument,
         }

@@ -7,12 +7,13 @@ mod service;
 mod sessions;
 mod turn;
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use switchyard::pb::session_service_server::SessionServiceServer;
 use switchyard_agents::AgentCatalog;
-use switchyard_core::{Limits, TokenKey, WorkerId};
+use switchyard_core::{Limits, Slot, TokenKey, WorkerId};
 use switchyard_server::GrpcServer;
 use switchyard_store::SessionStore;
 use tokio::net::TcpListener;
@@ -44,6 +45,8 @@ pub struct WorkerConfig {
 pub enum StartError {
     #[error("cannot read the listener address: {0}")]
     Listener(std::io::Error),
+    #[error("cannot read the store's cluster id: {0}")]
+    Store(#[from] switchyard_store::StoreError),
     #[error(transparent)]
     Membership(#[from] MembershipError),
 }
@@ -98,12 +101,14 @@ pub async fn start(
         worker_id.clone(),
         advertise,
         config.token_key.id(),
+        store.cluster_id().await?,
         placement.clone(),
     )?;
     let registration = membership.register(&shutdown).await?;
     let slot_count = placement.current().slot_count();
     let sessions = Arc::new(SessionManager::new(
-        store,
+        store.clone(),
+        placement.clone(),
         config.limits.clone(),
         slot_count,
     ));
@@ -136,12 +141,7 @@ pub async fn start(
             }
         })
     };
-    let upkeep_task = tokio::spawn(upkeep(
-        worker_id.clone(),
-        placement,
-        sessions,
-        shutdown.clone(),
-    ));
+    let upkeep_task = tokio::spawn(upkeep(placement, sessions, store, shutdown.clone()));
     tracing::info!(%worker_id, address = %local_address, slot_count, "worker serving");
     Ok(WorkerHandle {
         worker_id,
@@ -151,21 +151,24 @@ pub async fn start(
     })
 }
 
-/// Expires idle sessions and lets go of the sessions of slots that moved away.
+/// Keeps the store leases in step with the placement table, expires idle sessions and
+/// lets go of the sessions of slots that moved away.
 async fn upkeep(
-    worker_id: WorkerId,
     placement: Arc<PlacementView>,
     sessions: Arc<SessionManager>,
+    store: Arc<dyn SessionStore>,
     shutdown: CancellationToken,
 ) {
+    let worker_id = placement.worker_id().clone();
     let mut tables = placement.subscribe();
     let mut reap = tokio::time::interval(sessions.reap_interval());
     reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = reap.tick() => {
-                let owned = placement.current().slots_of(&worker_id);
-                if let Err(error) = sessions.expire_idle(&owned).await {
+                sync_leases(&placement, &sessions, &*store).await;
+                let held = placement.fenced_slots();
+                if let Err(error) = sessions.expire_idle(&held).await {
                     tracing::warn!(%worker_id, %error, "idle session expiry failed");
                 }
             }
@@ -173,10 +176,47 @@ async fn upkeep(
                 if changed.is_err() {
                     break;
                 }
-                let table = tables.borrow_and_update().clone();
-                sessions.release_slots(|slot| table.is_owner(slot, &worker_id)).await;
+                tables.borrow_and_update();
+                sync_leases(&placement, &sessions, &*store).await;
             }
             _ = shutdown.cancelled() => break,
+        }
+    }
+}
+
+/// Takes the store leases of newly owned slots at the table's epoch, and gives up those of
+/// slots that moved away. A lease held at a newer epoch by another worker is not taken:
+/// that slot is not served here until a newer table says otherwise.
+async fn sync_leases(
+    placement: &PlacementView,
+    sessions: &SessionManager,
+    store: &dyn SessionStore,
+) {
+    let table = placement.current();
+    let worker_id = placement.worker_id();
+    let owned: HashSet<Slot> = table.slots_of(worker_id).into_iter().collect();
+    let held: HashSet<Slot> = placement.fenced_slots().into_iter().collect();
+
+    let lost: Vec<Slot> = held.difference(&owned).copied().collect();
+    if !lost.is_empty() {
+        sessions.release_slots(|slot| owned.contains(&slot)).await;
+        placement.remove_fences(&lost);
+    }
+    let mut new: Vec<Slot> = owned.difference(&held).copied().collect();
+    if new.is_empty() {
+        return;
+    }
+    new.sort_unstable();
+    match store.acquire_slots(worker_id, table.epoch(), &new).await {
+        Ok(acquired) => {
+            if acquired.len() < new.len() {
+                tracing::warn!(%worker_id, epoch = %table.epoch(), refused = new.len() - acquired.len(), "some slot leases are held at a newer epoch");
+            }
+            placement.add_fences(&acquired, table.epoch());
+            tracing::debug!(%worker_id, epoch = %table.epoch(), acquired = acquired.len(), "slot leases taken");
+        }
+        Err(error) => {
+            tracing::warn!(%worker_id, %error, "cannot take slot leases; retrying");
         }
     }
 }

@@ -46,6 +46,7 @@ pub struct MembershipClient {
     worker_id: WorkerId,
     address: String,
     token_key_id: String,
+    cluster_id: String,
     placement: Arc<PlacementView>,
 }
 
@@ -55,6 +56,7 @@ impl MembershipClient {
         worker_id: WorkerId,
         address: String,
         token_key_id: String,
+        cluster_id: String,
         placement: Arc<PlacementView>,
     ) -> Result<Self, MembershipError> {
         let channel = Endpoint::from_shared(coordinator_url.to_string())
@@ -69,6 +71,7 @@ impl MembershipClient {
             worker_id,
             address,
             token_key_id,
+            cluster_id,
             placement,
         })
     }
@@ -111,6 +114,7 @@ impl MembershipClient {
             worker_id: self.worker_id.to_string(),
             address: self.address.clone(),
             token_key_id: self.token_key_id.clone(),
+            cluster_id: self.cluster_id.clone(),
             known_epoch: self.placement.current().epoch().0,
         });
         request.set_timeout(CALL_TIMEOUT);

@@ -1,9 +1,11 @@
 //! The worker's view of the placement table and its lease.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use switchyard_core::{Epoch, PlacementTable, Slot, WorkerId};
+use switchyard_store::Fence;
 use tokio::sync::{Notify, watch};
 
 use crate::error::{Result, WorkerError};
@@ -18,6 +20,9 @@ pub struct PlacementView {
     lease_valid_until: Mutex<Option<Instant>>,
     /// Asks the membership loop to heartbeat now rather than at its next tick.
     refresh: Notify,
+    /// Slots whose lease in the store this worker holds, with the epoch it was taken at.
+    /// Writes to a slot carry this fence; a slot without one is not served.
+    fences: watch::Sender<HashMap<Slot, Epoch>>,
 }
 
 impl PlacementView {
@@ -28,7 +33,49 @@ impl PlacementView {
             table,
             lease_valid_until: Mutex::new(None),
             refresh: Notify::new(),
+            fences: watch::channel(HashMap::new()).0,
         }
+    }
+
+    pub fn worker_id(&self) -> &WorkerId {
+        &self.worker_id
+    }
+
+    /// The fence for writing `slot`'s data, if this worker holds its lease.
+    pub fn fence(&self, slot: Slot) -> Option<Fence> {
+        let epoch = *self.fences.borrow().get(&slot)?;
+        Some(Fence {
+            slot,
+            owner: self.worker_id.clone(),
+            epoch,
+        })
+    }
+
+    pub fn fenced_slots(&self) -> Vec<Slot> {
+        self.fences.borrow().keys().copied().collect()
+    }
+
+    pub fn add_fences(&self, slots: &[Slot], epoch: Epoch) {
+        if slots.is_empty() {
+            return;
+        }
+        self.fences.send_modify(|fences| {
+            for slot in slots {
+                fences.insert(*slot, epoch);
+            }
+        });
+    }
+
+    /// Forgets leases: the slots moved away, or a write found the lease taken.
+    pub fn remove_fences(&self, slots: &[Slot]) {
+        if slots.is_empty() {
+            return;
+        }
+        self.fences.send_modify(|fences| {
+            for slot in slots {
+                fences.remove(slot);
+            }
+        });
     }
 
     pub fn current(&self) -> Arc<PlacementTable> {
@@ -103,13 +150,32 @@ impl PlacementView {
             }
         }
         if table.is_owner(slot, &self.worker_id) {
-            return Ok(());
+            return self.wait_for_fence(slot).await;
         }
         Err(WorkerError::NotOwner {
             slot,
             epoch: table.epoch(),
             owner: table.owner(slot).cloned(),
         })
+    }
+}
+
+impl PlacementView {
+    /// A slot just placed here is served once its lease is taken in the store.
+    async fn wait_for_fence(&self, slot: Slot) -> Result<()> {
+        if self.fences.borrow().contains_key(&slot) {
+            return Ok(());
+        }
+        let mut receiver = self.fences.subscribe();
+        let taken = tokio::time::timeout(
+            CATCH_UP_WAIT,
+            receiver.wait_for(|fences| fences.contains_key(&slot)),
+        )
+        .await;
+        match taken {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(WorkerError::LeaseNotHeld(slot)),
+        }
     }
 }
 
@@ -130,6 +196,7 @@ mod tests {
             .rebalanced(std::slice::from_ref(&me))
             .unwrap();
         assert!(view.install(first.clone()));
+        view.add_fences(&[3], Epoch(1));
         assert!(view.check_owner(3, Some(Epoch(1))).await.is_ok());
 
         let second = first.rebalanced(&[worker("b")]).unwrap();
@@ -146,6 +213,23 @@ mod tests {
             ),
             "{error}"
         );
+    }
+
+    #[tokio::test]
+    async fn an_owned_slot_without_its_store_lease_is_not_served() {
+        let me = worker("a");
+        let view = PlacementView::new(me.clone(), 4);
+        view.renew_lease(Instant::now(), Duration::from_secs(60));
+        view.install(PlacementTable::empty(4).rebalanced(&[me]).unwrap());
+        assert!(matches!(
+            view.check_owner(1, None).await,
+            Err(WorkerError::LeaseNotHeld(1))
+        ));
+        view.add_fences(&[1], Epoch(1));
+        assert!(view.check_owner(1, None).await.is_ok());
+        assert_eq!(view.fence(1).map(|fence| fence.epoch), Some(Epoch(1)));
+        view.remove_fences(&[1]);
+        assert!(view.fence(1).is_none());
     }
 
     #[tokio::test]

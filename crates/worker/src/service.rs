@@ -143,7 +143,8 @@ impl SessionService for WorkerSessionService {
         let claims = verify_session_token(&self.token_key, &metadata, session_id)
             .map_err(WorkerError::from)?;
         self.check_owner(&claims.user_id, &metadata).await?;
-        let ended = self.sessions.end(session_id).await?;
+        let slot = self.sessions.slot_of(&claims.user_id);
+        let ended = self.sessions.end(session_id, slot).await?;
         if ended {
             tracing::info!(%session_id, "session ended");
         }

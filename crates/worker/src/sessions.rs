@@ -1,18 +1,20 @@
-//! Hot sessions over the store: limits, eviction, idle expiry and per-session turn order.
+//! Hot sessions over the store: limits, eviction, passivation, idle expiry and the order of
+//! turns.
 //!
 //! The store is the source of truth. A session is "hot" while this worker holds a small
 //! in-memory entry for it: its activity clock, the count of calls in progress and the lock
-//! that runs its turns one at a time. Idle expiry and a call starting both take the entry's
-//! lock, so a session is never expired under a call that has begun.
+//! that runs its turns one at a time. Idle expiry, passivation and a call starting all take
+//! the entry's lock, so a session never expires or leaves memory under a call that began.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use switchyard_core::{ContextMessage, Limits, Message, Session, SessionId, Slot, UserId, slot_of};
-use switchyard_store::SessionStore;
+use switchyard_store::{Fence, SessionStore, StoreError};
 
-use crate::error::Result;
+use crate::error::{Result, WorkerError};
+use crate::placement::PlacementView;
 
 /// A session this worker has in memory.
 pub struct HotSession {
@@ -27,7 +29,16 @@ struct Activity {
     in_flight: u32,
     last_activity_at: SystemTime,
     message_count: u64,
-    ended: bool,
+    state: EntryState,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum EntryState {
+    Live,
+    /// Left memory; the session lives on in the store. A call holding this entry reloads.
+    Passivated,
+    /// Ended, evicted or expired: gone from the store too.
+    Ended,
 }
 
 impl HotSession {
@@ -44,7 +55,7 @@ impl HotSession {
                 in_flight: 0,
                 last_activity_at,
                 message_count,
-                ended: false,
+                state: EntryState::Live,
             }),
             turn: tokio::sync::Mutex::new(()),
         }
@@ -69,7 +80,7 @@ impl HotSession {
     }
 }
 
-/// A call in progress on a session. The session cannot expire while one exists.
+/// A call in progress on a session. The session cannot expire or leave memory while one exists.
 pub struct SessionCall {
     pub session: Arc<HotSession>,
 }
@@ -84,6 +95,7 @@ impl Drop for SessionCall {
 
 pub struct SessionManager {
     store: Arc<dyn SessionStore>,
+    placement: Arc<PlacementView>,
     limits: Limits,
     slot_count: u32,
     hot: Mutex<HashMap<SessionId, Arc<HotSession>>>,
@@ -92,9 +104,15 @@ pub struct SessionManager {
 }
 
 impl SessionManager {
-    pub fn new(store: Arc<dyn SessionStore>, limits: Limits, slot_count: u32) -> Self {
+    pub fn new(
+        store: Arc<dyn SessionStore>,
+        placement: Arc<PlacementView>,
+        limits: Limits,
+        slot_count: u32,
+    ) -> Self {
         SessionManager {
             store,
+            placement,
             limits,
             slot_count,
             hot: Mutex::new(HashMap::new()),
@@ -106,10 +124,6 @@ impl SessionManager {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
-    }
-
-    pub fn store(&self) -> &Arc<dyn SessionStore> {
-        &self.store
     }
 
     fn hot(&self) -> MutexGuard<'_, HashMap<SessionId, Arc<HotSession>>> {
@@ -126,6 +140,25 @@ impl SessionManager {
         slot_of(user_id.as_str(), self.slot_count)
     }
 
+    fn fence(&self, slot: Slot) -> Result<Fence> {
+        self.placement
+            .fence(slot)
+            .ok_or(WorkerError::LeaseNotHeld(slot))
+    }
+
+    /// A write refused by its fence means another worker took the slot: stop serving it.
+    fn store_error(&self, slot: Slot, error: StoreError) -> WorkerError {
+        if let StoreError::Fenced { .. } = error {
+            tracing::warn!(
+                slot,
+                "slot lease was taken by another worker; dropping the slot"
+            );
+            self.placement.remove_fences(&[slot]);
+            self.hot().retain(|_, session| session.slot != slot);
+        }
+        error.into()
+    }
+
     /// Creates a session, first ending the user's oldest sessions if it is at its limit.
     /// Returns the new session and the ids of the sessions it evicted.
     pub async fn create(
@@ -136,12 +169,13 @@ impl SessionManager {
         self.limits.validate_metadata(&metadata)?;
         let slot = self.slot_of(&user_id);
         let _creating = self.slot_locks[slot as usize].lock().await;
+        let fence = self.fence(slot)?;
 
         let existing = self.store.list_user_sessions(&user_id).await?;
         let excess = self.limits.evictions_before_create(existing.len());
         let mut evicted = Vec::with_capacity(excess);
         for victim in existing.iter().take(excess) {
-            if self.end(victim.id).await? {
+            if self.end(victim.id, slot).await? {
                 tracing::info!(session_id = %victim.id, user_id = %user_id, "session evicted by the per-user limit");
                 evicted.push(victim.id);
             }
@@ -157,37 +191,47 @@ impl SessionManager {
             metadata,
             message_count: 0,
         };
-        self.store.create_session(&session).await?;
+        self.store
+            .create_session(&fence, &session)
+            .await
+            .map_err(|error| self.store_error(slot, error))?;
         self.hot().insert(session.id, Arc::new(hot_entry(&session)));
         tracing::debug!(session_id = %session.id, user_id = %session.user_id, "session created");
         Ok((session, evicted))
     }
 
-    /// Starts a call on a session, loading it from the store if it is not hot.
+    /// Starts a call on a session, loading it from the store if it is not in memory.
     pub async fn begin(&self, session_id: SessionId) -> Result<SessionCall> {
-        let cached = self.hot().get(&session_id).cloned();
-        let session = match cached {
-            Some(session) => session,
-            None => {
-                let stored = self
-                    .store
-                    .get_session(session_id)
-                    .await?
-                    .ok_or(switchyard_core::Error::SessionNotFound(session_id))?;
-                self.hot()
-                    .entry(session_id)
-                    .or_insert_with(|| Arc::new(hot_entry(&stored)))
-                    .clone()
+        loop {
+            let cached = self.hot().get(&session_id).cloned();
+            let session = match cached {
+                Some(session) => session,
+                None => {
+                    let stored = self
+                        .store
+                        .get_session(session_id)
+                        .await?
+                        .ok_or(switchyard_core::Error::SessionNotFound(session_id))?;
+                    self.hot()
+                        .entry(session_id)
+                        .or_insert_with(|| Arc::new(hot_entry(&stored)))
+                        .clone()
+                }
+            };
+            let mut activity = session.activity();
+            match activity.state {
+                EntryState::Ended => {
+                    return Err(switchyard_core::Error::SessionNotFound(session_id).into());
+                }
+                // It left memory between the lookup and now: look it up again.
+                EntryState::Passivated => continue,
+                EntryState::Live => {}
             }
-        };
-        let mut activity = session.activity();
-        if activity.ended {
-            return Err(switchyard_core::Error::SessionNotFound(session_id).into());
+            activity.in_flight += 1;
+            activity.last_activity_at = SystemTime::now();
+            drop(activity);
+            return Ok(SessionCall { session });
         }
-        activity.in_flight += 1;
-        activity.last_activity_at = SystemTime::now();
-        drop(activity);
-        Ok(SessionCall { session })
     }
 
     /// The session as stored, with this worker's view of its activity.
@@ -216,32 +260,35 @@ impl SessionManager {
         Ok(sessions)
     }
 
-    /// Ends a session and deletes everything it held; false when it had already ended.
-    pub async fn end(&self, session_id: SessionId) -> Result<bool> {
-        let tombstone = {
+    /// Ends a session of `slot` and deletes everything it held; false when it had already ended.
+    pub async fn end(&self, session_id: SessionId, slot: Slot) -> Result<bool> {
+        let fence = self.fence(slot)?;
+        {
             let mut hot = self.hot();
             // An entry that is not hot still gets one, marked ended, so that a call loading
-            // the session concurrently finds it ended rather than resurrecting it.
-            let entry = hot
-                .entry(session_id)
-                .or_insert_with(|| Arc::new(HotSession::new(session_id, 0, SystemTime::now(), 0)));
-            entry.activity().ended = true;
-            entry.clone()
-        };
-        let deleted = self.store.delete_session(session_id).await;
-        self.hot().remove(&tombstone.session_id);
-        Ok(deleted?)
+            // the session concurrently finds it ended rather than bringing it back.
+            let entry = hot.entry(session_id).or_insert_with(|| {
+                Arc::new(HotSession::new(session_id, slot, SystemTime::now(), 0))
+            });
+            entry.activity().state = EntryState::Ended;
+        }
+        let deleted = self.store.delete_session(&fence, session_id).await;
+        self.hot().remove(&session_id);
+        deleted.map_err(|error| self.store_error(slot, error))
     }
 
     /// Appends messages to a session's context and returns the last seq.
     pub async fn append(&self, call: &SessionCall, messages: &[Message]) -> Result<u64> {
+        let slot = call.session.slot;
         let current = call.session.message_count();
         self.limits
             .check_context_room(current, messages.len() as u64)?;
+        let fence = self.fence(slot)?;
         let last_seq = self
             .store
-            .append_messages(call.session.session_id, messages, SystemTime::now())
-            .await?;
+            .append_messages(&fence, call.session.session_id, messages, SystemTime::now())
+            .await
+            .map_err(|error| self.store_error(slot, error))?;
         let mut activity = call.session.activity();
         activity.message_count = activity.message_count.max(last_seq);
         Ok(last_seq)
@@ -259,30 +306,42 @@ impl SessionManager {
             .await?)
     }
 
-    /// Ends sessions idle for longer than the idle timeout, in the slots this worker owns.
+    /// Ends sessions idle for longer than the idle timeout in the slots this worker holds,
+    /// and passivates hot ones idle for longer than `passivate_after`.
     pub async fn expire_idle(&self, owned_slots: &[Slot]) -> Result<usize> {
-        let cutoff = SystemTime::now()
+        let now = SystemTime::now();
+        let expiry_cutoff = now
             .checked_sub(self.limits.idle_timeout)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let passivation_cutoff = now
+            .checked_sub(self.limits.passivate_after)
             .unwrap_or(SystemTime::UNIX_EPOCH);
         let mut expired = 0;
 
+        // Idle long enough for at least one of the two.
+        let candidate_cutoff = expiry_cutoff.max(passivation_cutoff);
         let idle_hot: Vec<Arc<HotSession>> = self
             .hot()
             .values()
             .filter(|session| {
                 let activity = session.activity();
-                activity.in_flight == 0 && activity.last_activity_at < cutoff
+                activity.in_flight == 0 && activity.last_activity_at < candidate_cutoff
             })
             .cloned()
             .collect();
         for session in idle_hot {
-            if self.expire_if_idle(&session, cutoff).await? {
+            if self.expire_if_idle(&session, expiry_cutoff).await? {
                 expired += 1;
+            } else {
+                self.passivate_if_idle(&session, passivation_cutoff).await;
             }
         }
 
-        // Sessions this worker never loaded (created before a slot moved here, say).
-        let idle_cold = self.store.idle_sessions(owned_slots, cutoff, 1000).await?;
+        // Sessions not in memory: passivated, or never loaded since their slot came here.
+        let idle_cold = self
+            .store
+            .idle_sessions(owned_slots, expiry_cutoff, 1000)
+            .await?;
         for idle in idle_cold {
             let entry = {
                 let mut hot = self.hot();
@@ -298,7 +357,20 @@ impl SessionManager {
                 hot.insert(idle.id, entry.clone());
                 entry
             };
-            if self.expire_if_idle(&entry, cutoff).await? {
+            let outcome = self.expire_if_idle(&entry, expiry_cutoff).await;
+            // Not expired after all (a call came in, or the lease is gone): forget the entry.
+            {
+                let mut hot = self.hot();
+                if hot
+                    .get(&idle.id)
+                    .is_some_and(|current| Arc::ptr_eq(current, &entry))
+                    && entry.activity().in_flight == 0
+                {
+                    entry.activity().state = EntryState::Passivated;
+                    hot.remove(&idle.id);
+                }
+            }
+            if outcome? {
                 expired += 1;
             }
         }
@@ -306,45 +378,90 @@ impl SessionManager {
     }
 
     async fn expire_if_idle(&self, session: &Arc<HotSession>, cutoff: SystemTime) -> Result<bool> {
+        let Some(fence) = self.placement.fence(session.slot) else {
+            return Ok(false);
+        };
         {
             let mut activity = session.activity();
-            if activity.ended || activity.in_flight > 0 || activity.last_activity_at >= cutoff {
+            if activity.state != EntryState::Live
+                || activity.in_flight > 0
+                || activity.last_activity_at >= cutoff
+            {
                 return Ok(false);
             }
             // From here on a call that tries to begin sees the session as ended.
-            activity.ended = true;
+            activity.state = EntryState::Ended;
         }
-        let deleted = self.store.delete_session(session.session_id).await;
+        let deleted = self.store.delete_session(&fence, session.session_id).await;
         self.hot().remove(&session.session_id);
-        let deleted = deleted?;
+        let deleted = deleted.map_err(|error| self.store_error(session.slot, error))?;
         if deleted {
             tracing::info!(session_id = %session.session_id, "idle session expired");
         }
         Ok(deleted)
     }
 
-    /// Forgets hot sessions of slots this worker no longer owns, saving their activity.
+    /// Drops a session from memory, keeping its activity time in the store.
+    async fn passivate_if_idle(&self, session: &Arc<HotSession>, cutoff: SystemTime) {
+        let last_activity_at = {
+            let mut hot = self.hot();
+            let mut activity = session.activity();
+            if activity.state != EntryState::Live
+                || activity.in_flight > 0
+                || activity.last_activity_at >= cutoff
+            {
+                return;
+            }
+            activity.state = EntryState::Passivated;
+            hot.remove(&session.session_id);
+            activity.last_activity_at
+        };
+        self.save_activity(session, last_activity_at).await;
+    }
+
+    async fn save_activity(&self, session: &HotSession, at: SystemTime) {
+        let Some(fence) = self.placement.fence(session.slot) else {
+            return;
+        };
+        if let Err(error) = self
+            .store
+            .touch_session(&fence, session.session_id, at)
+            .await
+        {
+            tracing::debug!(session_id = %session.session_id, %error, "activity not saved");
+        }
+    }
+
+    /// Forgets hot sessions of slots this worker no longer owns, saving their activity
+    /// while its fences still hold.
     pub async fn release_slots(&self, still_owned: impl Fn(Slot) -> bool) {
-        let released: Vec<Arc<HotSession>> = {
+        let released: Vec<(Arc<HotSession>, SystemTime)> = {
             let mut hot = self.hot();
             let ids: Vec<SessionId> = hot
                 .values()
                 .filter(|session| !still_owned(session.slot))
                 .map(|session| session.session_id)
                 .collect();
-            ids.iter().filter_map(|id| hot.remove(id)).collect()
+            ids.iter()
+                .filter_map(|id| hot.remove(id))
+                .map(|session| {
+                    let mut activity = session.activity();
+                    activity.state = EntryState::Passivated;
+                    let at = activity.last_activity_at;
+                    drop(activity);
+                    (session, at)
+                })
+                .collect()
         };
-        for session in released {
-            let at = session.last_activity_at();
-            if let Err(error) = self.store.touch_session(session.session_id, at).await {
-                tracing::debug!(session_id = %session.session_id, %error, "activity not saved on slot release");
-            }
+        for (session, at) in released {
+            self.save_activity(&session, at).await;
         }
     }
 
-    /// How often the idle reaper should run for this timeout.
+    /// How often the idle reaper should run for these timeouts.
     pub fn reap_interval(&self) -> Duration {
-        (self.limits.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
+        (self.limits.idle_timeout.min(self.limits.passivate_after) / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(5))
     }
 }
 

@@ -80,7 +80,10 @@ async fn run_lane(
             Err(error) => (requests.iter().map(|_| Err(error.clone())).collect(), false),
         };
         if !committed {
-            tracing::warn!(appends = requests.len(), "append batch failed; nothing in it was committed");
+            tracing::warn!(
+                appends = requests.len(),
+                "append batch failed; nothing in it was committed"
+            );
         }
         for (request, outcome) in requests.into_iter().zip(outcomes) {
             // A caller that went away no longer needs its answer.
@@ -197,7 +200,10 @@ async fn insert_messages(
                 .bind(message.name.clone())
                 .bind(micros(request.at));
         }
-        query.execute(&mut **transaction).await.map_err(unavailable)?;
+        query
+            .execute(&mut **transaction)
+            .await
+            .map_err(unavailable)?;
     }
     Ok(())
 }

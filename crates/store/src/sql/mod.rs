@@ -207,10 +207,24 @@ async fn migrate(pool: &AnyPool, backend: Backend) -> Result<()> {
         migrations: Cow::Owned(migrations),
         ..Migrator::DEFAULT
     };
-    migrator
-        .run(pool)
-        .await
-        .map_err(|error| StoreError::Unavailable(format!("store migration failed: {error}")))
+    let failed = |error: sqlx::migrate::MigrateError| {
+        StoreError::Unavailable(format!("store migration failed: {error}"))
+    };
+    match backend {
+        // PostgreSQL: the migrator takes an advisory lock, so nodes starting together
+        // migrate one at a time.
+        Backend::Postgres => migrator.run(pool).await.map_err(failed),
+        // SQLite has no such lock: hold the write lock around the whole migration instead,
+        // so processes sharing one file do not race (each migration runs as a savepoint).
+        Backend::Sqlite => {
+            let mut transaction = pool
+                .begin_with("BEGIN IMMEDIATE")
+                .await
+                .map_err(unavailable)?;
+            migrator.run(&mut *transaction).await.map_err(failed)?;
+            transaction.commit().await.map_err(unavailable)
+        }
+    }
 }
 
 async fn ensure_cluster_id(pool: &AnyPool) -> Result<String> {
@@ -479,7 +493,9 @@ impl SessionStore for SqlStore {
             return Ok(Vec::new());
         }
         // Placeholders only; every value is bound.
-        let slot_list: Vec<String> = (0..slots.len()).map(|index| format!("${}", index + 3)).collect();
+        let slot_list: Vec<String> = (0..slots.len())
+            .map(|index| format!("${}", index + 3))
+            .collect();
         let sql = format!(
             "SELECT session_id, slot, last_activity_us FROM sessions \
              WHERE last_activity_us < $1 AND slot IN ({}) ORDER BY last_activity_us LIMIT $2",
