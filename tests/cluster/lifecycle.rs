@@ -197,3 +197,68 @@ async fn get_session_reports_counts_metadata_and_placement() {
     assert!(fetched.last_activity_at.unwrap().seconds >= fetched.created_at.unwrap().seconds);
     sandbox.stop().await;
 }
+
+#[tokio::test]
+async fn idle_sessions_leave_memory_and_come_back_on_their_next_call() {
+    let sandbox = Sandbox::start_with(SandboxOptions {
+        workers: 1,
+        limits: Limits {
+            passivate_after: Duration::from_millis(1500),
+            ..Limits::default()
+        },
+    })
+    .await;
+    let client = sandbox.client().await;
+    let mut sessions = Vec::new();
+    for index in 0..5 {
+        let session = create(&client, &format!("sleeper-{index}")).await;
+        client
+            .append_context(
+                &session.session_id,
+                vec![text("user", &format!("kept {index}"))],
+            )
+            .await
+            .unwrap();
+        sessions.push(session);
+    }
+    let admin = sandbox.admin().await;
+    // Heartbeats report the sessions each worker holds in memory.
+    let in_memory = |expected: u64| {
+        let admin = admin.clone();
+        move || {
+            let mut admin = admin.clone();
+            async move {
+                let status = admin
+                    .cluster_status(switchyard::pb::ClusterStatusRequest {})
+                    .await
+                    .ok()?
+                    .into_inner();
+                (status.session_count == expected).then_some(())
+            }
+        }
+    };
+    let wait = crate::sandbox::wait_for;
+    wait(
+        "the sessions to be in memory",
+        Duration::from_secs(5),
+        in_memory(5),
+    )
+    .await;
+    wait(
+        "every session to leave memory",
+        Duration::from_secs(10),
+        in_memory(0),
+    )
+    .await;
+    for (index, session) in sessions.iter().enumerate() {
+        let context = client.get_context(&session.session_id, 0, 0).await.unwrap();
+        assert_eq!(context[0].content, format!("kept {index}"));
+    }
+    wait(
+        "the sessions to be back in memory",
+        Duration::from_secs(5),
+        in_memory(5),
+    )
+    .await;
+    sandbox.stop().await;
+}
