@@ -177,6 +177,12 @@ impl Limits {
         }
         for (index, message) in messages.iter().enumerate() {
             self.validate_content(&message.content, &format!("{field}[{index}].content"))?;
+            if message.name.chars().any(char::is_control) {
+                return Err(Error::invalid(
+                    format!("{field}[{index}].name"),
+                    "must not contain control characters",
+                ));
+            }
             if message.name.len() > self.max_name_bytes {
                 return Err(Error::invalid(
                     format!("{field}[{index}].name"),
@@ -188,6 +194,11 @@ impl Limits {
     }
 
     pub fn validate_content(&self, content: &str, field: &str) -> Result<(), Error> {
+        // PostgreSQL text cannot hold NUL; refusing it here keeps one such message from
+        // failing a whole group-committed batch.
+        if content.contains('\0') {
+            return Err(Error::invalid(field, "must not contain NUL characters"));
+        }
         if content.len() > self.max_message_bytes {
             return Err(Error::invalid(
                 field,
@@ -204,6 +215,12 @@ impl Limits {
     pub fn validate_agent_type(&self, agent_type: &str) -> Result<(), Error> {
         if agent_type.is_empty() {
             return Err(Error::invalid("agent_type", "must not be empty"));
+        }
+        if agent_type.chars().any(char::is_control) {
+            return Err(Error::invalid(
+                "agent_type",
+                "must not contain control characters",
+            ));
         }
         if agent_type.len() > self.max_agent_type_bytes {
             return Err(Error::invalid(

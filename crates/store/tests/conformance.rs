@@ -328,6 +328,45 @@ async fn users_are_listed_oldest_first(store: Arc<dyn SessionStore>) {
     );
 }
 
+async fn awkward_content_round_trips(store: Arc<dyn SessionStore>) {
+    let fence = own_slot(&*store).await;
+    let session = session("ünïcödé \"quoted\" user");
+    store.create_session(&fence, &session).await.unwrap();
+    let contents = [
+        "",
+        "quotes \" and ' and backslash \\ and $1 and ?",
+        "{\"s\": \"not json to the store\", \"q\": 1}",
+        "emoji 🚂 and 中文 and RTL עברית",
+        "line\nbreaks\r\nand\ttabs",
+        &"long ".repeat(10_000),
+    ];
+    let messages: Vec<Message> = contents
+        .iter()
+        .map(|content| Message {
+            role: Role::Tool,
+            content: content.to_string(),
+            name: "tool \"x\"".into(),
+        })
+        .collect();
+    store
+        .append_messages(&fence, session.id, &messages, SystemTime::now())
+        .await
+        .unwrap();
+    let stored = store.read_context(session.id, 0, 0).await.unwrap();
+    let round_tripped: Vec<&str> = stored
+        .iter()
+        .map(|message| message.content.as_str())
+        .collect();
+    assert_eq!(round_tripped, contents);
+    assert!(
+        stored
+            .iter()
+            .all(|message| message.name == "tool \"x\"" && message.role == Role::Tool)
+    );
+    let listed = store.list_user_sessions(&session.user_id).await.unwrap();
+    assert_eq!(listed[0].user_id, session.user_id);
+}
+
 macro_rules! conformance {
     ($($scenario:ident),* $(,)?) => {
         mod memory {
@@ -357,6 +396,7 @@ conformance!(
     a_stale_owner_cannot_write,
     concurrent_appends_are_all_kept_once,
     users_are_listed_oldest_first,
+    awkward_content_round_trips,
 );
 
 fn temp_dir(test: &str) -> PathBuf {

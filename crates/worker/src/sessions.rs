@@ -374,6 +374,7 @@ impl SessionManager {
                 expired += 1;
             }
         }
+        self.shrink();
         Ok(expired)
     }
 
@@ -455,6 +456,25 @@ impl SessionManager {
         };
         for (session, at) in released {
             self.save_activity(&session, at).await;
+        }
+    }
+
+    /// Passivates every hot session with no call in progress (used on shutdown and by the
+    /// memory benchmark).
+    pub async fn passivate_all(&self) {
+        let all: Vec<Arc<HotSession>> = self.hot().values().cloned().collect();
+        let now = SystemTime::now() + Duration::from_secs(1);
+        for session in all {
+            self.passivate_if_idle(&session, now).await;
+        }
+        self.shrink();
+    }
+
+    /// Gives back the memory of a map that emptied out, so passivation frees what it should.
+    fn shrink(&self) {
+        let mut hot = self.hot();
+        if hot.capacity() > 64 && hot.len() < hot.capacity() / 4 {
+            hot.shrink_to_fit();
         }
     }
 

@@ -12,8 +12,6 @@ use crate::{Fence, Result, StoreError};
 
 /// Queued appends per lane before callers wait for room.
 const QUEUE_DEPTH: usize = 4096;
-/// Messages per multi-row INSERT: 6 parameters each stays under SQLite's 32766.
-const MESSAGES_PER_INSERT: usize = 1000;
 
 struct AppendRequest {
     fence: Fence,
@@ -149,61 +147,47 @@ async fn commit_batch(
         }
     }
 
-    insert_messages(&mut transaction, &rows).await?;
+    insert_messages(&mut transaction, backend, &rows).await?;
     transaction.commit().await.map_err(unavailable)?;
     Ok(outcomes)
 }
 
-/// Inserts the messages of every accepted request, numbered up to its `last_seq`.
+/// Inserts the messages of every accepted request, numbered up to its `last_seq`, with one
+/// statement whose text never changes (the rows travel as one JSON parameter).
 async fn insert_messages(
     transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    backend: Backend,
     rows: &[(&AppendRequest, u64)],
 ) -> Result<()> {
-    let all: Vec<(&AppendRequest, u64, &Message)> = rows
-        .iter()
-        .flat_map(|(request, last_seq)| {
-            let first_seq = last_seq + 1 - request.messages.len() as u64;
-            request
-                .messages
-                .iter()
-                .enumerate()
-                .map(move |(offset, message)| (*request, first_seq + offset as u64, message))
-        })
-        .collect();
-    for chunk in all.chunks(MESSAGES_PER_INSERT) {
-        // Placeholders only; every value is bound.
-        let values: Vec<String> = (0..chunk.len())
-            .map(|row| {
-                let base = row * 6;
-                format!(
-                    "(${}, ${}, ${}, ${}, ${}, ${})",
-                    base + 1,
-                    base + 2,
-                    base + 3,
-                    base + 4,
-                    base + 5,
-                    base + 6
-                )
-            })
-            .collect();
-        let sql = format!(
-            "INSERT INTO messages (session_id, seq, role, content, name, created_at_us) VALUES {}",
-            values.join(", ")
-        );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for (request, seq, message) in chunk {
-            query = query
-                .bind(request.session_id.as_bytes().to_vec())
-                .bind(i64::try_from(*seq).unwrap_or(i64::MAX))
-                .bind(message.role.as_str().to_string())
-                .bind(message.content.clone())
-                .bind(message.name.clone())
-                .bind(micros(request.at));
-        }
-        query
-            .execute(&mut **transaction)
-            .await
-            .map_err(unavailable)?;
+    if rows.is_empty() {
+        return Ok(());
     }
+    let mut messages = Vec::new();
+    for (request, last_seq) in rows {
+        let session_hex: String = request
+            .session_id
+            .as_bytes()
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        let first_seq = last_seq + 1 - request.messages.len() as u64;
+        for (offset, message) in request.messages.iter().enumerate() {
+            messages.push(serde_json::json!({
+                "s": session_hex,
+                "q": first_seq + offset as u64,
+                "r": message.role.as_str(),
+                "c": message.content,
+                "n": message.name,
+                "t": micros(request.at),
+            }));
+        }
+    }
+    let messages = serde_json::to_string(&messages)
+        .map_err(|error| StoreError::Corrupt(format!("messages do not encode: {error}")))?;
+    sqlx::query(backend.insert_messages_query())
+        .bind(messages)
+        .execute(&mut **transaction)
+        .await
+        .map_err(unavailable)?;
     Ok(())
 }

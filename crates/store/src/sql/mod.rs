@@ -53,6 +53,43 @@ impl Backend {
         }
     }
 
+    /// Idle sessions in a set of slots, given as a JSON array in `$3`. A JSON parameter
+    /// keeps the statement text constant whatever the number of slots.
+    fn idle_sessions_query(self) -> &'static str {
+        match self {
+            Backend::Sqlite => {
+                "SELECT session_id, slot, last_activity_us FROM sessions \
+                 WHERE last_activity_us < $1 AND slot IN (SELECT value FROM json_each($3)) \
+                 ORDER BY last_activity_us LIMIT $2"
+            }
+            Backend::Postgres => {
+                "SELECT session_id, slot, last_activity_us FROM sessions \
+                 WHERE last_activity_us < $1 \
+                   AND slot IN (SELECT value::bigint FROM json_array_elements_text($3::json)) \
+                 ORDER BY last_activity_us LIMIT $2"
+            }
+        }
+    }
+
+    /// Inserts many messages from one JSON array in `$1` of objects with the session id
+    /// in hex (`s`), seq (`q`), role (`r`), content (`c`), name (`n`) and time (`t`).
+    fn insert_messages_query(self) -> &'static str {
+        match self {
+            Backend::Sqlite => {
+                "INSERT INTO messages (session_id, seq, role, content, name, created_at_us) \
+                 SELECT unhex(json_extract(value, '$.s')), json_extract(value, '$.q'), \
+                        json_extract(value, '$.r'), json_extract(value, '$.c'), \
+                        json_extract(value, '$.n'), json_extract(value, '$.t') \
+                 FROM json_each($1)"
+            }
+            Backend::Postgres => {
+                "INSERT INTO messages (session_id, seq, role, content, name, created_at_us) \
+                 SELECT decode(m.s, 'hex'), m.q, m.r, m.c, m.n, m.t \
+                 FROM json_to_recordset($1::json) AS m(s text, q bigint, r text, c text, n text, t bigint)"
+            }
+        }
+    }
+
     fn migrations(self) -> &'static [(&'static str, &'static str)] {
         match self {
             Backend::Sqlite => &[(
@@ -298,8 +335,14 @@ fn message_from_row(row: &AnyRow) -> Result<ContextMessage> {
     })
 }
 
-const SESSION_COLUMNS: &str =
-    "session_id, user_id, slot, created_at_us, last_activity_us, metadata, message_count";
+/// The columns `session_from_row` reads, as a macro so queries stay `&'static str`:
+/// sqlx keeps a statement per distinct query string, so SQL is never built at run time
+/// where a constant will do.
+macro_rules! session_columns {
+    () => {
+        "session_id, user_id, slot, created_at_us, last_activity_us, metadata, message_count"
+    };
+}
 
 #[async_trait]
 impl SessionStore for SqlStore {
@@ -374,9 +417,11 @@ impl SessionStore for SqlStore {
     }
 
     async fn get_session(&self, session_id: SessionId) -> Result<Option<Session>> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {SESSION_COLUMNS} FROM sessions WHERE session_id = $1"
-        )))
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            session_columns!(),
+            " FROM sessions WHERE session_id = $1"
+        ))
         .bind(session_id.as_bytes().to_vec())
         .fetch_optional(&self.pool)
         .await
@@ -385,9 +430,11 @@ impl SessionStore for SqlStore {
     }
 
     async fn list_user_sessions(&self, user_id: &UserId) -> Result<Vec<Session>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {SESSION_COLUMNS} FROM sessions WHERE user_id = $1 ORDER BY created_at_us, session_id"
-        )))
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            session_columns!(),
+            " FROM sessions WHERE user_id = $1 ORDER BY created_at_us, session_id"
+        ))
         .bind(user_id.as_str().to_string())
         .fetch_all(&self.pool)
         .await
@@ -492,21 +539,12 @@ impl SessionStore for SqlStore {
         if slots.is_empty() || limit == 0 {
             return Ok(Vec::new());
         }
-        // Placeholders only; every value is bound.
-        let slot_list: Vec<String> = (0..slots.len())
-            .map(|index| format!("${}", index + 3))
-            .collect();
-        let sql = format!(
-            "SELECT session_id, slot, last_activity_us FROM sessions \
-             WHERE last_activity_us < $1 AND slot IN ({}) ORDER BY last_activity_us LIMIT $2",
-            slot_list.join(", ")
-        );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let slots = serde_json::to_string(slots)
+            .map_err(|error| corrupt(format!("slots do not encode: {error}")))?;
+        let query = sqlx::query(self.backend.idle_sessions_query())
             .bind(micros(before))
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX));
-        for &slot in slots {
-            query = query.bind(i64::from(slot));
-        }
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(slots);
         let rows = query.fetch_all(&self.pool).await.map_err(unavailable)?;
         rows.iter()
             .map(|row| {
