@@ -8,6 +8,7 @@ const PROTO_FILES: &[&str] = &[
     "proto/switchyard/v1/session.proto",
     "proto/switchyard/v1/admin.proto",
     "proto/switchyard/v1/membership.proto",
+    "proto/switchyard/bench/v1/echo.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -28,6 +28,12 @@ pub mod pb {
     tonic::include_proto!("switchyard.v1");
 }
 
+/// The echo service `switchyard bench` measures its baseline with.
+pub mod bench_pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("switchyard.bench.v1");
+}
+
 /// The encoded file descriptor set of every `switchyard.v1` proto file and its imports,
 /// served by server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("switchyard_descriptor");

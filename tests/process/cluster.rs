@@ -107,6 +107,10 @@ async fn separate_processes_serve_fail_over_and_stop_cleanly() {
         let worker_address = &workers_listed[0].address;
         let listed = run_grpcurl(grpcurl, &["-plaintext", worker_address, "list"]);
         assert!(listed.contains("switchyard.v1.SessionService"), "{listed}");
+        assert!(
+            !listed.contains("AdminService"),
+            "a worker lists what only the coordinator serves: {listed}"
+        );
         let described = run_grpcurl(
             grpcurl,
             &[
