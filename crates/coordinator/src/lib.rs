@@ -3,6 +3,7 @@
 mod admin;
 mod error;
 mod membership;
+mod raw;
 mod router;
 
 use std::net::SocketAddr;
@@ -11,7 +12,6 @@ use std::time::Duration;
 
 use switchyard::pb::admin_service_server::AdminServiceServer;
 use switchyard::pb::membership_service_server::MembershipServiceServer;
-use switchyard::pb::session_service_server::SessionServiceServer;
 use switchyard_core::{DEFAULT_SLOT_COUNT, Epoch, TokenKey};
 use switchyard_server::GrpcServer;
 use tokio::net::TcpListener;
@@ -23,7 +23,7 @@ pub use membership::{Membership, MembershipConfig, RoutingTable, WorkerRecord, W
 
 use crate::admin::Admin;
 use crate::membership::MembershipGrpc;
-use crate::router::Router;
+use crate::router::{Router, SessionProxy};
 
 #[derive(Clone, Debug)]
 pub struct CoordinatorConfig {
@@ -92,7 +92,7 @@ pub fn start(
         epoch_floor: config.epoch_floor,
     }));
     let server = GrpcServer::new()
-        .add_service(SessionServiceServer::new(Router::new(
+        .add_service(SessionProxy::new(Router::new(
             membership.clone(),
             config.token_key.clone(),
         )))

@@ -1,30 +1,102 @@
 //! `SessionService` on the coordinator: authenticate, find the slot's owner, forward.
+//!
+//! The coordinator is a proxy. It reads from each request only its first field (the user
+//! id or the session id: every SessionService request starts with it), verifies the token,
+//! and forwards the request's bytes untouched; replies and streams come back the same way.
+//! Nothing is decoded and re-encoded on the way, and fields newer than this coordinator pass
+//! through intact.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::convert::Infallible;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use http::uri::PathAndQuery;
+use prost::Message as _;
 use switchyard::auth::verify_session_token;
 use switchyard::metadata::{KNOWN_EPOCH, PLACEMENT_EPOCH, SESSION_TOKEN, deadline_of};
-use switchyard::pb;
-use switchyard::pb::session_service_client::SessionServiceClient;
-use switchyard::pb::session_service_server::SessionService;
 use switchyard_core::{SessionId, Slot, TokenKey, UserId, WorkerId, slot_of};
+use tonic::body::Body;
+use tonic::codegen::BoxFuture;
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
+use tonic::server::{Grpc, NamedService, ServerStreamingService, UnaryService};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::error::CoordinatorError;
 use crate::membership::Membership;
+use crate::raw::{RawCodec, RawMessage};
 
 /// Bound on opening a connection to a worker.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How a method's first field routes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Key {
+    /// `user_id`: the user's slot.
+    User,
+    /// `session_id`: the slot of the user the session token names.
+    Session,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Method {
+    path: &'static str,
+    key: Key,
+    streaming: bool,
+}
+
+const METHODS: [Method; 7] = [
+    Method {
+        path: "/switchyard.v1.SessionService/CreateSession",
+        key: Key::User,
+        streaming: false,
+    },
+    Method {
+        path: "/switchyard.v1.SessionService/GetSession",
+        key: Key::Session,
+        streaming: false,
+    },
+    Method {
+        path: "/switchyard.v1.SessionService/ListSessions",
+        key: Key::User,
+        streaming: false,
+    },
+    Method {
+        path: "/switchyard.v1.SessionService/EndSession",
+        key: Key::Session,
+        streaming: false,
+    },
+    Method {
+        path: "/switchyard.v1.SessionService/AppendContext",
+        key: Key::Session,
+        streaming: false,
+    },
+    Method {
+        path: "/switchyard.v1.SessionService/GetContext",
+        key: Key::Session,
+        streaming: false,
+    },
+    Method {
+        path: "/switchyard.v1.SessionService/SendMessage",
+        key: Key::Session,
+        streaming: true,
+    },
+];
+
+/// The first field of every SessionService request, read without decoding the rest.
+#[derive(Clone, PartialEq, prost::Message)]
+struct FirstField {
+    #[prost(string, tag = "1")]
+    value: String,
+}
+
 pub struct Router {
     membership: Arc<Membership>,
     token_key: TokenKey,
-    clients: Mutex<HashMap<WorkerId, (String, SessionServiceClient<Channel>)>>,
+    /// Read on every call, written only when a worker appears or moves.
+    channels: RwLock<HashMap<WorkerId, (String, Channel)>>,
 }
 
 /// What every forwarded call carries besides its message.
@@ -39,51 +111,56 @@ impl Router {
         Router {
             membership,
             token_key,
-            clients: Mutex::new(HashMap::new()),
+            channels: RwLock::new(HashMap::new()),
         }
     }
 
-    fn slot_of(&self, user_id: &UserId) -> Slot {
-        slot_of(user_id.as_str(), self.membership.config().slot_count)
-    }
-
-    /// For calls that carry a user id.
-    fn for_user(&self, user_id: String, metadata: &MetadataMap) -> Result<Forwarding, Status> {
-        let user_id = UserId::parse(user_id).map_err(CoordinatorError::from)?;
-        Ok(Forwarding {
-            slot: self.slot_of(&user_id),
-            token: None,
-            deadline: deadline_of(metadata),
-        })
-    }
-
-    /// For calls that name a session: the verified token gives the user, hence the slot.
-    fn for_session(&self, session_id: &str, metadata: &MetadataMap) -> Result<Forwarding, Status> {
-        let session_id = SessionId::parse(session_id).map_err(CoordinatorError::from)?;
-        let claims = verify_session_token(&self.token_key, metadata, session_id)
-            .map_err(CoordinatorError::from)?;
-        Ok(Forwarding {
-            slot: self.slot_of(&claims.user_id),
-            token: metadata.get(SESSION_TOKEN).cloned(),
-            deadline: deadline_of(metadata),
-        })
-    }
-
-    fn client(
+    /// Authenticates a request and works out where it goes.
+    fn route(
         &self,
-        worker_id: &WorkerId,
-        address: &str,
-    ) -> Result<SessionServiceClient<Channel>, Status> {
-        let mut clients = self
-            .clients
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some((known_address, client)) = clients.get(worker_id)
-            && known_address == address
-        {
-            return Ok(client.clone());
+        method: Method,
+        metadata: &MetadataMap,
+        message: &RawMessage,
+    ) -> Result<Forwarding, Status> {
+        let first = FirstField::decode(message.0.clone())
+            .map_err(|_| Status::invalid_argument("request is not a valid protobuf message"))?
+            .value;
+        let slot_count = self.membership.config().slot_count;
+        match method.key {
+            Key::User => {
+                let user_id = UserId::parse(first).map_err(CoordinatorError::from)?;
+                Ok(Forwarding {
+                    slot: slot_of(user_id.as_str(), slot_count),
+                    token: None,
+                    deadline: deadline_of(metadata),
+                })
+            }
+            Key::Session => {
+                let session_id = SessionId::parse(&first).map_err(CoordinatorError::from)?;
+                let claims = verify_session_token(&self.token_key, metadata, session_id)
+                    .map_err(CoordinatorError::from)?;
+                Ok(Forwarding {
+                    slot: slot_of(claims.user_id.as_str(), slot_count),
+                    token: metadata.get(SESSION_TOKEN).cloned(),
+                    deadline: deadline_of(metadata),
+                })
+            }
         }
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+    }
+
+    fn channel(&self, worker_id: &WorkerId, address: &str) -> Result<Channel, Status> {
+        {
+            let channels = self
+                .channels
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Some((known_address, channel)) = channels.get(worker_id)
+                && known_address == address
+            {
+                return Ok(channel.clone());
+            }
+        }
+        let channel = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|error| {
                 Status::internal(format!(
                     "worker {worker_id} has an invalid address {address:?}: {error}"
@@ -92,25 +169,28 @@ impl Router {
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_while_idle(true);
-        let client = SessionServiceClient::new(endpoint.connect_lazy());
-        clients.insert(worker_id.clone(), (address.to_string(), client.clone()));
-        Ok(client)
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        self.channels
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(worker_id.clone(), (address.to_string(), channel.clone()));
+        Ok(channel)
     }
 
-    /// Sends `message` to the owner of `forwarding.slot`, stamped with the epoch, the token
-    /// and the remaining deadline; retries once if the worker no longer owns the slot.
-    async fn forward<M, R, F, Fut>(
+    /// Sends `message` to the owner of the slot, stamped with the epoch, the token and the
+    /// remaining deadline; retries once if the worker no longer owns the slot.
+    async fn forward<R>(
         &self,
+        method: Method,
         forwarding: Forwarding,
-        message: M,
-        call: F,
-    ) -> Result<Response<R>, Status>
-    where
-        M: Clone,
-        F: Fn(SessionServiceClient<Channel>, Request<M>) -> Fut,
-        Fut: Future<Output = Result<Response<R>, Status>>,
-    {
+        message: RawMessage,
+        call: impl AsyncFn(
+            tonic::client::Grpc<Channel>,
+            Request<RawMessage>,
+            PathAndQuery,
+        ) -> Result<Response<R>, Status>,
+    ) -> Result<Response<R>, Status> {
         let mut retried = false;
         loop {
             let routing = self.membership.routing();
@@ -122,7 +202,7 @@ impl Router {
                 .addresses
                 .get(owner)
                 .ok_or(CoordinatorError::NoOwner(forwarding.slot))?;
-            let client = self.client(owner, address)?;
+            let mut grpc = tonic::client::Grpc::new(self.channel(owner, address)?);
 
             let mut request = Request::new(message.clone());
             let metadata = request.metadata_mut();
@@ -139,8 +219,10 @@ impl Router {
                 }
                 request.set_timeout(remaining);
             }
-
-            match call(client, request).await {
+            grpc.ready().await.map_err(|error| {
+                Status::unavailable(format!("worker {owner} is not reachable: {error}"))
+            })?;
+            match call(grpc, request, PathAndQuery::from_static(method.path)).await {
                 Err(status) if !retried && is_not_owner(&status) => {
                     tracing::debug!(slot = forwarding.slot, worker_id = %owner, "worker is not the slot's owner, retrying with the current table");
                     retried = true;
@@ -149,106 +231,128 @@ impl Router {
             }
         }
     }
+
+    async fn unary(
+        &self,
+        method: Method,
+        request: Request<RawMessage>,
+    ) -> Result<Response<RawMessage>, Status> {
+        let (metadata, _, message) = request.into_parts();
+        let forwarding = self.route(method, &metadata, &message)?;
+        self.forward(
+            method,
+            forwarding,
+            message,
+            async |mut grpc, request, path| grpc.unary(request, path, RawCodec).await,
+        )
+        .await
+    }
+
+    /// The worker's stream is handed to the caller as it is: events flow through as the
+    /// agent produces them.
+    async fn server_streaming(
+        &self,
+        method: Method,
+        request: Request<RawMessage>,
+    ) -> Result<Response<Streaming<RawMessage>>, Status> {
+        let (metadata, _, message) = request.into_parts();
+        let forwarding = self.route(method, &metadata, &message)?;
+        self.forward(
+            method,
+            forwarding,
+            message,
+            async |mut grpc, request, path| grpc.server_streaming(request, path, RawCodec).await,
+        )
+        .await
+    }
 }
 
 fn is_not_owner(status: &Status) -> bool {
     status.code() == Code::FailedPrecondition && status.metadata().contains_key(KNOWN_EPOCH)
 }
 
-#[tonic::async_trait]
-impl SessionService for Router {
-    async fn create_session(
-        &self,
-        request: Request<pb::CreateSessionRequest>,
-    ) -> Result<Response<pb::CreateSessionResponse>, Status> {
-        let forwarding = self.for_user(request.get_ref().user_id.clone(), request.metadata())?;
-        self.forward(
-            forwarding,
-            request.into_inner(),
-            |mut client, request| async move { client.create_session(request).await },
-        )
-        .await
+/// The `switchyard.v1.SessionService` the coordinator serves: every method, forwarded.
+#[derive(Clone)]
+pub struct SessionProxy {
+    router: Arc<Router>,
+}
+
+impl SessionProxy {
+    pub fn new(router: Router) -> Self {
+        SessionProxy {
+            router: Arc::new(router),
+        }
+    }
+}
+
+impl NamedService for SessionProxy {
+    const NAME: &'static str = "switchyard.v1.SessionService";
+}
+
+struct UnaryCall {
+    router: Arc<Router>,
+    method: Method,
+}
+
+impl UnaryService<RawMessage> for UnaryCall {
+    type Response = RawMessage;
+    type Future = BoxFuture<Response<RawMessage>, Status>;
+
+    fn call(&mut self, request: Request<RawMessage>) -> Self::Future {
+        let router = self.router.clone();
+        let method = self.method;
+        Box::pin(async move { router.unary(method, request).await })
+    }
+}
+
+struct StreamingCall {
+    router: Arc<Router>,
+    method: Method,
+}
+
+impl ServerStreamingService<RawMessage> for StreamingCall {
+    type Response = RawMessage;
+    type ResponseStream = Streaming<RawMessage>;
+    type Future = BoxFuture<Response<Streaming<RawMessage>>, Status>;
+
+    fn call(&mut self, request: Request<RawMessage>) -> Self::Future {
+        let router = self.router.clone();
+        let method = self.method;
+        Box::pin(async move { router.server_streaming(method, request).await })
+    }
+}
+
+impl tower_service::Service<http::Request<Body>> for SessionProxy {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _context: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
     }
 
-    async fn get_session(
-        &self,
-        request: Request<pb::GetSessionRequest>,
-    ) -> Result<Response<pb::Session>, Status> {
-        let forwarding = self.for_session(&request.get_ref().session_id, request.metadata())?;
-        self.forward(
-            forwarding,
-            request.into_inner(),
-            |mut client, request| async move { client.get_session(request).await },
-        )
-        .await
-    }
-
-    async fn list_sessions(
-        &self,
-        request: Request<pb::ListSessionsRequest>,
-    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
-        let forwarding = self.for_user(request.get_ref().user_id.clone(), request.metadata())?;
-        self.forward(
-            forwarding,
-            request.into_inner(),
-            |mut client, request| async move { client.list_sessions(request).await },
-        )
-        .await
-    }
-
-    async fn end_session(
-        &self,
-        request: Request<pb::EndSessionRequest>,
-    ) -> Result<Response<pb::EndSessionResponse>, Status> {
-        let forwarding = self.for_session(&request.get_ref().session_id, request.metadata())?;
-        self.forward(
-            forwarding,
-            request.into_inner(),
-            |mut client, request| async move { client.end_session(request).await },
-        )
-        .await
-    }
-
-    async fn append_context(
-        &self,
-        request: Request<pb::AppendContextRequest>,
-    ) -> Result<Response<pb::AppendContextResponse>, Status> {
-        let forwarding = self.for_session(&request.get_ref().session_id, request.metadata())?;
-        self.forward(
-            forwarding,
-            request.into_inner(),
-            |mut client, request| async move { client.append_context(request).await },
-        )
-        .await
-    }
-
-    async fn get_context(
-        &self,
-        request: Request<pb::GetContextRequest>,
-    ) -> Result<Response<pb::GetContextResponse>, Status> {
-        let forwarding = self.for_session(&request.get_ref().session_id, request.metadata())?;
-        self.forward(
-            forwarding,
-            request.into_inner(),
-            |mut client, request| async move { client.get_context(request).await },
-        )
-        .await
-    }
-
-    /// The worker's stream is handed to the caller as it is: deltas flow through as the
-    /// agent produces them.
-    type SendMessageStream = Streaming<pb::TurnEvent>;
-
-    async fn send_message(
-        &self,
-        request: Request<pb::SendMessageRequest>,
-    ) -> Result<Response<Self::SendMessageStream>, Status> {
-        let forwarding = self.for_session(&request.get_ref().session_id, request.metadata())?;
-        self.forward(
-            forwarding,
-            request.into_inner(),
-            |mut client, request| async move { client.send_message(request).await },
-        )
-        .await
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let router = self.router.clone();
+        let method = METHODS
+            .iter()
+            .find(|method| method.path == request.uri().path())
+            .copied();
+        Box::pin(async move {
+            let Some(method) = method else {
+                return Ok(Status::unimplemented(format!(
+                    "{} is not a method of switchyard.v1.SessionService",
+                    request.uri().path()
+                ))
+                .into_http());
+            };
+            let mut grpc = Grpc::new(RawCodec);
+            if method.streaming {
+                Ok(grpc
+                    .server_streaming(StreamingCall { router, method }, request)
+                    .await)
+            } else {
+                Ok(grpc.unary(UnaryCall { router, method }, request).await)
+            }
+        })
     }
 }

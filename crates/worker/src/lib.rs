@@ -1,5 +1,6 @@
 //! The Switchyard worker: hosts the sessions of the slots the coordinator placed on it.
 
+mod context_cache;
 mod error;
 mod membership;
 mod placement;

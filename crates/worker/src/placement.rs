@@ -1,7 +1,8 @@
 //! The worker's view of the placement table and its lease.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use switchyard_core::{Epoch, PlacementTable, Slot, WorkerId};
@@ -17,7 +18,10 @@ const CATCH_UP_WAIT: Duration = Duration::from_secs(1);
 pub struct PlacementView {
     worker_id: WorkerId,
     table: watch::Sender<Arc<PlacementTable>>,
-    lease_valid_until: Mutex<Option<Instant>>,
+    /// When the coordinator's lease on this worker ends, in nanoseconds after `started`
+    /// (0: no lease). Atomic, since every call reads it.
+    lease_valid_until: AtomicU64,
+    started: Instant,
     /// Asks the membership loop to heartbeat now rather than at its next tick.
     refresh: Notify,
     /// Slots whose lease in the store this worker holds, with the epoch it was taken at.
@@ -31,7 +35,8 @@ impl PlacementView {
         PlacementView {
             worker_id,
             table,
-            lease_valid_until: Mutex::new(None),
+            lease_valid_until: AtomicU64::new(0),
+            started: Instant::now(),
             refresh: Notify::new(),
             fences: watch::channel(HashMap::new()).0,
         }
@@ -101,25 +106,19 @@ impl PlacementView {
     /// Extends the lease: `sent_at` is when the request the coordinator answered was sent,
     /// so the worker's lease always ends before the coordinator's view of it.
     pub fn renew_lease(&self, sent_at: Instant, lease: Duration) {
-        let mut valid_until = self
-            .lease_valid_until
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *valid_until = Some(sent_at + lease);
+        let until = (sent_at + lease).saturating_duration_since(self.started);
+        let nanos = u64::try_from(until.as_nanos()).unwrap_or(u64::MAX).max(1);
+        self.lease_valid_until.store(nanos, Ordering::Release);
     }
 
     pub fn expire_lease(&self) {
-        *self
-            .lease_valid_until
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+        self.lease_valid_until.store(0, Ordering::Release);
     }
 
     fn lease_is_fresh(&self) -> bool {
-        self.lease_valid_until
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .is_some_and(|until| Instant::now() < until)
+        let until = self.lease_valid_until.load(Ordering::Acquire);
+        let now = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        until != 0 && now < until
     }
 
     pub fn refresh_requested(&self) -> &Notify {

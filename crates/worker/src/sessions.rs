@@ -7,12 +7,13 @@
 //! the entry's lock, so a session never expires or leaves memory under a call that began.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime};
 
 use switchyard_core::{ContextMessage, Limits, Message, Session, SessionId, Slot, UserId, slot_of};
 use switchyard_store::{Fence, SessionStore, StoreError};
 
+use crate::context_cache::{self, ContextCache};
 use crate::error::{Result, WorkerError};
 use crate::placement::PlacementView;
 
@@ -30,6 +31,8 @@ struct Activity {
     last_activity_at: SystemTime,
     message_count: u64,
     state: EntryState,
+    /// The newest messages, when known; `None` until a read loads them.
+    cache: Option<ContextCache>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -56,6 +59,7 @@ impl HotSession {
                 last_activity_at,
                 message_count,
                 state: EntryState::Live,
+                cache: None,
             }),
             turn: tokio::sync::Mutex::new(()),
         }
@@ -98,7 +102,8 @@ pub struct SessionManager {
     placement: Arc<PlacementView>,
     limits: Limits,
     slot_count: u32,
-    hot: Mutex<HashMap<SessionId, Arc<HotSession>>>,
+    /// Looked up on every call (read), changed when sessions load or leave (write).
+    hot: RwLock<HashMap<SessionId, Arc<HotSession>>>,
     /// Serialises session creation and eviction per slot, so a user never goes over the limit.
     slot_locks: Vec<tokio::sync::Mutex<()>>,
 }
@@ -115,7 +120,7 @@ impl SessionManager {
             placement,
             limits,
             slot_count,
-            hot: Mutex::new(HashMap::new()),
+            hot: RwLock::new(HashMap::new()),
             slot_locks: (0..slot_count)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -126,14 +131,20 @@ impl SessionManager {
         &self.limits
     }
 
-    fn hot(&self) -> MutexGuard<'_, HashMap<SessionId, Arc<HotSession>>> {
+    fn hot(&self) -> RwLockWriteGuard<'_, HashMap<SessionId, Arc<HotSession>>> {
         self.hot
-            .lock()
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn hot_read(&self) -> RwLockReadGuard<'_, HashMap<SessionId, Arc<HotSession>>> {
+        self.hot
+            .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn hot_count(&self) -> usize {
-        self.hot().len()
+        self.hot_read().len()
     }
 
     pub fn slot_of(&self, user_id: &UserId) -> Slot {
@@ -195,7 +206,9 @@ impl SessionManager {
             .create_session(&fence, &session)
             .await
             .map_err(|error| self.store_error(slot, error))?;
-        self.hot().insert(session.id, Arc::new(hot_entry(&session)));
+        let entry = hot_entry(&session);
+        entry.activity().cache = Some(ContextCache::empty_after(0));
+        self.hot().insert(session.id, Arc::new(entry));
         tracing::debug!(session_id = %session.id, user_id = %session.user_id, "session created");
         Ok((session, evicted))
     }
@@ -203,7 +216,7 @@ impl SessionManager {
     /// Starts a call on a session, loading it from the store if it is not in memory.
     pub async fn begin(&self, session_id: SessionId) -> Result<SessionCall> {
         loop {
-            let cached = self.hot().get(&session_id).cloned();
+            let cached = self.hot_read().get(&session_id).cloned();
             let session = match cached {
                 Some(session) => session,
                 None => {
@@ -284,26 +297,69 @@ impl SessionManager {
         self.limits
             .check_context_room(current, messages.len() as u64)?;
         let fence = self.fence(slot)?;
+        let at = SystemTime::now();
         let last_seq = self
             .store
-            .append_messages(&fence, call.session.session_id, messages, SystemTime::now())
+            .append_messages(&fence, call.session.session_id, messages, at)
             .await
             .map_err(|error| self.store_error(slot, error))?;
         let mut activity = call.session.activity();
         activity.message_count = activity.message_count.max(last_seq);
+        let first_seq = last_seq + 1 - messages.len() as u64;
+        if let Some(cache) = &mut activity.cache
+            && !cache.append(first_seq, messages, at)
+        {
+            // Another append committed in between: reload on the next read.
+            activity.cache = None;
+        }
         Ok(last_seq)
     }
 
+    /// Reads a context: from memory when the cached tail covers the request, otherwise
+    /// from the store (loading the tail for the next reads).
     pub async fn context(
         &self,
         call: &SessionCall,
         last_n: u32,
         after_seq: u64,
     ) -> Result<Vec<ContextMessage>> {
+        if let Some(messages) = self.cached_context(call, last_n, after_seq) {
+            return Ok(messages);
+        }
+        let session_id = call.session.session_id;
+        if call.session.activity().cache.is_none() {
+            let expected_last = call.session.message_count();
+            let tail = self
+                .store
+                .read_context(session_id, context_cache::MAX_MESSAGES as u32, 0)
+                .await?;
+            let mut activity = call.session.activity();
+            // Installed only if no append landed while the tail was read.
+            if activity.cache.is_none() && activity.message_count == expected_last {
+                activity.cache = ContextCache::from_tail(&tail, expected_last);
+            }
+            drop(activity);
+            if let Some(messages) = self.cached_context(call, last_n, after_seq) {
+                return Ok(messages);
+            }
+        }
         Ok(self
             .store
-            .read_context(call.session.session_id, last_n, after_seq)
+            .read_context(session_id, last_n, after_seq)
             .await?)
+    }
+
+    fn cached_context(
+        &self,
+        call: &SessionCall,
+        last_n: u32,
+        after_seq: u64,
+    ) -> Option<Vec<ContextMessage>> {
+        call.session
+            .activity()
+            .cache
+            .as_ref()?
+            .read(last_n, after_seq)
     }
 
     /// Ends sessions idle for longer than the idle timeout in the slots this worker holds,

@@ -1,0 +1,411 @@
+//! `switchyard bench`: drives a cluster (a running one, or a `dev` one it starts itself) and
+//! measures a plain single-hop gRPC echo in the same run, so every figure also reads as a
+//! ratio to what this machine can do at all.
+
+mod baseline;
+mod load;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use switchyard::bench_pb::EchoRequest;
+use switchyard::{SwitchyardClient, pb};
+use switchyard_core::{Limits, TokenKey};
+use switchyard_store::{MemoryStore, SessionStore, SqlStore, SqlStoreOptions};
+use tonic::transport::{Channel, Endpoint};
+
+use self::baseline::EchoBaseline;
+pub use self::load::{LoadShape, Outcome, Stop};
+use crate::{DevCluster, DevClusterConfig};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// CreateSession, cycling over the users (past the per-user limit each create evicts).
+    Create,
+    /// AppendContext of one message per call.
+    Append,
+    /// GetContext of the last --context-messages messages.
+    GetContext,
+    /// SendMessage to the echo agent, timed until its final event.
+    SendMessage,
+    /// 70% GetContext, 20% AppendContext, 10% SendMessage.
+    Mixed,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Create => "create",
+            Scenario::Append => "append",
+            Scenario::GetContext => "get-context",
+            Scenario::SendMessage => "send-message",
+            Scenario::Mixed => "mixed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    #[arg(long, value_enum, default_value = "get-context")]
+    pub scenario: Scenario,
+    /// A running coordinator, e.g. http://127.0.0.1:50051. Without it, bench starts a dev
+    /// cluster in this process.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Calls in flight at once (the most in flight with --rate).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub concurrency: u32,
+    /// How long each measured run lasts.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Stop after this many calls instead of after --duration.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Send this many calls per second whatever the latency (open loop).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub users: u32,
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=5))]
+    pub sessions_per_user: u32,
+    /// Bytes of content per message (and of the echo baseline's payload).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub message_size: u32,
+    /// Messages each session's context holds before the run.
+    #[arg(long, default_value_t = 10)]
+    pub context_messages: u32,
+    /// Workers of the dev cluster bench starts (without --target).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub workers: u16,
+    /// Store of the dev cluster bench starts: sqlite (a fresh file), memory, or a URL.
+    #[arg(long, default_value = "sqlite")]
+    pub store: String,
+    /// Skip the echo baseline.
+    #[arg(long)]
+    pub no_baseline: bool,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pub(crate) async fn connect(url: &str) -> std::io::Result<Channel> {
+    Endpoint::from_shared(url.to_string())
+        .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidInput, error))?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|error| {
+            std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                format!("cannot connect to {url}: {error}"),
+            )
+        })
+}
+
+/// Runs the benchmark and prints its report.
+pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
+    let shape = LoadShape {
+        concurrency: args.concurrency as usize,
+        stop: match args.count {
+            Some(count) => Stop::Count(count),
+            None => Stop::After(args.duration),
+        },
+        rate: args.rate,
+        progress: !args.json,
+    };
+
+    let baseline = if args.no_baseline {
+        None
+    } else {
+        let echo = EchoBaseline::start().await?;
+        let payload = vec![b'x'; args.message_size as usize];
+        let client = echo.client.clone();
+        Some(
+            load::run("raw echo (baseline)", shape, move |_| {
+                let mut client = client.clone();
+                let payload = payload.clone();
+                async move { client.echo(EchoRequest { payload }).await.map(|_| ()) }
+            })
+            .await,
+        )
+    };
+
+    let (url, cluster, data_dir) = match &args.target {
+        Some(url) => (url.clone(), None, None),
+        None => {
+            let (cluster, data_dir) = start_cluster(&args).await?;
+            (cluster.coordinator_url(), Some(cluster), data_dir)
+        }
+    };
+    let client = SwitchyardClient::new(connect(&url).await?);
+    if !args.json {
+        eprintln!(
+            "  preparing {} users × {} sessions",
+            args.users, args.sessions_per_user
+        );
+    }
+    let sessions = Arc::new(prepare(&client, &args).await?);
+    let outcome = measure(&args, shape, client, sessions).await;
+
+    report(&args, &url, cluster.is_some(), baseline.as_ref(), &outcome);
+    if let Some(cluster) = cluster {
+        cluster.stop().await;
+    }
+    if let Some(dir) = data_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    Ok(())
+}
+
+async fn start_cluster(args: &BenchArgs) -> Result<(DevCluster, Option<PathBuf>), BoxError> {
+    let mut secret = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+        .map_err(|_| "the system random source failed")?;
+    let token_key = TokenKey::from_secret(&secret)?;
+    let (store, data_dir): (Arc<dyn SessionStore>, Option<PathBuf>) = match args.store.as_str() {
+        "memory" => (Arc::new(MemoryStore::new()), None),
+        "sqlite" => {
+            let dir = std::env::temp_dir().join(format!("switchyard-bench-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let store =
+                SqlStore::open(SqlStoreOptions::sqlite_file(&dir.join("switchyard.db"))).await?;
+            (Arc::new(store), Some(dir))
+        }
+        url => (
+            Arc::new(SqlStore::open(SqlStoreOptions::new(url)).await?),
+            None,
+        ),
+    };
+    let mut config = DevClusterConfig::new(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        usize::from(args.workers),
+        token_key,
+        store,
+    );
+    config.limits = Limits {
+        // A benchmark's sessions must not expire or leave memory under it.
+        idle_timeout: Duration::from_secs(24 * 3600),
+        passivate_after: Duration::from_secs(24 * 3600),
+        ..Limits::default()
+    };
+    let cluster = DevCluster::start(config).await?;
+    Ok((cluster, data_dir))
+}
+
+fn message(size: u32) -> pb::Message {
+    pb::Message {
+        role: "user".to_string(),
+        content: "x".repeat(size as usize),
+        name: String::new(),
+    }
+}
+
+/// Creates the sessions and fills their contexts, a bounded number of calls at a time.
+async fn prepare(client: &SwitchyardClient, args: &BenchArgs) -> Result<Vec<String>, BoxError> {
+    let mut sessions = Vec::with_capacity((args.users * args.sessions_per_user) as usize);
+    let users: Vec<String> = (0..args.users)
+        .map(|user| format!("bench-user-{user}"))
+        .collect();
+    for chunk in users.chunks(64) {
+        let creates = chunk.iter().flat_map(|user| {
+            (0..args.sessions_per_user).map(move |_| {
+                let client = client.clone();
+                let user = user.clone();
+                let context: Vec<pb::Message> = (0..args.context_messages)
+                    .map(|_| message(args.message_size))
+                    .collect();
+                async move {
+                    let session = client
+                        .create_session(&user, [("bench", "yes")])
+                        .await?
+                        .session
+                        .ok_or_else(|| tonic::Status::internal("no session in the reply"))?;
+                    if !context.is_empty() {
+                        client.append_context(&session.session_id, context).await?;
+                    }
+                    Ok::<_, tonic::Status>(session.session_id)
+                }
+            })
+        });
+        for created in futures::future::join_all(creates).await {
+            sessions.push(created?);
+        }
+    }
+    Ok(sessions)
+}
+
+async fn measure(
+    args: &BenchArgs,
+    shape: LoadShape,
+    client: SwitchyardClient,
+    sessions: Arc<Vec<String>>,
+) -> Outcome {
+    let scenario = args.scenario;
+    let users = args.users as u64;
+    let size = args.message_size;
+    let last_n = args.context_messages;
+    let label = scenario.name();
+    load::run(label, shape, move |index| {
+        let client = client.clone();
+        let sessions = sessions.clone();
+        async move {
+            let session = &sessions[(index % sessions.len() as u64) as usize];
+            let operation = match scenario {
+                Scenario::Mixed => match index % 10 {
+                    0..=6 => Scenario::GetContext,
+                    7 | 8 => Scenario::Append,
+                    _ => Scenario::SendMessage,
+                },
+                other => other,
+            };
+            match operation {
+                Scenario::Create => {
+                    let user = format!("bench-user-{}", index % users);
+                    client
+                        .create_session(&user, [("bench", "yes")])
+                        .await
+                        .map(|_| ())
+                }
+                Scenario::Append => client
+                    .append_context(session, vec![message(size)])
+                    .await
+                    .map(|_| ()),
+                Scenario::GetContext => client.get_context(session, last_n, 0).await.map(|_| ()),
+                Scenario::SendMessage | Scenario::Mixed => {
+                    let content = "x".repeat(size as usize);
+                    client
+                        .send_message_collect(session, "echo", &content)
+                        .await
+                        .map(|_| ())
+                }
+            }
+        }
+    })
+    .await
+}
+
+fn figures(outcome: &Outcome) -> serde_json::Value {
+    serde_json::json!({
+        "calls": outcome.succeeded,
+        "seconds": outcome.elapsed.as_secs_f64(),
+        "throughput_per_second": outcome.throughput(),
+        "latency_us": {
+            "p50": outcome.quantile_us(0.50),
+            "p90": outcome.quantile_us(0.90),
+            "p99": outcome.quantile_us(0.99),
+            "p99_9": outcome.quantile_us(0.999),
+        },
+        "errors": outcome.errors,
+    })
+}
+
+fn report(
+    args: &BenchArgs,
+    url: &str,
+    started_cluster: bool,
+    baseline: Option<&Outcome>,
+    outcome: &Outcome,
+) {
+    let ratios = baseline.map(|baseline| {
+        (
+            outcome.throughput() / baseline.throughput().max(1e-9),
+            outcome.quantile_us(0.5) / baseline.quantile_us(0.5).max(1e-9),
+            outcome.quantile_us(0.99) / baseline.quantile_us(0.99).max(1e-9),
+        )
+    });
+    if args.json {
+        let value = serde_json::json!({
+            "scenario": args.scenario.name(),
+            "target": url,
+            "started_cluster": started_cluster,
+            "concurrency": args.concurrency,
+            "rate": args.rate,
+            "users": args.users,
+            "sessions_per_user": args.sessions_per_user,
+            "message_size": args.message_size,
+            "context_messages": args.context_messages,
+            "baseline": baseline.map(figures),
+            "result": figures(outcome),
+            "ratio_to_baseline": ratios.map(|(throughput, p50, p99)| serde_json::json!({
+                "throughput": throughput, "p50": p50, "p99": p99,
+            })),
+        });
+        println!("{value}");
+        return;
+    }
+    println!();
+    println!(
+        "scenario {} against {}{}",
+        args.scenario.name(),
+        url,
+        if started_cluster {
+            format!(
+                " (dev cluster started by bench: {} workers, store {})",
+                args.workers, args.store
+            )
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "concurrency {}{}, {} users × {} sessions, {} B messages, contexts of {}",
+        args.concurrency,
+        args.rate
+            .map(|rate| format!(" at {rate}/s"))
+            .unwrap_or_default(),
+        args.users,
+        args.sessions_per_user,
+        args.message_size,
+        args.context_messages
+    );
+    println!(
+        "{:<22} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}",
+        "", "calls/s", "p50", "p90", "p99", "p99.9", "errors"
+    );
+    let row = |outcome: &Outcome| {
+        let errors: u64 = outcome.errors.values().sum();
+        println!(
+            "{:<22} {:>10.0} {:>10} {:>10} {:>10} {:>10} {:>8}",
+            outcome.label,
+            outcome.throughput(),
+            micros(outcome.quantile_us(0.5)),
+            micros(outcome.quantile_us(0.9)),
+            micros(outcome.quantile_us(0.99)),
+            micros(outcome.quantile_us(0.999)),
+            errors
+        );
+    };
+    if let Some(baseline) = baseline {
+        row(baseline);
+    }
+    row(outcome);
+    if let Some((throughput, p50, p99)) = ratios {
+        println!(
+            "{:<22} {:>9.3}× {:>9.2}× {:>10} {:>9.2}×",
+            "ratio to raw echo", throughput, p50, "", p99
+        );
+    }
+    if outcome.errors.is_empty() {
+        println!("errors by status: none");
+    } else {
+        let listed: Vec<String> = outcome
+            .errors
+            .iter()
+            .map(|(code, count)| format!("{code} {count}"))
+            .collect();
+        println!("errors by status: {}", listed.join(", "));
+    }
+}
+
+fn micros(value: f64) -> String {
+    if value >= 10_000.0 {
+        format!("{:.1}ms", value / 1000.0)
+    } else {
+        format!("{value:.0}µs")
+    }
+}
