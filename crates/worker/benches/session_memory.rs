@@ -1,29 +1,39 @@
-//! Memory of 100k sessions held hot against 100k passivated, on a worker with the embedded
-//! SQLite store. Prints heap bytes (counted by an instrumented allocator) and RSS; asserts
-//! nothing.
+//! Memory per session on a worker: hot sessions holding ten 100-byte messages, against the
+//! same sessions passivated. Each state is measured in a fresh child process, so its RSS is
+//! not mixed with the other's. Prints heap bytes (the binary's allocator, mimalloc, counted)
+//! and RSS per session; asserts nothing.
 //!
 //!     cargo bench -p switchyard-worker --bench session_memory
+//!     SWITCHYARD_BENCH_SESSIONS=1000000 cargo bench -p switchyard-worker --bench session_memory
+//!
+//! The store is SQLite without fsync (only what the worker holds is measured, and a
+//! million fsynced creates would take an hour); a real worker's store is its own process
+//! (PostgreSQL) or a bounded page cache (SQLite).
 
-use std::alloc::System;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
-use switchyard_core::{Epoch, Limits, PlacementTable, UserId, WorkerId};
+use mimalloc::MiMalloc;
+use stats_alloc::{Region, StatsAlloc};
+use switchyard_core::{Epoch, Limits, Message, PlacementTable, Role, UserId, WorkerId};
 use switchyard_store::{SessionStore, SqlStore, SqlStoreOptions};
 use switchyard_worker::{PlacementView, SessionManager};
 
-#[global_allocator]
-static ALLOCATOR: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+/// The binary's allocator (mimalloc), counted.
+static INSTRUMENTED: StatsAlloc<MiMalloc> = StatsAlloc::new(MiMalloc);
 
-/// Heap bytes allocated and not yet freed since `region` began.
-fn live_bytes(region: &Region<'_, System>) -> i64 {
+#[global_allocator]
+static ALLOCATOR: &StatsAlloc<MiMalloc> = &INSTRUMENTED;
+
+const MODE: &str = "SWITCHYARD_BENCH_MEMORY_MODE";
+
+/// Heap bytes allocated and not yet freed since `region` began. (stats_alloc already counts
+/// a reallocation's growth in `bytes_allocated` and its shrinking in `bytes_deallocated`.)
+fn live_bytes(region: &Region<'_, MiMalloc>) -> i64 {
     let change = region.change();
     change.bytes_allocated as i64 - change.bytes_deallocated as i64
-        + change.bytes_reallocated as i64
 }
-
-const SESSIONS: usize = 100_000;
 
 fn rss_bytes() -> i64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
@@ -35,15 +45,21 @@ fn rss_bytes() -> i64 {
     pages * 4096
 }
 
-#[tokio::main]
-async fn main() {
+fn sessions_to_make() -> usize {
+    std::env::var("SWITCHYARD_BENCH_SESSIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000)
+}
+
+/// Runs one state in this process and prints `heap_bytes rss_bytes seconds`.
+async fn measure(passivate: bool) {
+    let count = sessions_to_make();
     let dir = std::env::temp_dir().join(format!("switchyard-memory-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let store = Arc::new(
-        SqlStore::open(SqlStoreOptions::sqlite_file(&dir.join("store.db")))
-            .await
-            .expect("store"),
-    );
+    let mut options = SqlStoreOptions::sqlite_file(&dir.join("store.db"));
+    options.durable = false;
+    let store = Arc::new(SqlStore::open(options).await.expect("store"));
     let me = WorkerId::parse("bench").expect("id");
     let placement = Arc::new(PlacementView::new(me.clone(), 1024));
     placement.install(
@@ -60,47 +76,82 @@ async fn main() {
     let limits = Limits {
         passivate_after: Duration::from_secs(3600),
         idle_timeout: Duration::from_secs(7200),
+        max_sessions_per_user: 5,
         ..Limits::default()
     };
     let sessions = SessionManager::new(store.clone(), placement, limits, 1024);
+    let messages: Vec<Message> = (0..10)
+        .map(|index| Message {
+            role: Role::User,
+            content: format!("{index:0>100}"),
+            name: String::new(),
+        })
+        .collect();
 
     let region = Region::new(ALLOCATOR);
     let rss_before = rss_bytes();
     let started = Instant::now();
-    for index in 0..SESSIONS {
+    for index in 0..count {
         let user = UserId::parse(format!("user-{index}")).expect("id");
-        sessions
+        let (session, _) = sessions
             .create(user, Default::default())
             .await
             .expect("create");
+        let call = sessions.begin(session.id).await.expect("begin");
+        sessions.append(&call, &messages).await.expect("append");
+        drop(call);
+        if passivate && index % 1000 == 999 {
+            sessions.passivate_all().await;
+        }
     }
-    let created_in = started.elapsed();
-    let heap_hot = live_bytes(&region);
-    let rss_hot = rss_bytes();
-    assert_eq!(sessions.hot_count(), SESSIONS);
-
-    sessions.passivate_all().await;
-    let heap_passivated = live_bytes(&region);
-    let rss_passivated = rss_bytes();
-
-    let per = |bytes: i64| bytes as f64 / SESSIONS as f64;
-    println!("{SESSIONS} sessions created in {created_in:.1?} (embedded SQLite store)");
+    if passivate {
+        sessions.passivate_all().await;
+    }
     println!(
-        "{:<12} {:>16} {:>16}",
-        "", "heap B/session", "RSS B/session"
+        "{} {} {:.1}",
+        live_bytes(&region),
+        rss_bytes() - rss_before,
+        started.elapsed().as_secs_f64()
     );
-    println!(
-        "{:<12} {:>16.0} {:>16.0}",
-        "hot",
-        per(heap_hot),
-        per(rss_hot - rss_before)
-    );
-    println!(
-        "{:<12} {:>16.0} {:>16.0}",
-        "passivated",
-        per(heap_passivated),
-        per(rss_passivated - rss_before)
-    );
-    println!("(RSS after passivation keeps what the allocator has not returned to the system)");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+fn main() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    match std::env::var(MODE).as_deref() {
+        Ok("hot") => return runtime.block_on(measure(false)),
+        Ok("passivated") => return runtime.block_on(measure(true)),
+        _ => {}
+    }
+    let count = sessions_to_make();
+    println!("{count} sessions, each holding 10 messages of 100 bytes (embedded SQLite store)");
+    println!(
+        "{:<12} {:>16} {:>16} {:>10}",
+        "state", "heap B/session", "RSS B/session", "seconds"
+    );
+    for mode in ["hot", "passivated"] {
+        let output = Command::new(std::env::current_exe().expect("own path"))
+            .env(MODE, mode)
+            .output()
+            .expect("child runs");
+        let line = String::from_utf8_lossy(&output.stdout);
+        let figures: Vec<f64> = line
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        if figures.len() != 3 {
+            println!(
+                "{mode}: the measurement failed: {line}{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            continue;
+        }
+        println!(
+            "{:<12} {:>16.0} {:>16.0} {:>10.1}",
+            mode,
+            figures[0] / count as f64,
+            figures[1] / count as f64,
+            figures[2]
+        );
+    }
 }

@@ -74,6 +74,12 @@ impl ContextCache {
             return false;
         }
         let created_us = micros(at);
+        let added: usize = messages
+            .iter()
+            .map(|m| m.name.len() + m.content.len())
+            .sum();
+        reserve_modestly(&mut self.text, added);
+        reserve_entries(&mut self.entries, messages.len());
         for message in messages {
             self.push(message.role, &message.name, &message.content, created_us);
         }
@@ -150,6 +156,24 @@ impl ContextCache {
                 })
                 .collect(),
         )
+    }
+}
+
+/// Grows by what is needed plus a quarter, not by doubling: a hot session's cache should
+/// cost about what it holds.
+fn reserve_modestly(text: &mut String, additional: usize) {
+    let needed = text.len() + additional;
+    if needed > text.capacity() {
+        let target = needed.max(text.len() + text.len() / 4);
+        text.reserve_exact(target - text.len());
+    }
+}
+
+fn reserve_entries(entries: &mut Vec<Entry>, additional: usize) {
+    let needed = entries.len() + additional;
+    if needed > entries.capacity() {
+        let target = needed.max(entries.len() + entries.len() / 4);
+        entries.reserve_exact(target - entries.len());
     }
 }
 

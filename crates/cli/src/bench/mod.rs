@@ -23,7 +23,8 @@ use crate::{DevCluster, DevClusterConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Scenario {
-    /// CreateSession, cycling over the users (past the per-user limit each create evicts).
+    /// CreateSession, cycling over --users users of its own (past the per-user limit each
+    /// create evicts).
     Create,
     /// AppendContext of one message per call.
     Append,
@@ -49,8 +50,10 @@ impl Scenario {
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    #[arg(long, value_enum, default_value = "get-context")]
-    pub scenario: Scenario,
+    /// One or more scenarios, comma-separated; they run one after another against the
+    /// same cluster and sessions, so their figures compare within the run.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "get-context")]
+    pub scenario: Vec<Scenario>,
     /// A running coordinator, e.g. http://127.0.0.1:50051. Without it, bench starts a dev
     /// cluster in this process.
     #[arg(long)]
@@ -150,9 +153,12 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
         );
     }
     let sessions = Arc::new(prepare(&client, &args).await?);
-    let outcome = measure(&args, shape, client, sessions).await;
+    let mut outcomes = Vec::with_capacity(args.scenario.len());
+    for scenario in &args.scenario {
+        outcomes.push(measure(*scenario, &args, shape, client.clone(), sessions.clone()).await);
+    }
 
-    report(&args, &url, cluster.is_some(), baseline.as_ref(), &outcome);
+    report(&args, &url, cluster.is_some(), baseline.as_ref(), &outcomes);
     if let Some(cluster) = cluster {
         cluster.stop().await;
     }
@@ -240,12 +246,12 @@ async fn prepare(client: &SwitchyardClient, args: &BenchArgs) -> Result<Vec<Stri
 }
 
 async fn measure(
+    scenario: Scenario,
     args: &BenchArgs,
     shape: LoadShape,
     client: SwitchyardClient,
     sessions: Arc<Vec<String>>,
 ) -> Outcome {
-    let scenario = args.scenario;
     let users = args.users as u64;
     let size = args.message_size;
     let last_n = args.context_messages;
@@ -265,7 +271,9 @@ async fn measure(
             };
             match operation {
                 Scenario::Create => {
-                    let user = format!("bench-user-{}", index % users);
+                    // Users of their own, so evictions never touch the prepared sessions
+                    // that the other scenarios use.
+                    let user = format!("bench-creator-{}", index % users);
                     client
                         .create_session(&user, [("bench", "yes")])
                         .await
@@ -304,23 +312,43 @@ fn figures(outcome: &Outcome) -> serde_json::Value {
     })
 }
 
+fn ratios(outcome: &Outcome, baseline: &Outcome) -> (f64, f64, f64) {
+    (
+        outcome.throughput() / baseline.throughput().max(1e-9),
+        outcome.quantile_us(0.5) / baseline.quantile_us(0.5).max(1e-9),
+        outcome.quantile_us(0.99) / baseline.quantile_us(0.99).max(1e-9),
+    )
+}
+
 fn report(
     args: &BenchArgs,
     url: &str,
     started_cluster: bool,
     baseline: Option<&Outcome>,
-    outcome: &Outcome,
+    outcomes: &[Outcome],
 ) {
-    let ratios = baseline.map(|baseline| {
-        (
-            outcome.throughput() / baseline.throughput().max(1e-9),
-            outcome.quantile_us(0.5) / baseline.quantile_us(0.5).max(1e-9),
-            outcome.quantile_us(0.99) / baseline.quantile_us(0.99).max(1e-9),
-        )
-    });
+    let names: Vec<&str> = args
+        .scenario
+        .iter()
+        .map(|scenario| scenario.name())
+        .collect();
     if args.json {
+        let results: Vec<serde_json::Value> = outcomes
+            .iter()
+            .map(|outcome| {
+                let mut value = figures(outcome);
+                value["scenario"] = outcome.label.clone().into();
+                if let Some(baseline) = baseline {
+                    let (throughput, p50, p99) = ratios(outcome, baseline);
+                    value["ratio_to_baseline"] = serde_json::json!({
+                        "throughput": throughput, "p50": p50, "p99": p99,
+                    });
+                }
+                value
+            })
+            .collect();
         let value = serde_json::json!({
-            "scenario": args.scenario.name(),
+            "scenarios": names,
             "target": url,
             "started_cluster": started_cluster,
             "concurrency": args.concurrency,
@@ -330,18 +358,15 @@ fn report(
             "message_size": args.message_size,
             "context_messages": args.context_messages,
             "baseline": baseline.map(figures),
-            "result": figures(outcome),
-            "ratio_to_baseline": ratios.map(|(throughput, p50, p99)| serde_json::json!({
-                "throughput": throughput, "p50": p50, "p99": p99,
-            })),
+            "results": results,
         });
         println!("{value}");
         return;
     }
     println!();
     println!(
-        "scenario {} against {}{}",
-        args.scenario.name(),
+        "{} against {}{}",
+        names.join(", "),
         url,
         if started_cluster {
             format!(
@@ -364,41 +389,46 @@ fn report(
         args.context_messages
     );
     println!(
-        "{:<22} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}",
-        "", "calls/s", "p50", "p90", "p99", "p99.9", "errors"
+        "{:<22} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10} {:>10}",
+        "", "calls/s", "p50", "p90", "p99", "p99.9", "errors", "×echo/s", "×echo p50"
     );
     let row = |outcome: &Outcome| {
         let errors: u64 = outcome.errors.values().sum();
+        let (throughput, p50) = match baseline {
+            Some(baseline) => {
+                let (throughput, p50, _) = ratios(outcome, baseline);
+                (format!("{throughput:.3}"), format!("{p50:.2}"))
+            }
+            None => (String::new(), String::new()),
+        };
         println!(
-            "{:<22} {:>10.0} {:>10} {:>10} {:>10} {:>10} {:>8}",
+            "{:<22} {:>10.0} {:>10} {:>10} {:>10} {:>10} {:>8} {:>10} {:>10}",
             outcome.label,
             outcome.throughput(),
             micros(outcome.quantile_us(0.5)),
             micros(outcome.quantile_us(0.9)),
             micros(outcome.quantile_us(0.99)),
             micros(outcome.quantile_us(0.999)),
-            errors
+            errors,
+            throughput,
+            p50
         );
     };
     if let Some(baseline) = baseline {
         row(baseline);
     }
-    row(outcome);
-    if let Some((throughput, p50, p99)) = ratios {
-        println!(
-            "{:<22} {:>9.3}× {:>9.2}× {:>10} {:>9.2}×",
-            "ratio to raw echo", throughput, p50, "", p99
-        );
+    for outcome in outcomes {
+        row(outcome);
     }
-    if outcome.errors.is_empty() {
-        println!("errors by status: none");
-    } else {
-        let listed: Vec<String> = outcome
-            .errors
-            .iter()
-            .map(|(code, count)| format!("{code} {count}"))
-            .collect();
-        println!("errors by status: {}", listed.join(", "));
+    for outcome in outcomes {
+        if !outcome.errors.is_empty() {
+            let listed: Vec<String> = outcome
+                .errors
+                .iter()
+                .map(|(code, count)| format!("{code} {count}"))
+                .collect();
+            println!("errors of {}: {}", outcome.label, listed.join(", "));
+        }
     }
 }
 

@@ -114,6 +114,9 @@ pub struct SqlStoreOptions {
     pub append_lanes: usize,
     /// Most appends committed in one transaction.
     pub max_batch: usize,
+    /// SQLite only: wait for the disk on every commit. Turned off only by benchmarks that
+    /// measure memory with a million sessions, never by a server.
+    pub durable: bool,
 }
 
 impl SqlStoreOptions {
@@ -123,6 +126,7 @@ impl SqlStoreOptions {
             max_connections: 16,
             append_lanes: 4,
             max_batch: 256,
+            durable: true,
         }
     }
 
@@ -183,12 +187,17 @@ impl SqlStore {
             .max_connections(options.max_connections)
             .acquire_timeout(Duration::from_secs(10));
         if backend == Backend::Sqlite {
-            pool_options = pool_options.after_connect(|connection, _| {
+            let synchronous = if options.durable {
+                "PRAGMA synchronous = FULL"
+            } else {
+                "PRAGMA synchronous = OFF"
+            };
+            pool_options = pool_options.after_connect(move |connection, _| {
                 Box::pin(async move {
                     // WAL lets readers run beside the one writer; FULL makes every commit
                     // durable before it returns (group commit pays for the fsync).
                     connection.execute("PRAGMA journal_mode = WAL").await?;
-                    connection.execute("PRAGMA synchronous = FULL").await?;
+                    connection.execute(synchronous).await?;
                     Ok(())
                 })
             });
