@@ -1,13 +1,13 @@
 //! Group commit of appends: each lane's task drains its queue into one transaction.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::SystemTime;
 
 use sqlx::{AnyPool, Row};
 use switchyard_core::{Message, SessionId};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Backend, check_fence, micros, unavailable};
+use super::{Backend, micros, unavailable};
 use crate::{Fence, Result, StoreError};
 
 /// Queued appends per lane before callers wait for room.
@@ -90,8 +90,10 @@ async fn run_lane(
     }
 }
 
-/// Commits every request whose fence holds and whose session exists, in one transaction.
-/// Returns one outcome per request; an error of the whole transaction fails them all.
+/// Commits every request whose fence holds and whose session exists, in one transaction
+/// of four statements whatever the batch size: check every fence, count every session's
+/// new messages, insert them all, commit. Returns one outcome per request; an error of the
+/// whole transaction fails them all.
 async fn commit_batch(
     pool: &AnyPool,
     backend: Backend,
@@ -101,55 +103,133 @@ async fn commit_batch(
         .begin_with(backend.begin_write())
         .await
         .map_err(unavailable)?;
-    let mut fences: HashMap<&Fence, bool> = HashMap::new();
+    let holding = holding_fences(&mut transaction, backend, requests).await?;
+
+    // New messages per session, in arrival order within the batch.
+    let mut per_session: HashMap<SessionId, (u64, SystemTime)> = HashMap::new();
+    for request in requests.iter().filter(|request| holding.contains(&request.fence)) {
+        let entry = per_session.entry(request.session_id).or_insert((0, request.at));
+        entry.0 += request.messages.len() as u64;
+        entry.1 = entry.1.max(request.at);
+    }
+    let counts = count_messages(&mut transaction, backend, &per_session).await?;
+
+    // Each request's seqs follow those of the requests before it in the batch.
+    let mut next_seq: HashMap<SessionId, u64> = counts
+        .iter()
+        .map(|(session_id, last_seq)| (*session_id, last_seq - per_session[session_id].0 + 1))
+        .collect();
     let mut outcomes = Vec::with_capacity(requests.len());
     let mut rows: Vec<(&AppendRequest, u64)> = Vec::with_capacity(requests.len());
-
     for request in requests {
-        let fence_holds = match fences.get(&request.fence) {
-            Some(holds) => *holds,
-            None => {
-                let holds = match check_fence(&mut transaction, backend, &request.fence).await {
-                    Ok(()) => true,
-                    Err(StoreError::Fenced { .. }) => false,
-                    Err(error) => return Err(error),
-                };
-                fences.insert(&request.fence, holds);
-                holds
-            }
-        };
-        if !fence_holds {
+        if !holding.contains(&request.fence) {
             outcomes.push(Err(StoreError::Fenced {
                 slot: request.fence.slot,
                 epoch: request.fence.epoch,
             }));
             continue;
         }
-        let added = request.messages.len() as i64;
-        let updated = sqlx::query(
-            "UPDATE sessions SET message_count = message_count + $2, last_activity_us = $3 \
-             WHERE session_id = $1 RETURNING message_count",
-        )
-        .bind(request.session_id.as_bytes().to_vec())
-        .bind(added)
-        .bind(micros(request.at))
-        .fetch_optional(&mut *transaction)
-        .await
-        .map_err(unavailable)?;
-        match updated {
-            None => outcomes.push(Err(StoreError::SessionNotFound(request.session_id))),
-            Some(row) => {
-                let last_seq: i64 = row.try_get("message_count").map_err(unavailable)?;
-                let last_seq = u64::try_from(last_seq).unwrap_or(0);
-                outcomes.push(Ok(last_seq));
-                rows.push((request, last_seq));
-            }
-        }
+        let Some(next) = next_seq.get_mut(&request.session_id) else {
+            outcomes.push(Err(StoreError::SessionNotFound(request.session_id)));
+            continue;
+        };
+        let last_seq = *next + request.messages.len() as u64 - 1;
+        *next = last_seq + 1;
+        outcomes.push(Ok(last_seq));
+        rows.push((request, last_seq));
     }
 
     insert_messages(&mut transaction, backend, &rows).await?;
     transaction.commit().await.map_err(unavailable)?;
     Ok(outcomes)
+}
+
+/// The fences of `requests` that hold, checked in one statement.
+async fn holding_fences<'r>(
+    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    backend: Backend,
+    requests: &'r [AppendRequest],
+) -> Result<HashSet<&'r Fence>> {
+    let distinct: HashSet<&Fence> = requests.iter().map(|request| &request.fence).collect();
+    let fences: Vec<serde_json::Value> = distinct
+        .iter()
+        .map(|fence| serde_json::json!({ "s": fence.slot, "o": fence.owner.as_str(), "e": fence.epoch.0 }))
+        .collect();
+    let fences = serde_json::to_string(&fences)
+        .map_err(|error| StoreError::Corrupt(format!("fences do not encode: {error}")))?;
+    let rows = sqlx::query(backend.holding_fences_query())
+        .bind(fences)
+        .fetch_all(&mut **transaction)
+        .await
+        .map_err(unavailable)?;
+    let mut held: HashSet<(i64, String, i64)> = HashSet::with_capacity(rows.len());
+    for row in rows {
+        held.insert((
+            row.try_get("slot").map_err(unavailable)?,
+            row.try_get("owner").map_err(unavailable)?,
+            row.try_get("epoch").map_err(unavailable)?,
+        ));
+    }
+    Ok(distinct
+        .into_iter()
+        .filter(|fence| {
+            let key = (
+                i64::from(fence.slot),
+                fence.owner.as_str().to_string(),
+                i64::try_from(fence.epoch.0).unwrap_or(i64::MAX),
+            );
+            held.contains(&key)
+        })
+        .collect())
+}
+
+/// Adds each session's new messages to its count in one statement and returns the new
+/// counts; a session missing from the result does not exist.
+async fn count_messages(
+    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    backend: Backend,
+    per_session: &HashMap<SessionId, (u64, SystemTime)>,
+) -> Result<HashMap<SessionId, u64>> {
+    if per_session.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let sessions: Vec<serde_json::Value> = per_session
+        .iter()
+        .map(|(session_id, (added, at))| {
+            serde_json::json!({ "i": hex(session_id), "n": added, "t": micros(*at) })
+        })
+        .collect();
+    let sessions = serde_json::to_string(&sessions)
+        .map_err(|error| StoreError::Corrupt(format!("sessions do not encode: {error}")))?;
+    let rows = sqlx::query(backend.count_messages_query())
+        .bind(sessions)
+        .fetch_all(&mut **transaction)
+        .await
+        .map_err(unavailable)?;
+    let mut counts = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let id: String = row.try_get("id").map_err(unavailable)?;
+        let count: i64 = row.try_get("message_count").map_err(unavailable)?;
+        let session_id = parse_hex_id(&id)
+            .ok_or_else(|| StoreError::Corrupt(format!("a session id came back as {id:?}")))?;
+        counts.insert(session_id, u64::try_from(count).unwrap_or(0));
+    }
+    Ok(counts)
+}
+
+fn hex(session_id: &SessionId) -> String {
+    session_id.as_bytes().iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+fn parse_hex_id(text: &str) -> Option<SessionId> {
+    if text.len() != 32 {
+        return None;
+    }
+    let mut bytes = [0u8; 16];
+    for (index, byte) in bytes.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(index * 2..index * 2 + 2)?, 16).ok()?;
+    }
+    Some(SessionId::from_bytes(bytes))
 }
 
 /// Inserts the messages of every accepted request, numbered up to its `last_seq`, with one
@@ -164,12 +244,7 @@ async fn insert_messages(
     }
     let mut messages = Vec::new();
     for (request, last_seq) in rows {
-        let session_hex: String = request
-            .session_id
-            .as_bytes()
-            .iter()
-            .map(|byte| format!("{byte:02x}"))
-            .collect();
+        let session_hex = hex(&request.session_id);
         let first_seq = last_seq + 1 - request.messages.len() as u64;
         for (offset, message) in request.messages.iter().enumerate() {
             messages.push(serde_json::json!({

@@ -90,6 +90,44 @@ impl Backend {
         }
     }
 
+    /// The fences, of a JSON array in `$1` of `{s: slot, o: owner, e: epoch}`, that hold
+    /// (locked for the transaction on PostgreSQL, as in `fence_query`).
+    fn holding_fences_query(self) -> &'static str {
+        match self {
+            Backend::Sqlite => {
+                "SELECT l.slot AS slot, l.owner AS owner, l.epoch AS epoch FROM slot_leases AS l \
+                 JOIN json_each($1) AS f ON l.slot = json_extract(f.value, '$.s') \
+                  AND l.owner = json_extract(f.value, '$.o') AND l.epoch = json_extract(f.value, '$.e')"
+            }
+            Backend::Postgres => {
+                "SELECT l.slot AS slot, l.owner AS owner, l.epoch AS epoch FROM slot_leases AS l \
+                 JOIN json_to_recordset($1::json) AS f(s bigint, o text, e bigint) \
+                   ON l.slot = f.s AND l.owner = f.o AND l.epoch = f.e \
+                 FOR SHARE OF l"
+            }
+        }
+    }
+
+    /// Adds to sessions' message counts from a JSON array in `$1` of `{i: session id in
+    /// hex, n: messages added, t: activity time}`; returns each session's new count.
+    fn count_messages_query(self) -> &'static str {
+        match self {
+            Backend::Sqlite => {
+                "UPDATE sessions SET message_count = sessions.message_count + j.n, last_activity_us = j.t \
+                 FROM (SELECT unhex(json_extract(value, '$.i')) AS id, json_extract(value, '$.n') AS n, \
+                              json_extract(value, '$.t') AS t FROM json_each($1)) AS j \
+                 WHERE sessions.session_id = j.id \
+                 RETURNING lower(hex(sessions.session_id)) AS id, sessions.message_count AS message_count"
+            }
+            Backend::Postgres => {
+                "UPDATE sessions AS s SET message_count = s.message_count + j.n, last_activity_us = j.t \
+                 FROM json_to_recordset($1::json) AS j(i text, n bigint, t bigint) \
+                 WHERE s.session_id = decode(j.i, 'hex') \
+                 RETURNING encode(s.session_id, 'hex') AS id, s.message_count AS message_count"
+            }
+        }
+    }
+
     fn migrations(self) -> &'static [(&'static str, &'static str)] {
         match self {
             Backend::Sqlite => &[(
