@@ -3,11 +3,13 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::sandbox::{Sandbox, create, text, wait_for};
+use crate::sandbox::{Sandbox, SandboxOptions, create, text, wait_for};
 
 #[tokio::test]
 async fn a_dead_worker_leaves_the_others_users_served() {
-    let mut sandbox = Sandbox::start().await;
+    // A lease long enough that "served before it ran out" holds on a slow machine too.
+    let lease = Duration::from_secs(3);
+    let mut sandbox = Sandbox::start_with(SandboxOptions { lease, ..SandboxOptions::default() }).await;
     let client = sandbox.client().await;
     let mut sessions: HashMap<String, (String, String)> = HashMap::new();
     for index in 0..24 {

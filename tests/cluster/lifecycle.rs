@@ -78,6 +78,7 @@ async fn eviction_ends_the_least_recently_created_session_and_its_token() {
             max_sessions_per_user: 2,
             ..Limits::default()
         },
+        ..SandboxOptions::default()
     })
     .await;
     let client = sandbox.client().await;
@@ -133,6 +134,7 @@ async fn idle_sessions_expire_but_never_under_a_running_call() {
             idle_timeout: Duration::from_millis(400),
             ..Limits::default()
         },
+        ..SandboxOptions::default()
     })
     .await;
     let client = sandbox.client().await;
@@ -206,6 +208,7 @@ async fn idle_sessions_leave_memory_and_come_back_on_their_next_call() {
             passivate_after: Duration::from_millis(1500),
             ..Limits::default()
         },
+        ..SandboxOptions::default()
     })
     .await;
     let client = sandbox.client().await;

@@ -27,6 +27,8 @@ pub struct Sandbox {
 pub struct SandboxOptions {
     pub workers: usize,
     pub limits: Limits,
+    /// How long a silent worker keeps its slots.
+    pub lease: Duration,
 }
 
 impl Default for SandboxOptions {
@@ -34,6 +36,7 @@ impl Default for SandboxOptions {
         SandboxOptions {
             workers: 3,
             limits: Limits::default(),
+            lease: Duration::from_millis(600),
         }
     }
 }
@@ -75,7 +78,7 @@ impl Sandbox {
         );
         config.limits = options.limits;
         config.heartbeat_interval = Duration::from_millis(100);
-        config.lease = Duration::from_millis(600);
+        config.lease = options.lease;
         config.agents = agents;
         let cluster = DevCluster::start(config).await.expect("cluster starts");
         let sandbox = Sandbox {

@@ -121,10 +121,12 @@ async fn the_callers_deadline_reaches_the_worker() {
     let session = create(&client, "heidi").await;
     let hurried = client.clone().with_timeout(Duration::from_millis(300));
     let started = Instant::now();
+    // 60 characters: 15 deltas 150 ms apart, over two seconds if the deadline is ignored.
+    let content = "this turn takes more than two seconds when nothing stops it";
     let result = hurried
-        .send_message_collect(&session.session_id, SLOW_AGENT, "this takes a second")
+        .send_message_collect(&session.session_id, SLOW_AGENT, content)
         .await;
-    let status = result.expect_err("a one-second turn cannot finish in 300 ms");
+    let status = result.expect_err("a two-second turn cannot finish in 300 ms");
     assert!(
         matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
         "{status:?}"
