@@ -9,7 +9,11 @@ use crate::sandbox::{Sandbox, SandboxOptions, create, text, wait_for};
 async fn a_dead_worker_leaves_the_others_users_served() {
     // A lease long enough that "served before it ran out" holds on a slow machine too.
     let lease = Duration::from_secs(3);
-    let mut sandbox = Sandbox::start_with(SandboxOptions { lease, ..SandboxOptions::default() }).await;
+    let mut sandbox = Sandbox::start_with(SandboxOptions {
+        lease,
+        ..SandboxOptions::default()
+    })
+    .await;
     let client = sandbox.client().await;
     let mut sessions: HashMap<String, (String, String)> = HashMap::new();
     for index in 0..24 {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use switchyard::SwitchyardClient;
 use switchyard::pb;
 use switchyard::pb::admin_service_client::AdminServiceClient;
-use switchyard_agents::{AgentCatalog, EchoConfig};
+use switchyard_agents::{AgentCatalog, EchoConfig, PoolConfig};
 use switchyard_cli::{DevCluster, DevClusterConfig};
 use switchyard_core::{Limits, TokenKey};
 use switchyard_store::{SqlStore, SqlStoreOptions};
@@ -16,6 +16,8 @@ use tonic::transport::Channel;
 
 /// Agent type whose turns take about a second: 6 deltas, 150 ms apart.
 pub const SLOW_AGENT: &str = "slow-echo";
+/// Like SLOW_AGENT, with one instance per worker and 200 ms of patience for it.
+pub const SCARCE_AGENT: &str = "scarce-echo";
 
 pub struct Sandbox {
     pub cluster: DevCluster,
@@ -62,6 +64,19 @@ impl Sandbox {
                 chunk_chars: 4,
                 delay: Duration::from_millis(150),
             }),
+            PoolConfig::default(),
+        );
+        agents.register(
+            SCARCE_AGENT,
+            Arc::new(EchoConfig {
+                chunk_chars: 4,
+                delay: Duration::from_millis(150),
+            }),
+            PoolConfig {
+                max: 1,
+                acquire_timeout: Duration::from_millis(200),
+                ..PoolConfig::default()
+            },
         );
         // The real default: an embedded SQLite store that every node shares.
         let data_dir = temp_dir();

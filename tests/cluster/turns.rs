@@ -137,3 +137,49 @@ async fn the_callers_deadline_reaches_the_worker() {
     );
     sandbox.stop().await;
 }
+
+#[tokio::test]
+async fn a_full_agent_pool_answers_resource_exhausted_after_its_acquire_timeout() {
+    let sandbox = Sandbox::start().await;
+    let client = sandbox.client().await;
+    // One user, so both sessions share a worker and its one scarce instance.
+    let busy = create(&client, "rosa").await;
+    let waiting = create(&client, "rosa").await;
+    let long_turn = {
+        let client = client.clone();
+        let id = busy.session_id.clone();
+        tokio::spawn(async move {
+            client
+                .send_message_collect(
+                    &id,
+                    crate::sandbox::SCARCE_AGENT,
+                    "hold the only instance for a while",
+                )
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let started = Instant::now();
+    let status = client
+        .send_message_collect(&waiting.session_id, crate::sandbox::SCARCE_AGENT, "me too")
+        .await
+        .expect_err("the only instance is busy for longer than the acquire timeout");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("scarce-echo") && status.message().contains("waiting"),
+        "{}",
+        status.message()
+    );
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    assert!(
+        long_turn.await.unwrap().is_ok(),
+        "the turn holding the instance completes"
+    );
+    // Released and reset: the next turn gets it.
+    let reply = client
+        .send_message_collect(&waiting.session_id, crate::sandbox::SCARCE_AGENT, "now")
+        .await
+        .unwrap();
+    assert_eq!(reply.text, "echo: now");
+    sandbox.stop().await;
+}

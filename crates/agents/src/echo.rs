@@ -25,11 +25,12 @@ impl Default for EchoConfig {
     }
 }
 
+#[async_trait]
 impl AgentFactory for EchoConfig {
-    fn create(&self) -> Box<dyn Agent> {
-        Box::new(EchoAgent {
+    async fn create(&self) -> Result<Box<dyn Agent>, AgentError> {
+        Ok(Box::new(EchoAgent {
             config: self.clone(),
-        })
+        }))
     }
 }
 
@@ -108,7 +109,9 @@ mod tests {
             chunk_chars: 4,
             delay: Duration::ZERO,
         }
-        .create();
+        .create()
+        .await
+        .unwrap();
         let (sender, mut receiver) = mpsc::channel(64);
         let usage = agent
             .run_turn(&[user_message("hello world")], &sender)
@@ -127,7 +130,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_gone_receiver_cancels() {
-        let mut agent = EchoConfig::default().create();
+        let mut agent = EchoConfig::default().create().await.unwrap();
         let (sender, receiver) = mpsc::channel(1);
         drop(receiver);
         let result = agent.run_turn(&[user_message("hi")], &sender).await;

@@ -1,15 +1,18 @@
 //! Agent backends.
 
 mod echo;
+mod pool;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use switchyard_core::{ContextMessage, ErrorCode, ServiceError};
 use tokio::sync::mpsc;
 
 pub use echo::{EchoAgent, EchoConfig};
+pub use pool::{AgentPool, PoolConfig, PoolStats, PooledAgent};
 
 /// What a turn consumed.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -28,6 +31,14 @@ pub enum AgentError {
     Cancelled,
     #[error("agent backend failed: {0}")]
     Backend(String),
+    #[error(
+        "no {agent_type} agent was free after waiting {waited:?} (its pool holds at most {max}); retry later"
+    )]
+    PoolExhausted {
+        agent_type: String,
+        waited: Duration,
+        max: usize,
+    },
 }
 
 impl ServiceError for AgentError {
@@ -36,6 +47,7 @@ impl ServiceError for AgentError {
             AgentError::UnknownAgentType { .. } => ErrorCode::InvalidArgument,
             AgentError::Cancelled => ErrorCode::Cancelled,
             AgentError::Backend(_) => ErrorCode::Unavailable,
+            AgentError::PoolExhausted { .. } => ErrorCode::ResourceExhausted,
         }
     }
 }
@@ -54,41 +66,72 @@ pub trait Agent: Send {
     async fn reset(&mut self);
 }
 
-/// Makes instances of one agent type.
+/// Makes instances of one agent type (starting a process, opening a client, …).
+#[async_trait]
 pub trait AgentFactory: Send + Sync {
-    fn create(&self) -> Box<dyn Agent>;
+    async fn create(&self) -> Result<Box<dyn Agent>, AgentError>;
 }
 
-/// The agent types a worker can run, by name.
+/// The agent types a worker can run, each with its pool. Cloning shares the pools.
 #[derive(Clone, Default)]
 pub struct AgentCatalog {
-    factories: BTreeMap<String, Arc<dyn AgentFactory>>,
+    pools: BTreeMap<String, AgentPool>,
 }
 
 impl AgentCatalog {
     /// A catalog that knows the built-in `echo` agent.
     pub fn with_builtin() -> Self {
         let mut catalog = AgentCatalog::default();
-        catalog.register("echo", Arc::new(EchoConfig::default()));
+        catalog.register(
+            "echo",
+            Arc::new(EchoConfig::default()),
+            PoolConfig::default(),
+        );
         catalog
     }
 
-    pub fn register(&mut self, name: impl Into<String>, factory: Arc<dyn AgentFactory>) {
-        self.factories.insert(name.into(), factory);
+    pub fn register(
+        &mut self,
+        name: impl Into<String>,
+        factory: Arc<dyn AgentFactory>,
+        config: PoolConfig,
+    ) {
+        let name = name.into();
+        self.pools
+            .insert(name.clone(), AgentPool::new(name, factory, config));
     }
 
-    pub fn create(&self, name: &str) -> Result<Box<dyn Agent>, AgentError> {
-        match self.factories.get(name) {
-            Some(factory) => Ok(factory.create()),
-            None => Err(AgentError::UnknownAgentType {
+    /// The pool of an agent type; an unknown type is an invalid argument naming the known ones.
+    pub fn pool(&self, name: &str) -> Result<&AgentPool, AgentError> {
+        self.pools
+            .get(name)
+            .ok_or_else(|| AgentError::UnknownAgentType {
                 name: name.chars().take(64).collect(),
-                known: self
-                    .factories
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            }),
+                known: self.pools.keys().cloned().collect::<Vec<_>>().join(", "),
+            })
+    }
+
+    pub fn pools(&self) -> impl Iterator<Item = &AgentPool> {
+        self.pools.values()
+    }
+
+    /// Keeps every pool at its minimum and reaps idle instances, until `stop` resolves.
+    pub async fn maintain(&self, stop: impl std::future::Future<Output = ()>) {
+        let mut ticks = tokio::time::interval(Duration::from_secs(1));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {
+                    for pool in self.pools.values() {
+                        pool.reap_idle();
+                        if let Err(error) = pool.fill_to_min().await {
+                            tracing::warn!(agent_type = %pool.agent_type(), %error, "cannot keep the pool's minimum warm");
+                        }
+                    }
+                }
+                () = &mut stop => break,
+            }
         }
     }
 }

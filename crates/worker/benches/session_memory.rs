@@ -130,7 +130,8 @@ fn main() {
         "state", "heap B/session", "RSS B/session", "seconds"
     );
     // SWITCHYARD_BENCH_MEMORY_STATES=hot measures only the hot state (a million takes a while).
-    let states = std::env::var("SWITCHYARD_BENCH_MEMORY_STATES").unwrap_or_else(|_| "hot,passivated".into());
+    let states =
+        std::env::var("SWITCHYARD_BENCH_MEMORY_STATES").unwrap_or_else(|_| "hot,passivated".into());
     for mode in states.split(',') {
         let output = Command::new(std::env::current_exe().expect("own path"))
             .env(MODE, mode)

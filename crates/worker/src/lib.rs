@@ -143,12 +143,17 @@ pub async fn start(
         })
     };
     let upkeep_task = tokio::spawn(upkeep(placement, sessions, store, shutdown.clone()));
+    let agents_task = {
+        let agents = config.agents.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { agents.maintain(shutdown.cancelled_owned()).await })
+    };
     tracing::info!(%worker_id, address = %local_address, slot_count, "worker serving");
     Ok(WorkerHandle {
         worker_id,
         address: local_address,
         shutdown,
-        tasks: vec![membership_task, server_task, upkeep_task],
+        tasks: vec![membership_task, server_task, upkeep_task, agents_task],
     })
 }
 

@@ -206,14 +206,15 @@ impl SessionService for WorkerSessionService {
         limits
             .validate_content(&message.content, "content")
             .map_err(WorkerError::from)?;
-        let agent = self
+        let pool = self
             .agents
-            .create(&message.agent_type)
-            .map_err(WorkerError::from)?;
+            .pool(&message.agent_type)
+            .map_err(WorkerError::from)?
+            .clone();
         let events = start_turn(
             self.sessions.clone(),
             call,
-            agent,
+            pool,
             message.agent_type,
             message.content,
             deadline_of(&metadata),

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use switchyard::pb;
-use switchyard_agents::{Agent, AgentError, Usage};
+use switchyard_agents::{AgentError, AgentPool, Usage};
 use switchyard_core::{Message, Role};
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -25,7 +25,7 @@ pub type TurnEvents = mpsc::Receiver<Result<pb::TurnEvent, Status>>;
 pub fn start_turn(
     sessions: Arc<SessionManager>,
     call: SessionCall,
-    agent: Box<dyn Agent>,
+    pool: AgentPool,
     agent_type: String,
     content: String,
     deadline: Option<Instant>,
@@ -33,7 +33,7 @@ pub fn start_turn(
     let (events, receiver) = mpsc::channel(EVENT_BUFFER);
     tokio::spawn(async move {
         let session_id = call.session.session_id;
-        let turn = run_turn(&sessions, &call, agent, &agent_type, content, &events);
+        let turn = run_turn(&sessions, &call, pool, &agent_type, content, &events);
         let result = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline.into(), turn)
                 .await
@@ -57,7 +57,7 @@ pub fn start_turn(
 async fn run_turn(
     sessions: &SessionManager,
     call: &SessionCall,
-    mut agent: Box<dyn Agent>,
+    pool: AgentPool,
     agent_type: &str,
     content: String,
     events: &mpsc::Sender<Result<pb::TurnEvent, Status>>,
@@ -73,12 +73,21 @@ async fn run_turn(
     };
     let user_seq = sessions.append(call, &[user_message]).await?;
     let context = sessions.context(call, 0, 0).await?;
+    // Waits, first come first served, when every instance of the type is busy.
+    let mut agent = tokio::select! {
+        agent = pool.acquire() => agent?,
+        _ = events.closed() => return Err(AgentError::Cancelled.into()),
+    };
 
     let (deltas, mut delta_receiver) = mpsc::channel::<String>(EVENT_BUFFER);
     let run = async move {
-        let result = agent.run_turn(&context, &deltas).await;
+        let result = agent.agent().run_turn(&context, &deltas).await;
         drop(deltas);
-        agent.reset().await;
+        // A backend that failed is not trusted again; anything else goes back, reset.
+        match &result {
+            Err(AgentError::Backend(_)) => agent.discard(),
+            _ => agent.release().await,
+        }
         result
     };
     let forward = async move {

@@ -107,8 +107,13 @@ async fn commit_batch(
 
     // New messages per session, in arrival order within the batch.
     let mut per_session: HashMap<SessionId, (u64, SystemTime)> = HashMap::new();
-    for request in requests.iter().filter(|request| holding.contains(&request.fence)) {
-        let entry = per_session.entry(request.session_id).or_insert((0, request.at));
+    for request in requests
+        .iter()
+        .filter(|request| holding.contains(&request.fence))
+    {
+        let entry = per_session
+            .entry(request.session_id)
+            .or_insert((0, request.at));
         entry.0 += request.messages.len() as u64;
         entry.1 = entry.1.max(request.at);
     }
@@ -218,7 +223,11 @@ async fn count_messages(
 }
 
 fn hex(session_id: &SessionId) -> String {
-    session_id.as_bytes().iter().map(|byte| format!("{byte:02x}")).collect()
+    session_id
+        .as_bytes()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 fn parse_hex_id(text: &str) -> Option<SessionId> {
