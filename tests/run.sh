@@ -43,4 +43,7 @@ else
   echo "PostgreSQL is not reachable at ${SWITCHYARD_TEST_POSTGRES_URL:-$pg_url_default}: its tests will say SKIPPED"
 fi
 
-cargo test --workspace --all-targets "$@"
+# Benchmarks are programs that print figures, not tests: they are built (clippy builds
+# every target) but not run here.
+cargo test --workspace --lib --bins --tests "$@"
+cargo test --workspace --doc "$@"
