@@ -8,44 +8,19 @@ use switchyard::pb;
 use switchyard::pb::admin_service_client::AdminServiceClient;
 use tonic::Code;
 
-use crate::harness::{Process, free_address, grpcurl, run_grpcurl, temp_dir, wait_for_workers};
+use crate::harness::{
+    Process, grpcurl, run_grpcurl, spawn_coordinator, spawn_worker, temp_dir, wait_for_workers,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn separate_processes_serve_fail_over_and_stop_cleanly() {
     let dir = temp_dir("processes");
-    let coordinator_address = free_address().to_string();
-    let coordinator_url = format!("http://{coordinator_address}");
-    let mut coordinator = Process::spawn(
-        "coordinator",
-        &[
-            "coordinator",
-            "--listen",
-            &coordinator_address,
-            "--heartbeat-interval",
-            "100ms",
-            "--lease",
-            "1s",
-        ],
-        &dir,
-    );
+    let timing = ["--heartbeat-interval", "100ms", "--lease", "1s"];
+    let (mut coordinator, coordinator_url) = spawn_coordinator(&dir, &timing);
+    let coordinator_address = coordinator_url.trim_start_matches("http://").to_string();
     let mut workers: Vec<Process> = ["worker-a", "worker-b"]
         .iter()
-        .map(|id| {
-            let listen = free_address().to_string();
-            Process::spawn(
-                id,
-                &[
-                    "worker",
-                    "--coordinator",
-                    &coordinator_url,
-                    "--listen",
-                    &listen,
-                    "--id",
-                    id,
-                ],
-                &dir,
-            )
-        })
+        .map(|id| spawn_worker(&dir, &coordinator_url, id, &[]))
         .collect();
     wait_for_workers(&coordinator_url, 2).await;
 
@@ -198,30 +173,15 @@ async fn separate_processes_serve_fail_over_and_stop_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_with_another_token_key_is_refused() {
     let dir = temp_dir("key-mismatch");
-    let coordinator_address = free_address().to_string();
-    let coordinator_url = format!("http://{coordinator_address}");
-    let _coordinator = Process::spawn(
-        "coordinator",
-        &["coordinator", "--listen", &coordinator_address],
-        &dir,
-    );
+    let (_coordinator, coordinator_url) = spawn_coordinator(&dir, &[]);
     let key_file = dir.join("other.key");
     std::fs::write(&key_file, "a-completely-different-secret-of-forty-bytes").unwrap();
-    let listen = free_address().to_string();
-    let mut worker = Process::spawn(
-        "worker",
-        &[
-            "worker",
-            "--coordinator",
-            &coordinator_url,
-            "--listen",
-            &listen,
-            "--id",
-            "stranger",
-            "--token-key-file",
-            key_file.to_str().unwrap(),
-        ],
+    let key_file = key_file.to_str().unwrap();
+    let mut worker = spawn_worker(
         &dir,
+        &coordinator_url,
+        "stranger",
+        &["--token-key-file", key_file],
     );
     let status = worker.wait_exit(Duration::from_secs(15));
     assert!(!status.success());
@@ -233,28 +193,12 @@ async fn a_worker_with_another_token_key_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_on_another_store_is_refused() {
     let dir = temp_dir("cluster-mismatch");
-    let coordinator_address = free_address().to_string();
-    let coordinator_url = format!("http://{coordinator_address}");
-    let _coordinator = Process::spawn(
-        "coordinator",
-        &["coordinator", "--listen", &coordinator_address],
+    let (_coordinator, coordinator_url) = spawn_coordinator(&dir, &[]);
+    let mut worker = spawn_worker(
         &dir,
-    );
-    let listen = free_address().to_string();
-    let mut worker = Process::spawn(
-        "worker",
-        &[
-            "worker",
-            "--coordinator",
-            &coordinator_url,
-            "--listen",
-            &listen,
-            "--id",
-            "elsewhere",
-            "--data-dir",
-            "own-store",
-        ],
-        &dir,
+        &coordinator_url,
+        "elsewhere",
+        &["--data-dir", "own-store"],
     );
     let status = worker.wait_exit(Duration::from_secs(15));
     assert!(!status.success());

@@ -12,7 +12,9 @@ use switchyard::pb;
 use switchyard_store::testing::TestDatabase;
 use tokio::sync::Mutex;
 
-use crate::harness::{Process, free_address, temp_dir, wait_for_workers};
+use crate::harness::{
+    Process, free_address, spawn_coordinator, spawn_worker, temp_dir, wait_for_workers,
+};
 
 fn text(content: &str) -> pb::Message {
     pb::Message {
@@ -125,15 +127,10 @@ async fn a_worker_killed_under_load_loses_no_acknowledged_append() {
         return;
     };
     let dir = temp_dir("crash");
-    let coordinator_address = free_address().to_string();
-    let coordinator_url = format!("http://{coordinator_address}");
     let store = database.url.as_str();
-    let _coordinator = Process::spawn(
-        "coordinator",
+    let (_coordinator, coordinator_url) = spawn_coordinator(
+        &dir,
         &[
-            "coordinator",
-            "--listen",
-            &coordinator_address,
             "--store",
             store,
             "--heartbeat-interval",
@@ -141,28 +138,14 @@ async fn a_worker_killed_under_load_loses_no_acknowledged_append() {
             "--lease",
             "1s",
         ],
-        &dir,
     );
     let mut workers: HashMap<&str, Process> = ["worker-a", "worker-b"]
         .into_iter()
         .map(|id| {
-            let listen = free_address().to_string();
-            let process = Process::spawn(
+            (
                 id,
-                &[
-                    "worker",
-                    "--coordinator",
-                    &coordinator_url,
-                    "--listen",
-                    &listen,
-                    "--id",
-                    id,
-                    "--store",
-                    store,
-                ],
-                &dir,
-            );
-            (id, process)
+                spawn_worker(&dir, &coordinator_url, id, &["--store", store]),
+            )
         })
         .collect();
     wait_for_workers(&coordinator_url, 2).await;

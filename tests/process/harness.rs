@@ -174,3 +174,30 @@ pub async fn wait_for_workers(coordinator: &str, expected: u32) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A coordinator on a free loopback port, with `extra` flags; returns it and its URL.
+pub fn spawn_coordinator(dir: &Path, extra: &[&str]) -> (Process, String) {
+    let address = free_address().to_string();
+    let mut args = vec!["coordinator", "--listen", address.as_str()];
+    args.extend_from_slice(extra);
+    (
+        Process::spawn("coordinator", &args, dir),
+        format!("http://{address}"),
+    )
+}
+
+/// A worker named `id` on a free loopback port, registering with `coordinator_url`.
+pub fn spawn_worker(dir: &Path, coordinator_url: &str, id: &str, extra: &[&str]) -> Process {
+    let listen = free_address().to_string();
+    let mut args = vec![
+        "worker",
+        "--coordinator",
+        coordinator_url,
+        "--listen",
+        listen.as_str(),
+        "--id",
+        id,
+    ];
+    args.extend_from_slice(extra);
+    Process::spawn(id, &args, dir)
+}
