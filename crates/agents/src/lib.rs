@@ -2,6 +2,7 @@
 
 mod echo;
 mod pool;
+mod process;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use tokio::sync::mpsc;
 
 pub use echo::{EchoAgent, EchoConfig};
 pub use pool::{AgentPool, PoolConfig, PoolStats, PooledAgent};
+pub use process::{ProcessAgent, ProcessConfig};
 
 /// What a turn consumed.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -29,8 +31,12 @@ pub enum AgentError {
     /// The receiver of the deltas went away: the caller cancelled the turn.
     #[error("turn cancelled by the caller")]
     Cancelled,
+    /// The instance cannot be used again (its process died, or it failed fatally).
     #[error("agent backend failed: {0}")]
     Backend(String),
+    /// The turn failed but the instance is sound.
+    #[error("the agent failed the turn: {0}")]
+    Failed(String),
     #[error(
         "no {agent_type} agent was free after waiting {waited:?} (its pool holds at most {max}); retry later"
     )]
@@ -46,7 +52,7 @@ impl ServiceError for AgentError {
         match self {
             AgentError::UnknownAgentType { .. } => ErrorCode::InvalidArgument,
             AgentError::Cancelled => ErrorCode::Cancelled,
-            AgentError::Backend(_) => ErrorCode::Unavailable,
+            AgentError::Backend(_) | AgentError::Failed(_) => ErrorCode::Unavailable,
             AgentError::PoolExhausted { .. } => ErrorCode::ResourceExhausted,
         }
     }
@@ -64,6 +70,11 @@ pub trait Agent: Send {
 
     /// Forgets any state of the last turn, before the instance serves another session.
     async fn reset(&mut self);
+
+    /// True once the instance must not be used again (checked after every reset).
+    fn is_broken(&self) -> bool {
+        false
+    }
 }
 
 /// Makes instances of one agent type (starting a process, opening a client, …).

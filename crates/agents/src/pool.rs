@@ -290,6 +290,12 @@ impl PooledAgent {
     pub async fn release(mut self) {
         if let Some(mut agent) = self.agent.take() {
             agent.reset().await;
+            if agent.is_broken() {
+                tracing::warn!(agent_type = %self.pool.agent_type, "agent instance broke and was discarded");
+                drop(agent);
+                self.pool.forget_one();
+                return;
+            }
             self.pool.put_back(agent);
         }
     }
