@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod agents;
 mod bench;
 mod cluster;
 mod durability;

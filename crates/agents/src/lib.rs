@@ -1,5 +1,6 @@
 //! Agent backends.
 
+pub mod config;
 mod echo;
 mod pool;
 mod process;
@@ -87,6 +88,12 @@ pub trait AgentFactory: Send + Sync {
 #[derive(Clone, Default)]
 pub struct AgentCatalog {
     pools: BTreeMap<String, AgentPool>,
+}
+
+impl std::fmt::Debug for AgentCatalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.pools.keys()).finish()
+    }
 }
 
 impl AgentCatalog {

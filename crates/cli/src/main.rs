@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use switchyard_agents::AgentCatalog;
 use switchyard_cli::{DevCluster, DevClusterConfig, keys, store};
 use switchyard_core::{DEFAULT_SLOT_COUNT, Limits, WorkerId};
 use switchyard_store::SessionStore;
@@ -106,6 +105,14 @@ struct SessionArgs {
     token_ttl: Duration,
 }
 
+#[derive(Args)]
+struct AgentArgs {
+    /// TOML file of agent types (backend, role, goal, instructions, pool sizes); without it
+    /// only the built-in `echo` agent exists.
+    #[arg(long, env = "SWITCHYARD_AGENTS")]
+    agents: Option<PathBuf>,
+}
+
 impl SessionArgs {
     fn limits(&self) -> Limits {
         Limits {
@@ -149,6 +156,8 @@ struct WorkerArgs {
     store: StoreArgs,
     #[command(flatten)]
     sessions: SessionArgs,
+    #[command(flatten)]
+    agents: AgentArgs,
 }
 
 #[derive(Args)]
@@ -164,6 +173,8 @@ struct DevArgs {
     store: StoreArgs,
     #[command(flatten)]
     sessions: SessionArgs,
+    #[command(flatten)]
+    agents: AgentArgs,
     #[command(flatten)]
     timing: ClusterTimingArgs,
 }
@@ -249,7 +260,7 @@ async fn run_worker(args: WorkerArgs) -> Result<(), BoxError> {
         advertise_address: args.advertise,
         token_key,
         limits: args.sessions.limits(),
-        agents: AgentCatalog::with_builtin(),
+        agents: switchyard_cli::agents::load(args.agents.agents.as_deref())?,
     };
     let store = args.store.open().await?;
     let worker = switchyard_worker::start(config, listener, store, shutdown.clone()).await?;
@@ -260,6 +271,7 @@ async fn run_worker(args: WorkerArgs) -> Result<(), BoxError> {
 
 async fn run_dev(args: DevArgs) -> Result<(), BoxError> {
     validate_timing(args.timing.heartbeat_interval, args.timing.lease)?;
+    let agents = switchyard_cli::agents::load(args.agents.agents.as_deref())?;
     let token_key = keys::load_or_create(&args.store.data_dir)?;
     let store = args.store.open().await?;
     let shutdown = CancellationToken::new();
@@ -267,6 +279,7 @@ async fn run_dev(args: DevArgs) -> Result<(), BoxError> {
     let mut config =
         DevClusterConfig::new(args.listen, usize::from(args.workers), token_key, store);
     config.limits = args.sessions.limits();
+    config.agents = agents;
     config.slot_count = args.timing.slot_count;
     config.heartbeat_interval = args.timing.heartbeat_interval;
     config.lease = args.timing.lease;

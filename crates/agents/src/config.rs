@@ -1,0 +1,251 @@
+//! Agent types as configuration: name, role, goal, instructions, backend, model options and
+//! pool sizes. The `switchyard` binary reads them from a TOML file (`--agents FILE`):
+//!
+//! ```toml
+//! [agents.echo]
+//! backend = "echo"
+//!
+//! [agents.helper]
+//! role = "support agent"
+//! goal = "answer billing questions"
+//! instructions = "Be brief."
+//! backend = "process"
+//! process = { program = "python3", args = ["examples/agents/echo_agent.py"] }
+//! pool = { min = 1, max = 8, idle_timeout = "5m", acquire_timeout = "10s" }
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::{AgentCatalog, EchoConfig, PoolConfig, ProcessConfig};
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentsConfig {
+    #[serde(default)]
+    pub agents: BTreeMap<String, AgentTypeConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    Echo,
+    Process,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentTypeConfig {
+    #[serde(default)]
+    pub role: String,
+    #[serde(default)]
+    pub goal: String,
+    #[serde(default)]
+    pub instructions: String,
+    pub backend: Backend,
+    #[serde(default)]
+    pub echo: EchoSettings,
+    pub process: Option<ProcessSettings>,
+    #[serde(default)]
+    pub pool: PoolSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EchoSettings {
+    #[serde(default = "default_chunk_chars")]
+    pub chunk_chars: usize,
+    #[serde(default, deserialize_with = "duration")]
+    pub delay: Duration,
+}
+
+impl Default for EchoSettings {
+    fn default() -> Self {
+        EchoSettings {
+            chunk_chars: default_chunk_chars(),
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+fn default_chunk_chars() -> usize {
+    8
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessSettings {
+    pub program: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default = "default_ready_timeout", deserialize_with = "duration")]
+    pub ready_timeout: Duration,
+}
+
+fn default_ready_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSettings {
+    #[serde(default)]
+    pub min: usize,
+    #[serde(default = "default_max")]
+    pub max: usize,
+    #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    #[serde(default = "default_acquire_timeout", deserialize_with = "duration")]
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        let defaults = PoolConfig::default();
+        PoolSettings {
+            min: defaults.min,
+            max: defaults.max,
+            idle_timeout: defaults.idle_timeout,
+            acquire_timeout: defaults.acquire_timeout,
+        }
+    }
+}
+
+fn default_max() -> usize {
+    PoolConfig::default().max
+}
+
+fn default_idle_timeout() -> Duration {
+    PoolConfig::default().idle_timeout
+}
+
+fn default_acquire_timeout() -> Duration {
+    PoolConfig::default().acquire_timeout
+}
+
+/// Durations as people write them: "500ms", "10s", "5m".
+fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    humantime::parse_duration(&text)
+        .map_err(|error| serde::de::Error::custom(format!("{text:?} is not a duration: {error}")))
+}
+
+impl AgentsConfig {
+    /// The catalog these agent types make, after checking them. The built-in `echo` type
+    /// is there unless the file defines its own.
+    pub fn catalog(&self) -> Result<AgentCatalog, String> {
+        let mut catalog = AgentCatalog::with_builtin();
+        for (name, agent) in &self.agents {
+            if name.is_empty()
+                || name.len() > 64
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
+                return Err(format!(
+                    "agent type {name:?}: a name is 1 to 64 ASCII letters, digits, '-', '_' or '.'"
+                ));
+            }
+            let pool = PoolConfig {
+                min: agent.pool.min,
+                max: agent.pool.max,
+                idle_timeout: agent.pool.idle_timeout,
+                acquire_timeout: agent.pool.acquire_timeout,
+            };
+            pool.validate(name)?;
+            match agent.backend {
+                Backend::Echo => {
+                    if agent.process.is_some() {
+                        return Err(format!(
+                            "agent type {name}: `process` settings need backend = \"process\""
+                        ));
+                    }
+                    let echo = EchoConfig {
+                        chunk_chars: agent.echo.chunk_chars.max(1),
+                        delay: agent.echo.delay,
+                    };
+                    catalog.register(name.clone(), Arc::new(echo), pool);
+                }
+                Backend::Process => {
+                    let Some(process) = &agent.process else {
+                        return Err(format!(
+                            "agent type {name}: backend = \"process\" needs process = {{ program = \"…\" }}"
+                        ));
+                    };
+                    let config = ProcessConfig {
+                        agent_type: name.clone(),
+                        program: process.program.clone(),
+                        args: process.args.clone(),
+                        env: process
+                            .env
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect(),
+                        ready_timeout: process.ready_timeout,
+                    };
+                    catalog.register(name.clone(), Arc::new(config), pool);
+                }
+            }
+        }
+        Ok(catalog)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<AgentCatalog, String> {
+        let config: AgentsConfig = toml::from_str(text).map_err(|error| error.to_string())?;
+        config.catalog()
+    }
+
+    #[test]
+    fn a_full_file_makes_its_pools() {
+        let catalog = parse(
+            r#"
+            [agents.helper]
+            role = "support agent"
+            backend = "process"
+            process = { program = "python3", args = ["agent.py"], ready_timeout = "3s" }
+            pool = { min = 1, max = 4, idle_timeout = "90s", acquire_timeout = "250ms" }
+
+            [agents.slow]
+            backend = "echo"
+            echo = { chunk_chars = 2, delay = "10ms" }
+            "#,
+        )
+        .unwrap();
+        let helper = catalog.pool("helper").unwrap();
+        assert_eq!(helper.config().max, 4);
+        assert_eq!(helper.config().acquire_timeout, Duration::from_millis(250));
+        assert!(catalog.pool("slow").is_ok());
+        assert!(catalog.pool("echo").is_ok(), "the built-in echo stays");
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let error = parse("[agents.x]\nbackend = \"process\"\n").unwrap_err();
+        assert!(
+            error.contains("agent type x") && error.contains("program"),
+            "{error}"
+        );
+        let error =
+            parse("[agents.x]\nbackend = \"echo\"\npool = { min = 5, max = 2 }\n").unwrap_err();
+        assert!(error.contains("min (5) is above max (2)"), "{error}");
+        let error = parse("[agents.x]\nbackend = \"echo\"\ncolour = \"red\"\n").unwrap_err();
+        assert!(error.contains("colour"), "{error}");
+        let error = parse("[agents.x]\nbackend = \"telepathy\"\n").unwrap_err();
+        assert!(error.contains("telepathy"), "{error}");
+        let error = parse("[agents.x]\nbackend = \"echo\"\npool = { idle_timeout = \"soon\" }\n")
+            .unwrap_err();
+        assert!(error.contains("soon"), "{error}");
+        let error = parse("[agents.\"bad name\"]\nbackend = \"echo\"\n").unwrap_err();
+        assert!(error.contains("bad name"), "{error}");
+    }
+}
