@@ -135,7 +135,17 @@ impl SwitchyardClient {
                 .into_iter()
                 .map(|(key, value)| (key.into(), value.into()))
                 .collect(),
+            double_text: String::new(),
         };
+        self.create_session_from(message).await
+    }
+
+    /// Creates a session from a full request (to choose its double-text policy, say) and
+    /// keeps its token.
+    pub async fn create_session_from(
+        &self,
+        message: pb::CreateSessionRequest,
+    ) -> Result<pb::CreateSessionResponse, Status> {
         let response = self
             .inner
             .clone()

@@ -42,6 +42,7 @@ pub fn session_to_wire(session: &Session, worker_id: &WorkerId) -> pb::Session {
             .collect(),
         message_count: session.message_count,
         slot: session.slot,
+        double_text: session.double_text.as_str().to_string(),
     }
 }
 

@@ -183,3 +183,163 @@ async fn a_full_agent_pool_answers_resource_exhausted_after_its_acquire_timeout(
     assert_eq!(reply.text, "echo: now");
     sandbox.stop().await;
 }
+
+async fn create_with_policy(
+    client: &switchyard::SwitchyardClient,
+    user: &str,
+    policy: &str,
+) -> String {
+    client
+        .create_session_from(pb::CreateSessionRequest {
+            user_id: user.to_string(),
+            metadata: Default::default(),
+            double_text: policy.to_string(),
+        })
+        .await
+        .unwrap()
+        .session
+        .unwrap()
+        .session_id
+}
+
+/// Starts a turn of about a second and waits until its first delta arrived.
+async fn start_slow_turn(
+    client: &switchyard::SwitchyardClient,
+    session_id: &str,
+    content: &str,
+) -> tonic::Streaming<pb::TurnEvent> {
+    let mut stream = client
+        .send_message(session_id, SLOW_AGENT, content)
+        .await
+        .unwrap();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(matches!(first.event, Some(pb::turn_event::Event::Delta(_))));
+    stream
+}
+
+async fn finish(mut stream: tonic::Streaming<pb::TurnEvent>) -> Result<(), tonic::Status> {
+    while let Some(event) = stream.message().await? {
+        if let Some(pb::turn_event::Event::Done(_)) = event.event {
+            return Ok(());
+        }
+    }
+    Err(tonic::Status::unknown(
+        "stream ended without its final event",
+    ))
+}
+
+#[tokio::test]
+async fn double_text_reject_refuses_a_message_during_a_turn() {
+    let sandbox = Sandbox::start().await;
+    let client = sandbox.client().await;
+    let session = create_with_policy(&client, "quinn", "reject").await;
+    assert_eq!(
+        client.get_session(&session).await.unwrap().double_text,
+        "reject"
+    );
+    let running = start_slow_turn(&client, &session, "first, slowly").await;
+    let status = client
+        .send_message_collect(&session, "echo", "second")
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    assert!(status.message().contains("reject"), "{}", status.message());
+    finish(running).await.unwrap();
+    client
+        .send_message_collect(&session, "echo", "third")
+        .await
+        .unwrap();
+    let contents: Vec<String> = client
+        .get_context(&session, 0, 0)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.content)
+        .collect();
+    assert_eq!(
+        contents,
+        [
+            "first, slowly",
+            "echo: first, slowly",
+            "third",
+            "echo: third"
+        ]
+    );
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn double_text_interrupt_cancels_the_running_turn_and_keeps_what_it_committed() {
+    let sandbox = Sandbox::start().await;
+    let client = sandbox.client().await;
+    let session = create_with_policy(&client, "ravi", "interrupt").await;
+    let running = start_slow_turn(&client, &session, "a long question").await;
+    let reply = client
+        .send_message_collect(&session, "echo", "never mind")
+        .await
+        .unwrap();
+    assert_eq!(reply.text, "echo: never mind");
+    let status = finish(running).await.unwrap_err();
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    assert!(
+        status.message().contains("interrupted"),
+        "{}",
+        status.message()
+    );
+    let contents: Vec<String> = client
+        .get_context(&session, 0, 0)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.content)
+        .collect();
+    assert_eq!(
+        contents,
+        ["a long question", "never mind", "echo: never mind"]
+    );
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn double_text_enqueue_waits_in_a_bounded_queue() {
+    let sandbox = Sandbox::start_with(crate::sandbox::SandboxOptions {
+        limits: switchyard_core::Limits {
+            max_queued_turns: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let client = sandbox.client().await;
+    let session = create_with_policy(&client, "sam", "enqueue").await;
+    let running = start_slow_turn(&client, &session, "one").await;
+    let queued = {
+        let client = client.clone();
+        let session = session.clone();
+        tokio::spawn(async move { client.send_message_collect(&session, "echo", "two").await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let status = client
+        .send_message_collect(&session, "echo", "three")
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    finish(running).await.unwrap();
+    assert_eq!(queued.await.unwrap().unwrap().text, "echo: two");
+
+    let status = client
+        .create_session_from(pb::CreateSessionRequest {
+            user_id: "sam".into(),
+            metadata: Default::default(),
+            double_text: "shout".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("double_text:"),
+        "{}",
+        status.message()
+    );
+    sandbox.stop().await;
+}

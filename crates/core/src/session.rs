@@ -18,6 +18,45 @@ pub struct Session {
     pub last_activity_at: SystemTime,
     pub metadata: BTreeMap<String, String>,
     pub message_count: u64,
+    pub double_text: DoubleText,
+}
+
+/// What a message arriving while a turn runs on its session does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum DoubleText {
+    /// It waits, first come first served, in a bounded queue.
+    #[default]
+    Enqueue,
+    /// It is refused.
+    Reject,
+    /// The running turn is cancelled (keeping what it committed) and the new one runs.
+    Interrupt,
+}
+
+impl DoubleText {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DoubleText::Enqueue => "enqueue",
+            DoubleText::Reject => "reject",
+            DoubleText::Interrupt => "interrupt",
+        }
+    }
+
+    /// Parses the `double_text` field; empty means the default.
+    pub fn parse(input: &str) -> Result<DoubleText, Error> {
+        match input {
+            "" | "enqueue" => Ok(DoubleText::Enqueue),
+            "reject" => Ok(DoubleText::Reject),
+            "interrupt" => Ok(DoubleText::Interrupt),
+            other => Err(Error::invalid(
+                "double_text",
+                format!(
+                    "{} is not a policy: use enqueue, reject or interrupt",
+                    quote(other)
+                ),
+            )),
+        }
+    }
 }
 
 /// Who wrote a message.
@@ -102,6 +141,8 @@ pub struct Limits {
     pub max_metadata_key_bytes: usize,
     pub max_metadata_value_bytes: usize,
     pub max_agent_type_bytes: usize,
+    /// Turns that may wait behind a running one on a session whose policy is enqueue.
+    pub max_queued_turns: usize,
 }
 
 impl Default for Limits {
@@ -119,6 +160,7 @@ impl Default for Limits {
             max_metadata_key_bytes: 64,
             max_metadata_value_bytes: 1024,
             max_agent_type_bytes: 64,
+            max_queued_turns: 8,
         }
     }
 }

@@ -41,6 +41,7 @@ async fn prepare(store: &dyn SessionStore) -> Vec<(Fence, SessionId)> {
             last_activity_at: now,
             metadata: Default::default(),
             message_count: 0,
+            double_text: Default::default(),
         };
         let fence = Fence {
             slot,

@@ -27,6 +27,7 @@ fn session(user: &str) -> Session {
         last_activity_at: now,
         metadata: BTreeMap::from([("plan".to_string(), "pro".to_string())]),
         message_count: 0,
+        double_text: Default::default(),
     }
 }
 
@@ -61,7 +62,8 @@ async fn own_slot(store: &dyn SessionStore) -> Fence {
 
 async fn context_windows(store: Arc<dyn SessionStore>) {
     let fence = own_slot(&*store).await;
-    let session = session("alice");
+    let mut session = session("alice");
+    session.double_text = switchyard_core::DoubleText::Interrupt;
     store.create_session(&fence, &session).await.unwrap();
     let batch: Vec<Message> = (1..=5).map(|i| text(&format!("m{i}"))).collect();
     assert_eq!(
@@ -101,6 +103,7 @@ async fn context_windows(store: Arc<dyn SessionStore>) {
     assert_eq!(stored.message_count, 5);
     assert_eq!(stored.metadata, session.metadata);
     assert_eq!(stored.user_id, session.user_id);
+    assert_eq!(stored.double_text, switchyard_core::DoubleText::Interrupt);
     let missing = SessionId::new_random();
     assert_eq!(
         store.read_context(missing, 0, 0).await,

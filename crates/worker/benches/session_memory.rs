@@ -94,7 +94,7 @@ async fn measure(passivate: bool) {
     for index in 0..count {
         let user = UserId::parse(format!("user-{index}")).expect("id");
         let (session, _) = sessions
-            .create(user, Default::default())
+            .create(user, Default::default(), Default::default())
             .await
             .expect("create");
         let call = sessions.begin(session.id).await.expect("begin");

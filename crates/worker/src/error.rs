@@ -1,7 +1,7 @@
 use switchyard::auth::AuthError;
 use switchyard::metadata::{KNOWN_EPOCH, SLOT_OWNER};
 use switchyard_agents::AgentError;
-use switchyard_core::{Epoch, ErrorCode, ServiceError, Slot, WorkerId};
+use switchyard_core::{Epoch, ErrorCode, ServiceError, SessionId, Slot, WorkerId};
 use switchyard_store::StoreError;
 use tonic::Status;
 
@@ -31,6 +31,17 @@ pub enum WorkerError {
     InvalidMetadata(String),
     #[error("the turn did not finish within the caller's deadline; its reply was not committed")]
     DeadlineExceeded,
+    #[error("a turn is already running on session {0} and its double_text policy is reject")]
+    TurnInProgress(SessionId),
+    #[error("{queued} turns already wait on session {session_id}; retry later")]
+    TurnQueueFull {
+        session_id: SessionId,
+        queued: usize,
+    },
+    #[error(
+        "the turn was interrupted by a newer message on its session; what it had committed is kept"
+    )]
+    Interrupted,
 }
 
 impl ServiceError for WorkerError {
@@ -45,6 +56,8 @@ impl ServiceError for WorkerError {
             | WorkerError::LeaseExpired
             | WorkerError::LeaseNotHeld(_) => ErrorCode::Unavailable,
             WorkerError::DeadlineExceeded => ErrorCode::DeadlineExceeded,
+            WorkerError::TurnInProgress(_) | WorkerError::Interrupted => ErrorCode::Aborted,
+            WorkerError::TurnQueueFull { .. } => ErrorCode::ResourceExhausted,
             WorkerError::InvalidMetadata(_) => ErrorCode::InvalidArgument,
         }
     }

@@ -11,7 +11,7 @@ use switchyard::metadata::{PLACEMENT_EPOCH, deadline_of};
 use switchyard::pb;
 use switchyard::pb::session_service_server::SessionService;
 use switchyard_agents::AgentCatalog;
-use switchyard_core::{Epoch, Error, SessionId, TokenKey, UserId, WorkerId, slot_of};
+use switchyard_core::{DoubleText, Epoch, Error, SessionId, TokenKey, UserId, WorkerId, slot_of};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
@@ -90,9 +90,10 @@ impl SessionService for WorkerSessionService {
         let (metadata, _, message) = request.into_parts();
         let user_id = UserId::parse(message.user_id).map_err(WorkerError::from)?;
         self.check_owner(&user_id, &metadata).await?;
+        let double_text = DoubleText::parse(&message.double_text).map_err(WorkerError::from)?;
         let (session, evicted) = self
             .sessions
-            .create(user_id, metadata_from_wire(message.metadata))
+            .create(user_id, metadata_from_wire(message.metadata), double_text)
             .await?;
         let token = self.token_key.mint(
             session.id,

@@ -10,8 +10,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime};
 
-use switchyard_core::{ContextMessage, Limits, Message, Session, SessionId, Slot, UserId, slot_of};
+use switchyard_core::{
+    ContextMessage, DoubleText, Limits, Message, Session, SessionId, Slot, UserId, slot_of,
+};
 use switchyard_store::{Fence, SessionStore, StoreError};
+use tokio_util::sync::CancellationToken;
 
 use crate::context_cache::{self, ContextCache};
 use crate::error::{Result, WorkerError};
@@ -21,6 +24,7 @@ use crate::placement::PlacementView;
 pub struct HotSession {
     pub session_id: SessionId,
     pub slot: Slot,
+    pub double_text: DoubleText,
     activity: Mutex<Activity>,
     /// Held for the whole of a turn; tokio's mutex is fair, so turns run in arrival order.
     turn: tokio::sync::Mutex<()>,
@@ -33,6 +37,10 @@ struct Activity {
     state: EntryState,
     /// The newest messages, when known; `None` until a read loads them.
     cache: Option<ContextCache>,
+    /// Turns waiting behind the running one.
+    queued: u16,
+    /// Cancels the running turn, for the interrupt policy.
+    running: Option<CancellationToken>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -50,16 +58,20 @@ impl HotSession {
         slot: Slot,
         last_activity_at: SystemTime,
         message_count: u64,
+        double_text: DoubleText,
     ) -> Self {
         HotSession {
             session_id,
             slot,
+            double_text,
             activity: Mutex::new(Activity {
                 in_flight: 0,
                 last_activity_at,
                 message_count,
                 state: EntryState::Live,
                 cache: None,
+                queued: 0,
+                running: None,
             }),
             turn: tokio::sync::Mutex::new(()),
         }
@@ -79,9 +91,58 @@ impl HotSession {
         self.activity().last_activity_at
     }
 
-    pub async fn lock_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.turn.lock().await
+    /// Takes the session's turn according to its double-text policy: at once if no turn
+    /// runs; otherwise refused (reject), after the running and queued turns (enqueue, within
+    /// `max_queued`), or after cancelling the running turn (interrupt). The token cancels the
+    /// turn that takes it, should a newer message interrupt it.
+    pub async fn take_turn(
+        &self,
+        max_queued: usize,
+    ) -> Result<(tokio::sync::MutexGuard<'_, ()>, CancellationToken), WorkerError> {
+        let guard = match self.turn.try_lock() {
+            Ok(guard) => guard,
+            Err(_) => match self.double_text {
+                DoubleText::Reject => return Err(WorkerError::TurnInProgress(self.session_id)),
+                DoubleText::Enqueue => {
+                    {
+                        let mut activity = self.activity();
+                        if usize::from(activity.queued) >= max_queued {
+                            return Err(WorkerError::TurnQueueFull {
+                                session_id: self.session_id,
+                                queued: max_queued,
+                            });
+                        }
+                        activity.queued += 1;
+                    }
+                    // Leaves the queue however the wait ends, cancellation included.
+                    let _leave = scopeguard(|| self.activity().queued -= 1);
+                    self.turn.lock().await
+                }
+                DoubleText::Interrupt => {
+                    if let Some(running) = &self.activity().running {
+                        running.cancel();
+                    }
+                    self.turn.lock().await
+                }
+            },
+        };
+        let token = CancellationToken::new();
+        self.activity().running = Some(token.clone());
+        Ok((guard, token))
     }
+}
+
+/// Runs `action` when dropped.
+fn scopeguard(action: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(action) = self.0.take() {
+                action();
+            }
+        }
+    }
+    Guard(Some(action))
 }
 
 /// A call in progress on a session. The session cannot expire or leave memory while one exists.
@@ -176,6 +237,7 @@ impl SessionManager {
         &self,
         user_id: UserId,
         metadata: BTreeMap<String, String>,
+        double_text: DoubleText,
     ) -> Result<(Session, Vec<SessionId>)> {
         self.limits.validate_metadata(&metadata)?;
         let slot = self.slot_of(&user_id);
@@ -201,6 +263,7 @@ impl SessionManager {
             last_activity_at: now,
             metadata,
             message_count: 0,
+            double_text,
         };
         self.store
             .create_session(&fence, &session)
@@ -281,7 +344,13 @@ impl SessionManager {
             // An entry that is not hot still gets one, marked ended, so that a call loading
             // the session concurrently finds it ended rather than bringing it back.
             let entry = hot.entry(session_id).or_insert_with(|| {
-                Arc::new(HotSession::new(session_id, slot, SystemTime::now(), 0))
+                Arc::new(HotSession::new(
+                    session_id,
+                    slot,
+                    SystemTime::now(),
+                    0,
+                    DoubleText::default(),
+                ))
             });
             entry.activity().state = EntryState::Ended;
         }
@@ -409,6 +478,7 @@ impl SessionManager {
                     idle.slot,
                     idle.last_activity_at,
                     0,
+                    DoubleText::default(),
                 ));
                 hot.insert(idle.id, entry.clone());
                 entry
@@ -547,5 +617,6 @@ fn hot_entry(session: &Session) -> HotSession {
         session.slot,
         session.last_activity_at,
         session.message_count,
+        session.double_text,
     )
 }

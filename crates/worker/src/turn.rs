@@ -62,8 +62,8 @@ async fn run_turn(
     content: String,
     events: &mpsc::Sender<Result<pb::TurnEvent, Status>>,
 ) -> Result<()> {
-    let _turn = tokio::select! {
-        guard = call.session.lock_turn() => guard,
+    let (_turn, interrupted) = tokio::select! {
+        taken = call.session.take_turn(sessions.limits().max_queued_turns) => taken?,
         _ = events.closed() => return Err(AgentError::Cancelled.into()),
     };
     let user_message = Message {
@@ -104,7 +104,12 @@ async fn run_turn(
         }
         Some(reply)
     };
-    let (usage, reply) = tokio::join!(run, forward);
+    // A newer message on an interrupt-policy session cancels the turn here: the user message
+    // stays committed, the reply is not.
+    let (usage, reply) = tokio::select! {
+        done = async { tokio::join!(run, forward) } => done,
+        () = interrupted.cancelled() => return Err(WorkerError::Interrupted),
+    };
     let usage: Usage = usage?;
     let reply = reply.ok_or(AgentError::Cancelled)?;
 

@@ -17,7 +17,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AnyPool, Executor, Row, SqlSafeStr};
 use switchyard_core::{
-    ContextMessage, Epoch, Message, Role, Session, SessionId, Slot, UserId, WorkerId,
+    ContextMessage, DoubleText, Epoch, Message, Role, Session, SessionId, Slot, UserId, WorkerId,
 };
 
 use self::appender::Appender;
@@ -130,14 +130,26 @@ impl Backend {
 
     fn migrations(self) -> &'static [(&'static str, &'static str)] {
         match self {
-            Backend::Sqlite => &[(
-                "initial",
-                include_str!("../../migrations/sqlite/0001_initial.sql"),
-            )],
-            Backend::Postgres => &[(
-                "initial",
-                include_str!("../../migrations/postgres/0001_initial.sql"),
-            )],
+            Backend::Sqlite => &[
+                (
+                    "initial",
+                    include_str!("../../migrations/sqlite/0001_initial.sql"),
+                ),
+                (
+                    "double text",
+                    include_str!("../../migrations/sqlite/0002_double_text.sql"),
+                ),
+            ],
+            Backend::Postgres => &[
+                (
+                    "initial",
+                    include_str!("../../migrations/postgres/0001_initial.sql"),
+                ),
+                (
+                    "double text",
+                    include_str!("../../migrations/postgres/0002_double_text.sql"),
+                ),
+            ],
         }
     }
 }
@@ -368,6 +380,10 @@ fn session_from_row(row: &AnyRow) -> Result<Session> {
         last_activity_at: time_from_micros(row.try_get("last_activity_us").map_err(unavailable)?),
         metadata,
         message_count: count(row.try_get("message_count").map_err(unavailable)?),
+        double_text: {
+            let policy: String = row.try_get("double_text").map_err(unavailable)?;
+            DoubleText::parse(&policy).map_err(|error| corrupt(error.to_string()))?
+        },
     })
 }
 
@@ -387,7 +403,7 @@ fn message_from_row(row: &AnyRow) -> Result<ContextMessage> {
 /// where a constant will do.
 macro_rules! session_columns {
     () => {
-        "session_id, user_id, slot, created_at_us, last_activity_us, metadata, message_count"
+        "session_id, user_id, slot, created_at_us, last_activity_us, metadata, message_count, double_text"
     };
 }
 
@@ -445,18 +461,20 @@ impl SessionStore for SqlStore {
             .map_err(|error| corrupt(format!("metadata does not encode: {error}")))?;
         let mut transaction = self.begin_fenced(fence).await?;
         let result = sqlx::query(
-                    "INSERT INTO sessions (session_id, user_id, slot, created_at_us, last_activity_us, metadata, message_count) \
-                     VALUES ($1, $2, $3, $4, $5, $6, 0) ON CONFLICT (session_id) DO NOTHING",
-                )
-                .bind(session.id.as_bytes().to_vec())
-                .bind(session.user_id.as_str().to_string())
-                .bind(i64::from(session.slot))
-                .bind(micros(session.created_at))
-                .bind(micros(session.last_activity_at))
-                .bind(metadata)
-                .execute(&mut *transaction)
-                .await
-                .map_err(unavailable)?;
+            "INSERT INTO sessions (session_id, user_id, slot, created_at_us, last_activity_us, \
+                                   metadata, message_count, double_text) \
+             VALUES ($1, $2, $3, $4, $5, $6, 0, $7) ON CONFLICT (session_id) DO NOTHING",
+        )
+        .bind(session.id.as_bytes().to_vec())
+        .bind(session.user_id.as_str().to_string())
+        .bind(i64::from(session.slot))
+        .bind(micros(session.created_at))
+        .bind(micros(session.last_activity_at))
+        .bind(metadata)
+        .bind(session.double_text.as_str())
+        .execute(&mut *transaction)
+        .await
+        .map_err(unavailable)?;
         if result.rows_affected() == 0 {
             return Err(StoreError::SessionExists(session.id));
         }
