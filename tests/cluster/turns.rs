@@ -343,3 +343,30 @@ async fn double_text_enqueue_waits_in_a_bounded_queue() {
     );
     sandbox.stop().await;
 }
+
+#[tokio::test]
+async fn a_caller_that_goes_away_cancels_its_turn_and_frees_the_agent() {
+    let sandbox = Sandbox::start().await;
+    let client = sandbox.client().await;
+    // One user: both sessions share a worker and its one scarce instance (200 ms patience).
+    let leaving = create(&client, "uma").await;
+    let next = create(&client, "uma").await;
+    let mut stream = client
+        .send_message(&leaving.session_id, crate::sandbox::SCARCE_AGENT, "a turn nobody waits for")
+        .await
+        .unwrap();
+    assert!(stream.message().await.unwrap().is_some(), "the turn started");
+    drop(stream);
+    // Were the instance still held by the abandoned turn (a second more of deltas), this
+    // would fail after 200 ms.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let reply = client
+        .send_message_collect(&next.session_id, crate::sandbox::SCARCE_AGENT, "mine")
+        .await
+        .unwrap();
+    assert_eq!(reply.text, "echo: mine");
+    // The abandoned turn committed its user message and no reply.
+    let context = client.get_context(&leaving.session_id, 0, 0).await.unwrap();
+    assert_eq!(context.len(), 1, "{context:?}");
+    sandbox.stop().await;
+}
