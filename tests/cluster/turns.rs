@@ -352,10 +352,17 @@ async fn a_caller_that_goes_away_cancels_its_turn_and_frees_the_agent() {
     let leaving = create(&client, "uma").await;
     let next = create(&client, "uma").await;
     let mut stream = client
-        .send_message(&leaving.session_id, crate::sandbox::SCARCE_AGENT, "a turn nobody waits for")
+        .send_message(
+            &leaving.session_id,
+            crate::sandbox::SCARCE_AGENT,
+            "a turn nobody waits for",
+        )
         .await
         .unwrap();
-    assert!(stream.message().await.unwrap().is_some(), "the turn started");
+    assert!(
+        stream.message().await.unwrap().is_some(),
+        "the turn started"
+    );
     drop(stream);
     // Were the instance still held by the abandoned turn (a second more of deltas), this
     // would fail after 200 ms.

@@ -9,7 +9,7 @@
 //! role = "support agent"
 //! goal = "answer billing questions"
 //! instructions = "Be brief."
-//! backend = "process"
+//! backend = "process"        # echo | openai | process
 //! process = { program = "python3", args = ["examples/agents/echo_agent.py"] }
 //! pool = { min = 1, max = 8, idle_timeout = "5m", acquire_timeout = "10s" }
 //! ```
@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::{AgentCatalog, EchoConfig, PoolConfig, ProcessConfig};
+use crate::{AgentCatalog, EchoConfig, OpenAiConfig, PoolConfig, ProcessConfig};
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,6 +33,7 @@ pub struct AgentsConfig {
 #[serde(rename_all = "snake_case")]
 pub enum Backend {
     Echo,
+    Openai,
     Process,
 }
 
@@ -49,8 +50,33 @@ pub struct AgentTypeConfig {
     #[serde(default)]
     pub echo: EchoSettings,
     pub process: Option<ProcessSettings>,
+    pub openai: Option<OpenAiSettings>,
     #[serde(default)]
     pub pool: PoolSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAiSettings {
+    /// e.g. https://api.openai.com/v1, or any OpenAI-compatible server.
+    pub base_url: String,
+    pub model: String,
+    /// The environment variable that holds the API key.
+    pub api_key_env: Option<String>,
+    pub temperature: Option<f64>,
+    pub max_tokens: Option<u32>,
+    #[serde(default = "default_openai_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+}
+
+fn default_openai_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+
+fn default_max_retries() -> u32 {
+    3
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -171,6 +197,30 @@ impl AgentsConfig {
                     };
                     catalog.register(name.clone(), Arc::new(echo), pool);
                 }
+                Backend::Openai => {
+                    let Some(openai) = &agent.openai else {
+                        return Err(format!(
+                            "agent type {name}: backend = \"openai\" needs openai = {{ base_url = \"…\", model = \"…\" }}"
+                        ));
+                    };
+                    let config = OpenAiConfig {
+                        agent_type: name.clone(),
+                        base_url: openai.base_url.clone(),
+                        model: openai.model.clone(),
+                        api_key_env: openai.api_key_env.clone(),
+                        temperature: openai.temperature,
+                        max_tokens: openai.max_tokens,
+                        system_prompt: OpenAiConfig::system_prompt(
+                            &agent.role,
+                            &agent.goal,
+                            &agent.instructions,
+                        ),
+                        timeout: openai.timeout,
+                        max_retries: openai.max_retries,
+                        backoff: Duration::from_millis(250),
+                    };
+                    catalog.register(name.clone(), Arc::new(config), pool);
+                }
                 Backend::Process => {
                     let Some(process) = &agent.process else {
                         return Err(format!(
@@ -218,6 +268,11 @@ mod tests {
             [agents.slow]
             backend = "echo"
             echo = { chunk_chars = 2, delay = "10ms" }
+
+            [agents.assistant]
+            role = "a support agent"
+            backend = "openai"
+            openai = { base_url = "http://127.0.0.1:9/v1", model = "m", api_key_env = "KEY", max_tokens = 100 }
             "#,
         )
         .unwrap();
@@ -225,6 +280,7 @@ mod tests {
         assert_eq!(helper.config().max, 4);
         assert_eq!(helper.config().acquire_timeout, Duration::from_millis(250));
         assert!(catalog.pool("slow").is_ok());
+        assert!(catalog.pool("assistant").is_ok());
         assert!(catalog.pool("echo").is_ok(), "the built-in echo stays");
     }
 

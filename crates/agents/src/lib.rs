@@ -2,6 +2,7 @@
 
 pub mod config;
 mod echo;
+mod openai;
 mod pool;
 mod process;
 
@@ -14,6 +15,7 @@ use switchyard_core::{ContextMessage, ErrorCode, ServiceError};
 use tokio::sync::mpsc;
 
 pub use echo::{EchoAgent, EchoConfig};
+pub use openai::{OpenAiAgent, OpenAiConfig};
 pub use pool::{AgentPool, PoolConfig, PoolStats, PooledAgent};
 pub use process::{ProcessAgent, ProcessConfig};
 
@@ -38,6 +40,9 @@ pub enum AgentError {
     /// The turn failed but the instance is sound.
     #[error("the agent failed the turn: {0}")]
     Failed(String),
+    /// The model provider is rate limiting us, still after the retries.
+    #[error("the model provider is rate limiting: {0}")]
+    RateLimited(String),
     #[error(
         "no {agent_type} agent was free after waiting {waited:?} (its pool holds at most {max}); retry later"
     )]
@@ -54,7 +59,9 @@ impl ServiceError for AgentError {
             AgentError::UnknownAgentType { .. } => ErrorCode::InvalidArgument,
             AgentError::Cancelled => ErrorCode::Cancelled,
             AgentError::Backend(_) | AgentError::Failed(_) => ErrorCode::Unavailable,
-            AgentError::PoolExhausted { .. } => ErrorCode::ResourceExhausted,
+            AgentError::PoolExhausted { .. } | AgentError::RateLimited(_) => {
+                ErrorCode::ResourceExhausted
+            }
         }
     }
 }

@@ -1,0 +1,246 @@
+//! The `openai` backend: any OpenAI-compatible chat-completions server, streamed over SSE.
+//!
+//! The system prompt is built from the agent type's role, goal and instructions; usage comes
+//! from the server's usage block (`stream_options.include_usage`). A 429 or 5xx answer, or a
+//! connection that fails, is retried with exponential backoff (honouring `Retry-After`)
+//! before anything was streamed; what still fails reaches the caller as RESOURCE_EXHAUSTED
+//! (rate limited) or UNAVAILABLE, with the provider's message.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use switchyard_core::ContextMessage;
+use tokio::sync::mpsc;
+
+use crate::{Agent, AgentError, AgentFactory, Usage};
+
+#[derive(Debug, Clone)]
+pub struct OpenAiConfig {
+    pub agent_type: String,
+    /// e.g. `https://api.openai.com/v1`; `/chat/completions` is appended.
+    pub base_url: String,
+    pub model: String,
+    /// The environment variable holding the API key; none for servers that need no key.
+    pub api_key_env: Option<String>,
+    pub temperature: Option<f64>,
+    pub max_tokens: Option<u32>,
+    /// Built from the agent type's role, goal and instructions; empty for none.
+    pub system_prompt: String,
+    /// Bound on one whole request, streamed reply included.
+    pub timeout: Duration,
+    pub max_retries: u32,
+    /// First backoff; each retry doubles it.
+    pub backoff: Duration,
+}
+
+impl OpenAiConfig {
+    /// The system prompt of an agent type.
+    pub fn system_prompt(role: &str, goal: &str, instructions: &str) -> String {
+        let mut parts = Vec::new();
+        if !role.is_empty() {
+            parts.push(format!("You are {role}."));
+        }
+        if !goal.is_empty() {
+            parts.push(format!("Your goal: {goal}"));
+        }
+        if !instructions.is_empty() {
+            parts.push(instructions.to_string());
+        }
+        parts.join("\n")
+    }
+}
+
+#[async_trait]
+impl AgentFactory for OpenAiConfig {
+    async fn create(&self) -> Result<Box<dyn Agent>, AgentError> {
+        let api_key = match &self.api_key_env {
+            Some(variable) => Some(std::env::var(variable).map_err(|_| {
+                AgentError::Backend(format!(
+                    "agent type {}: the API key variable {variable} is not set",
+                    self.agent_type
+                ))
+            })?),
+            None => None,
+        };
+        // One TLS stack for the process: rustls with ring, as sqlx uses.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            .timeout(self.timeout)
+            .build()
+            .map_err(|error| {
+                AgentError::Backend(format!("cannot build the HTTP client: {error}"))
+            })?;
+        Ok(Box::new(OpenAiAgent {
+            config: Arc::new(self.clone()),
+            client,
+            api_key,
+        }))
+    }
+}
+
+pub struct OpenAiAgent {
+    config: Arc<OpenAiConfig>,
+    client: reqwest::Client,
+    api_key: Option<String>,
+}
+
+impl OpenAiAgent {
+    fn body(&self, context: &[ContextMessage]) -> Value {
+        let mut messages = Vec::with_capacity(context.len() + 1);
+        if !self.config.system_prompt.is_empty() {
+            messages.push(json!({ "role": "system", "content": self.config.system_prompt }));
+        }
+        for message in context {
+            let mut entry = json!({ "role": message.role.as_str(), "content": message.content });
+            if !message.name.is_empty() && message.role == switchyard_core::Role::User {
+                entry["name"] = message.name.clone().into();
+            }
+            messages.push(entry);
+        }
+        let mut body = json!({
+            "model": self.config.model,
+            "messages": messages,
+            "stream": true,
+            "stream_options": { "include_usage": true },
+        });
+        if let Some(temperature) = self.config.temperature {
+            body["temperature"] = temperature.into();
+        }
+        if let Some(max_tokens) = self.config.max_tokens {
+            body["max_tokens"] = max_tokens.into();
+        }
+        body
+    }
+
+    /// Sends the request, retrying what is worth retrying.
+    async fn send(&self, body: &Value) -> Result<reqwest::Response, AgentError> {
+        let url = format!(
+            "{}/chat/completions",
+            self.config.base_url.trim_end_matches('/')
+        );
+        let mut attempt = 0;
+        loop {
+            let mut request = self
+                .client
+                .post(&url)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.to_string());
+            if let Some(key) = &self.api_key {
+                request = request.bearer_auth(key);
+            }
+            let failure = match request.send().await {
+                Ok(response) if response.status().is_success() => return Ok(response),
+                Ok(response) => {
+                    let status = response.status();
+                    let retry_after = response
+                        .headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|value| value.to_str().ok())
+                        .and_then(|value| value.parse::<u64>().ok())
+                        .map(Duration::from_secs);
+                    let message = provider_message(response).await;
+                    let retryable = status.as_u16() == 429 || status.is_server_error();
+                    let error = if status.as_u16() == 429 {
+                        AgentError::RateLimited(message)
+                    } else {
+                        AgentError::Failed(format!(
+                            "{} answered {status}: {message}",
+                            self.config.base_url
+                        ))
+                    };
+                    if !retryable {
+                        return Err(error);
+                    }
+                    (error, retry_after)
+                }
+                Err(error) => (
+                    AgentError::Failed(format!("cannot reach {}: {error}", self.config.base_url)),
+                    None,
+                ),
+            };
+            if attempt >= self.config.max_retries {
+                return Err(failure.0);
+            }
+            let backoff = failure
+                .1
+                .unwrap_or(self.config.backoff * 2u32.saturating_pow(attempt))
+                .min(Duration::from_secs(30));
+            tracing::debug!(agent_type = %self.config.agent_type, attempt, ?backoff, error = %failure.0, "retrying the model call");
+            tokio::time::sleep(backoff).await;
+            attempt += 1;
+        }
+    }
+}
+
+/// The `error.message` of an OpenAI-style error body, or the body itself, shortened.
+async fn provider_message(response: reqwest::Response) -> String {
+    let text = response.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|body| body["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or(text);
+    message.chars().take(500).collect()
+}
+
+#[async_trait]
+impl Agent for OpenAiAgent {
+    async fn run_turn(
+        &mut self,
+        context: &[ContextMessage],
+        deltas: &mpsc::Sender<String>,
+    ) -> Result<Usage, AgentError> {
+        let started = Instant::now();
+        let response = self.send(&self.body(context)).await?;
+        let mut usage = Usage::default();
+        let mut buffer: Vec<u8> = Vec::new();
+        let mut body = response.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|error| {
+                AgentError::Failed(format!("the model's stream broke off: {error}"))
+            })?;
+            buffer.extend_from_slice(&chunk);
+            while let Some(end) = buffer.iter().position(|byte| *byte == b'\n') {
+                let line: Vec<u8> = buffer.drain(..=end).collect();
+                let line = String::from_utf8_lossy(&line);
+                let Some(data) = line.trim_end().strip_prefix("data:") else {
+                    continue;
+                };
+                let data = data.trim();
+                if data == "[DONE]" {
+                    usage.compute_seconds = started.elapsed().as_secs_f64();
+                    return Ok(usage);
+                }
+                let Ok(event) = serde_json::from_str::<Value>(data) else {
+                    return Err(AgentError::Failed(format!(
+                        "the model sent an event that is not JSON: {}",
+                        data.chars().take(120).collect::<String>()
+                    )));
+                };
+                if let Some(message) = event["error"]["message"].as_str() {
+                    return Err(AgentError::Failed(message.chars().take(500).collect()));
+                }
+                if let Some(text) = event["choices"][0]["delta"]["content"].as_str()
+                    && !text.is_empty()
+                {
+                    deltas
+                        .send(text.to_string())
+                        .await
+                        .map_err(|_| AgentError::Cancelled)?;
+                }
+                if event["usage"].is_object() {
+                    usage.prompt_tokens = event["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
+                    usage.completion_tokens =
+                        event["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+                }
+            }
+        }
+        Err(AgentError::Failed(
+            "the model's stream ended without [DONE]".into(),
+        ))
+    }
+
+    async fn reset(&mut self) {}
+}
