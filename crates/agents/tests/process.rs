@@ -156,3 +156,50 @@ async fn a_process_that_dies_mid_turn_is_discarded_by_its_pool() {
         "a sound instance goes back to the pool"
     );
 }
+
+/// Whether langchain-core is importable; a note (or, where tests/run.sh installed it and
+/// set SWITCHYARD_REQUIRE_LANGCHAIN, a failure) when it is not.
+fn langchain(python: &str) -> bool {
+    let found = std::process::Command::new(python)
+        .args(["-c", "import langchain_core"])
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if !found {
+        assert!(
+            std::env::var_os("SWITCHYARD_REQUIRE_LANGCHAIN").is_none(),
+            "langchain-core is required (SWITCHYARD_REQUIRE_LANGCHAIN is set) but not importable"
+        );
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: langchain-core is not installed; the LangChain adapter test did not run"
+        );
+    }
+    found
+}
+
+#[tokio::test]
+async fn the_langchain_adapter_hosts_a_langchain_runnable() {
+    let Some(python) = python() else { return };
+    if !langchain(python) {
+        return;
+    }
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/agents");
+    let mut config = config(
+        python,
+        &[
+            &format!("{examples}/langchain_adapter.py"),
+            "langchain_echo:build",
+        ],
+    );
+    config.env = vec![("PYTHONPATH".to_string(), examples.to_string())];
+    let mut agent = config.create().await.unwrap();
+    let (usage, deltas) = run(agent.as_mut(), "from a langchain runnable").await;
+    assert!(usage.is_ok(), "{usage:?}");
+    assert_eq!(deltas.concat(), "echo: from a langchain runnable");
+    assert!(deltas.len() >= 3, "streamed, not collected: {deltas:?}");
+    agent.reset().await;
+    assert!(!agent.is_broken());
+    let (_, deltas) = run(agent.as_mut(), "again").await;
+    assert_eq!(deltas.concat(), "echo: again");
+}
