@@ -7,11 +7,14 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use switchyard_core::ContextMessage;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::mpsc;
 
 use crate::{Agent, AgentError, AgentFactory, Usage};
+
+/// Longest line an agent process may write.
+pub const MAX_LINE_BYTES: usize = 1024 * 1024;
 
 /// How to start one instance.
 #[derive(Debug, Clone)]
@@ -106,7 +109,7 @@ impl AgentFactory for ProcessConfig {
             agent_type: self.agent_type.clone(),
             child,
             stdin,
-            stdout: BufReader::new(stdout).lines(),
+            stdout: BufReader::new(stdout),
             next_turn: 1,
             ready_timeout: self.ready_timeout,
             broken: None,
@@ -120,7 +123,7 @@ pub struct ProcessAgent {
     agent_type: String,
     child: Child,
     stdin: ChildStdin,
-    stdout: Lines<BufReader<ChildStdout>>,
+    stdout: BufReader<ChildStdout>,
     next_turn: u64,
     ready_timeout: Duration,
     /// Why the instance can no longer be used, once it cannot.
@@ -148,14 +151,15 @@ impl ProcessAgent {
     }
 
     async fn next_event(&mut self) -> Result<Event, AgentError> {
-        match self.stdout.next_line().await {
-            Ok(Some(line)) => serde_json::from_str(&line).map_err(|error| {
-                let shown: String = line.chars().take(120).collect();
-                self.broken(format!(
-                    "it wrote {shown:?}, which is not a protocol message: {error}"
-                ))
-            }),
-            Ok(None) => {
+        // A line longer than this is a runaway program, not a message: the worker's memory
+        // is not its to take.
+        let mut line = Vec::new();
+        let read = (&mut self.stdout)
+            .take(MAX_LINE_BYTES as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await;
+        match read {
+            Ok(0) => {
                 let status = self.child.try_wait().ok().flatten();
                 Err(self.broken(format!(
                     "it exited{}",
@@ -164,6 +168,15 @@ impl ProcessAgent {
                         .unwrap_or_default()
                 )))
             }
+            Ok(_) if line.len() > MAX_LINE_BYTES => Err(self.broken(format!(
+                "it wrote a line longer than {MAX_LINE_BYTES} bytes"
+            ))),
+            Ok(_) => serde_json::from_slice(&line).map_err(|error| {
+                let shown: String = String::from_utf8_lossy(&line).chars().take(120).collect();
+                self.broken(format!(
+                    "it wrote {shown:?}, which is not a protocol message: {error}"
+                ))
+            }),
             Err(error) => Err(self.broken(format!("cannot read from it: {error}"))),
         }
     }

@@ -203,3 +203,16 @@ async fn the_langchain_adapter_hosts_a_langchain_runnable() {
     let (_, deltas) = run(agent.as_mut(), "again").await;
     assert_eq!(deltas.concat(), "echo: again");
 }
+
+#[tokio::test]
+async fn a_runaway_line_breaks_the_instance_instead_of_the_worker() {
+    let Some(python) = python() else { return };
+    let script = "import sys, json\nprint(json.dumps({'type': 'ready'}), flush=True)\nsys.stdin.readline()\nsys.stdout.write('x' * (3 * 1024 * 1024))\nsys.stdout.flush()\n";
+    let mut agent = config(python, &["-c", script]).create().await.unwrap();
+    let (result, _) = run(agent.as_mut(), "hi").await;
+    assert!(
+        matches!(result, Err(AgentError::Backend(ref message)) if message.contains("longer than")),
+        "{result:?}"
+    );
+    assert!(agent.is_broken());
+}
