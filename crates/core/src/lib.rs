@@ -1,5 +1,6 @@
 //! Switchyard's domain types and rules. Nothing in this crate performs I/O or knows gRPC.
 
+pub mod bounded;
 pub mod error;
 pub mod ids;
 pub mod placement;

@@ -178,9 +178,9 @@ impl PlacementTable {
 /// One worker's point on the ring. Only the worker id and the replica number are hashed,
 /// so a worker's points do not depend on which other workers are present.
 #[derive(Clone, Debug)]
-struct VirtualNode<'a> {
-    worker: &'a WorkerId,
-    replica: u32,
+pub(crate) struct VirtualNode<'a> {
+    pub(crate) worker: &'a WorkerId,
+    pub(crate) replica: u32,
 }
 
 impl Hash for VirtualNode<'_> {
