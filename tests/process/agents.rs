@@ -1,11 +1,10 @@
 //! Agent types from a configuration file, with a real process agent behind one.
 
-use std::io::{BufRead, BufReader};
 use std::time::Duration;
 
 use switchyard::SwitchyardClient;
 
-use crate::harness::{Process, free_address, temp_dir};
+use crate::harness::{Process, free_address, start_dev, temp_dir};
 
 fn python_available() -> bool {
     let found = std::process::Command::new("python3")
@@ -42,26 +41,11 @@ async fn a_configured_process_agent_answers_through_the_cluster() {
     )
     .unwrap();
     let address = free_address().to_string();
-    let mut dev = Process::spawn(
-        "dev",
-        &[
-            "dev",
-            "--listen",
-            &address,
-            "--data-dir",
-            "data",
-            "--agents",
-            "agents.toml",
-            "--workers",
-            "1",
-        ],
+    let mut dev = start_dev(
         &dir,
+        &address,
+        &["--agents", "agents.toml", "--workers", "1"],
     );
-    for line in BufReader::new(dev.stdout()).lines() {
-        if line.expect("stdout").contains("Ctrl-C") {
-            break;
-        }
-    }
     let client = SwitchyardClient::connect(format!("http://{address}"))
         .await
         .unwrap();

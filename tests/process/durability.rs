@@ -2,7 +2,6 @@
 //! SIGKILLed under load on PostgreSQL.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -13,7 +12,7 @@ use switchyard_store::testing::TestDatabase;
 use tokio::sync::Mutex;
 
 use crate::harness::{
-    Process, free_address, spawn_coordinator, spawn_worker, temp_dir, wait_for_workers,
+    Process, free_address, spawn_coordinator, spawn_worker, start_dev, temp_dir, wait_for_workers,
 };
 
 fn text(content: &str) -> pb::Message {
@@ -24,27 +23,11 @@ fn text(content: &str) -> pb::Message {
     }
 }
 
-/// Starts `switchyard dev` and waits for its banner.
-fn start_dev(dir: &std::path::Path, address: &str) -> Process {
-    let mut dev = Process::spawn(
-        "dev",
-        &["dev", "--listen", address, "--data-dir", "data"],
-        dir,
-    );
-    let lines = BufReader::new(dev.stdout()).lines();
-    for line in lines {
-        if line.expect("stdout").contains("Ctrl-C") {
-            break;
-        }
-    }
-    dev
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_restarted_on_the_same_data_dir_has_every_session_token_and_context() {
     let dir = temp_dir("restart");
     let address = free_address().to_string();
-    let mut dev = start_dev(&dir, &address);
+    let mut dev = start_dev(&dir, &address, &[]);
     let client = SwitchyardClient::connect(format!("http://{address}"))
         .await
         .unwrap();
@@ -79,7 +62,7 @@ async fn dev_restarted_on_the_same_data_dir_has_every_session_token_and_context(
     );
 
     let address = free_address().to_string();
-    let _dev = start_dev(&dir, &address);
+    let _dev = start_dev(&dir, &address, &[]);
     let client = SwitchyardClient::connect(format!("http://{address}"))
         .await
         .unwrap();

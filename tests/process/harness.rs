@@ -201,3 +201,19 @@ pub fn spawn_worker(dir: &Path, coordinator_url: &str, id: &str, extra: &[&str])
     args.extend_from_slice(extra);
     Process::spawn(id, &args, dir)
 }
+
+/// `switchyard dev` on `address` with its data in `dir/data` and `extra` flags, once its
+/// banner says it is ready.
+pub fn start_dev(dir: &Path, address: &str, extra: &[&str]) -> Process {
+    use std::io::{BufRead, BufReader};
+
+    let mut args = vec!["dev", "--listen", address, "--data-dir", "data"];
+    args.extend_from_slice(extra);
+    let mut dev = Process::spawn("dev", &args, dir);
+    for line in BufReader::new(dev.stdout()).lines() {
+        if line.expect("stdout").contains("Ctrl-C") {
+            break;
+        }
+    }
+    dev
+}
