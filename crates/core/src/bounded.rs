@@ -2,8 +2,8 @@
 //! first worker clockwise on the ring unless that would put the worker above
 //! ⌈(1+ε)·total/N⌉, in which case they walk on clockwise to the first worker with room.
 //!
-//! Not yet used by the coordinator (which places by plain consistent hashing); the placement
-//! issue wires it in with the per-slot loads workers report.
+//! The coordinator computes it only when membership changes or an operator asks, with the
+//! per-slot session counts workers report in their heartbeats.
 
 use std::collections::HashMap;
 

@@ -10,7 +10,7 @@ pub mod token;
 
 pub use error::{Error, ErrorCode, Result, ServiceError};
 pub use ids::{SessionId, UserId, WorkerId};
-pub use placement::{Epoch, PlacementTable};
+pub use placement::{Epoch, PlacementInput, PlacementTable};
 pub use session::{ContextMessage, DoubleText, Limits, Message, Role, Session};
 pub use slot::{DEFAULT_SLOT_COUNT, Slot, slot_of};
 pub use token::{SessionClaims, TokenError, TokenKey};

@@ -1,14 +1,14 @@
 //! The placement table: which worker owns each slot, versioned by an epoch that only grows.
 //!
-//! Slots are assigned by consistent hashing (`hashring`, with virtual nodes per worker), so a
-//! worker joining or leaving moves close to 1/N of the slots instead of reshuffling them.
+//! Slots are assigned by consistent hashing with bounded loads ([`crate::bounded`]): a
+//! worker joining or leaving moves close to 1/N of the slots instead of reshuffling them, and
+//! no worker carries more than ⌈(1+ε)·total/N⌉ of the load.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 
-use hashring::HashRing;
-
+use crate::bounded::{DEFAULT_EPSILON, assign_slots_bounded};
 use crate::error::Error;
 use crate::ids::WorkerId;
 use crate::slot::Slot;
@@ -40,6 +40,23 @@ pub struct PlacementTable {
     workers: Vec<WorkerId>,
     /// `owners[slot]` indexes `workers`; `None` when no live worker exists.
     owners: Vec<Option<u32>>,
+    /// Every worker still running at this epoch, sorted, whether it owns slots or not (a
+    /// draining worker owns none but may still hold leases it is handing over). A new owner
+    /// waits for a member to hand a slot over; a slot held by a non-member is taken at once.
+    members: Vec<WorkerId>,
+}
+
+/// What a placement is computed from.
+#[derive(Debug, Clone, Copy)]
+pub struct PlacementInput<'a> {
+    /// Workers that receive slots (joining and active ones).
+    pub placeable: &'a [WorkerId],
+    /// Workers still running: the placeable ones and those draining.
+    pub members: &'a [WorkerId],
+    /// Active sessions per slot (a slot weighs at least 1); empty means uniform.
+    pub loads: &'a [u64],
+    /// No worker carries more than ⌈(1+ε)·total/N⌉.
+    pub epsilon: f64,
 }
 
 impl PlacementTable {
@@ -49,6 +66,7 @@ impl PlacementTable {
             epoch: Epoch::default(),
             workers: Vec::new(),
             owners: vec![None; slot_count as usize],
+            members: Vec::new(),
         }
     }
 
@@ -57,6 +75,7 @@ impl PlacementTable {
         epoch: Epoch,
         workers: Vec<WorkerId>,
         owners: Vec<Option<u32>>,
+        members: Vec<WorkerId>,
     ) -> Result<Self, Error> {
         if owners.is_empty() {
             return Err(Error::invalid("placement.slot_count", "must be positive"));
@@ -71,10 +90,14 @@ impl PlacementTable {
                 format!("worker index {bad} is out of range"),
             ));
         }
+        let mut members = members;
+        members.sort();
+        members.dedup();
         Ok(PlacementTable {
             epoch,
             workers,
             owners,
+            members,
         })
     }
 
@@ -88,6 +111,15 @@ impl PlacementTable {
 
     pub fn workers(&self) -> &[WorkerId] {
         &self.workers
+    }
+
+    /// Workers running at this epoch, sorted: owners and draining workers alike.
+    pub fn members(&self) -> &[WorkerId] {
+        &self.members
+    }
+
+    pub fn is_member(&self, worker: &WorkerId) -> bool {
+        self.members.binary_search(worker).is_ok()
     }
 
     /// Owner indexes per slot, as carried on the wire.
@@ -130,15 +162,42 @@ impl PlacementTable {
         self.owners.iter().filter(|owner| owner.is_none()).count() as u32
     }
 
-    /// The table for a new set of live workers: `None` when the assignment would not
-    /// change, otherwise the new assignment at the next epoch.
+    /// The table for a new set of live workers with uniform loads and the default ε: `None`
+    /// when nothing would change, otherwise the new table at the next epoch.
     pub fn rebalanced(&self, live_workers: &[WorkerId]) -> Option<PlacementTable> {
-        let assignment = assign_slots(self.slot_count(), live_workers);
-        let next = PlacementTable::from_assignment(self.epoch.next(), &assignment);
-        if next.same_assignment(self) {
+        self.placed(&PlacementInput {
+            placeable: live_workers,
+            members: live_workers,
+            loads: &[],
+            epsilon: DEFAULT_EPSILON,
+        })
+    }
+
+    /// The table for `input`, by consistent hashing with bounded loads: `None` when neither
+    /// the assignment nor the members would change, otherwise the new table at the next epoch.
+    pub fn placed(&self, input: &PlacementInput<'_>) -> Option<PlacementTable> {
+        let loads = if input.loads.len() == self.owners.len() {
+            input.loads.to_vec()
+        } else {
+            vec![1; self.owners.len()]
+        };
+        let assignment = assign_slots_bounded(&loads, input.placeable, input.epsilon);
+        let mut next = PlacementTable::from_assignment(self.epoch.next(), &assignment);
+        next.members = input.members.to_vec();
+        next.members.extend(input.placeable.iter().cloned());
+        next.members.sort();
+        next.members.dedup();
+        if next.same_assignment(self) && next.members == self.members {
             return None;
         }
         Some(next)
+    }
+
+    /// Slots whose owner differs between two tables.
+    pub fn moved_slots(&self, other: &PlacementTable) -> u32 {
+        (0..self.slot_count().min(other.slot_count()))
+            .filter(|slot| self.owner(*slot) != other.owner(*slot))
+            .count() as u32
     }
 
     /// The same assignment at a higher epoch, for a coordinator that restarted and must
@@ -166,6 +225,7 @@ impl PlacementTable {
             epoch,
             workers,
             owners,
+            members: Vec::new(),
         }
     }
 
@@ -188,22 +248,6 @@ impl Hash for VirtualNode<'_> {
         self.worker.as_str().hash(state);
         self.replica.hash(state);
     }
-}
-
-/// Assigns each slot to a live worker by consistent hashing.
-pub fn assign_slots(slot_count: u32, live_workers: &[WorkerId]) -> Vec<Option<WorkerId>> {
-    let mut ring = HashRing::new();
-    ring.batch_add(
-        live_workers
-            .iter()
-            .flat_map(|worker| {
-                (0..VIRTUAL_NODES_PER_WORKER).map(move |replica| VirtualNode { worker, replica })
-            })
-            .collect(),
-    );
-    (0..slot_count)
-        .map(|slot| ring.get(&u64::from(slot)).map(|node| node.worker.clone()))
-        .collect()
 }
 
 #[cfg(test)]
@@ -274,7 +318,8 @@ mod tests {
 
     #[test]
     fn from_parts_rejects_out_of_range_owner() {
-        let error = PlacementTable::from_parts(Epoch(1), workers(1), vec![Some(0), Some(1)]);
+        let error =
+            PlacementTable::from_parts(Epoch(1), workers(1), vec![Some(0), Some(1)], Vec::new());
         assert!(error.is_err());
     }
 }

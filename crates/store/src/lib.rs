@@ -2,6 +2,7 @@
 //! SQLite (the default, embedded) or PostgreSQL (for many nodes), both through sqlx.
 
 mod memory;
+mod placement;
 mod sql;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -15,6 +16,7 @@ use switchyard_core::{
 };
 
 pub use memory::MemoryStore;
+pub use placement::StoredPlacement;
 pub use sql::{SqlStore, SqlStoreOptions};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -55,6 +57,16 @@ pub struct Fence {
     pub epoch: Epoch,
 }
 
+/// A slot's lease as the store holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotLease {
+    pub slot: Slot,
+    pub owner: WorkerId,
+    pub epoch: Epoch,
+    /// Given up by `owner` at the end of a handoff: the next owner takes it at once.
+    pub released: bool,
+}
+
 /// A session that has seen no call since `last_activity_at`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdleSession {
@@ -82,6 +94,20 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// The highest epoch any lease was taken at, so a restarted coordinator continues above it.
     async fn max_lease_epoch(&self) -> Result<Epoch>;
+
+    /// The leases held on `slots` (slots never leased are left out), in slot order.
+    async fn slot_leases(&self, slots: &[Slot]) -> Result<Vec<SlotLease>>;
+
+    /// Gives up leases at the end of a handoff, each only if still held exactly as `fences`
+    /// says; returns how many were released. A released lease admits no more writes.
+    async fn release_slots(&self, fences: &[Fence]) -> Result<usize>;
+
+    /// Keeps the coordinator's placement table, unless one at the same or a newer epoch is
+    /// already kept; returns whether it was written.
+    async fn save_placement(&self, placement: &StoredPlacement) -> Result<bool>;
+
+    /// The newest placement table kept, if any.
+    async fn load_placement(&self) -> Result<Option<StoredPlacement>>;
 
     async fn create_session(&self, fence: &Fence, session: &Session) -> Result<()>;
 

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use switchyard_core::{ContextMessage, Epoch, Message, Session, SessionId, Slot, UserId, WorkerId};
 
-use crate::{Fence, IdleSession, Result, SessionStore, StoreError};
+use crate::{Fence, IdleSession, Result, SessionStore, SlotLease, StoreError, StoredPlacement};
 
 /// Everything in process memory: nothing survives the process. `switchyard dev --store
 /// memory` and tests use it; its fencing is the same as the SQL stores'.
@@ -30,13 +30,15 @@ struct Inner {
     sessions: HashMap<SessionId, StoredSession>,
     /// Session ids per user, in creation order.
     by_user: HashMap<UserId, Vec<SessionId>>,
-    leases: HashMap<Slot, (WorkerId, Epoch)>,
+    /// Holder, epoch, and whether the holder released it.
+    leases: HashMap<Slot, (WorkerId, Epoch, bool)>,
+    placement: Option<StoredPlacement>,
 }
 
 impl Inner {
     fn check(&self, fence: &Fence) -> Result<()> {
         match self.leases.get(&fence.slot) {
-            Some((owner, epoch)) if *owner == fence.owner && *epoch == fence.epoch => Ok(()),
+            Some((owner, epoch, false)) if *owner == fence.owner && *epoch == fence.epoch => Ok(()),
             _ => Err(StoreError::Fenced {
                 slot: fence.slot,
                 epoch: fence.epoch,
@@ -81,12 +83,12 @@ impl SessionStore for MemoryStore {
         for &slot in slots {
             let free = match inner.leases.get(&slot) {
                 None => true,
-                Some((holder, held_at)) => {
+                Some((holder, held_at, _)) => {
                     *held_at < epoch || (*held_at == epoch && holder == owner)
                 }
             };
             if free {
-                inner.leases.insert(slot, (owner.clone(), epoch));
+                inner.leases.insert(slot, (owner.clone(), epoch, false));
                 acquired.push(slot);
             }
         }
@@ -98,9 +100,61 @@ impl SessionStore for MemoryStore {
             .lock()
             .leases
             .values()
-            .map(|(_, epoch)| *epoch)
+            .map(|(_, epoch, _)| *epoch)
             .max()
             .unwrap_or_default())
+    }
+
+    async fn slot_leases(&self, slots: &[Slot]) -> Result<Vec<SlotLease>> {
+        let inner = self.lock();
+        let mut slots = slots.to_vec();
+        slots.sort_unstable();
+        slots.dedup();
+        Ok(slots
+            .into_iter()
+            .filter_map(|slot| {
+                let (owner, epoch, released) = inner.leases.get(&slot)?;
+                Some(SlotLease {
+                    slot,
+                    owner: owner.clone(),
+                    epoch: *epoch,
+                    released: *released,
+                })
+            })
+            .collect())
+    }
+
+    async fn release_slots(&self, fences: &[Fence]) -> Result<usize> {
+        let mut inner = self.lock();
+        let mut released = 0;
+        for fence in fences {
+            if let Some((owner, epoch, gone)) = inner.leases.get_mut(&fence.slot)
+                && *owner == fence.owner
+                && *epoch == fence.epoch
+                && !*gone
+            {
+                *gone = true;
+                released += 1;
+            }
+        }
+        Ok(released)
+    }
+
+    async fn save_placement(&self, placement: &StoredPlacement) -> Result<bool> {
+        let mut inner = self.lock();
+        if inner
+            .placement
+            .as_ref()
+            .is_some_and(|kept| kept.epoch >= placement.epoch)
+        {
+            return Ok(false);
+        }
+        inner.placement = Some(placement.clone());
+        Ok(true)
+    }
+
+    async fn load_placement(&self) -> Result<Option<StoredPlacement>> {
+        Ok(self.lock().placement.clone())
     }
 
     async fn create_session(&self, fence: &Fence, session: &Session) -> Result<()> {

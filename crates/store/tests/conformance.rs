@@ -370,6 +370,80 @@ async fn awkward_content_round_trips(store: Arc<dyn SessionStore>) {
     assert_eq!(listed[0].user_id, session.user_id);
 }
 
+/// A handoff: the old owner releases its lease, after which it can write nothing, and the
+/// new owner takes the slot at a newer epoch.
+async fn a_released_lease_admits_no_writes(store: Arc<dyn SessionStore>) {
+    let old = own_slot(&*store).await;
+    let session = session("erin");
+    store.create_session(&old, &session).await.unwrap();
+    let leases = store.slot_leases(&[SLOT, SLOT + 1]).await.unwrap();
+    assert_eq!(leases.len(), 1, "{leases:?}");
+    assert_eq!(
+        (&leases[0].owner, leases[0].epoch, leases[0].released),
+        (&old.owner, Epoch(1), false)
+    );
+
+    assert_eq!(store.release_slots(&[old.clone()]).await.unwrap(), 1);
+    assert_eq!(store.release_slots(&[old.clone()]).await.unwrap(), 0);
+    assert!(store.slot_leases(&[SLOT]).await.unwrap()[0].released);
+    assert!(matches!(
+        store
+            .append_messages(&old, session.id, &[text("late")], SystemTime::now())
+            .await,
+        Err(StoreError::Fenced { .. })
+    ));
+
+    let new = Fence {
+        slot: SLOT,
+        owner: worker("b"),
+        epoch: Epoch(2),
+    };
+    assert_eq!(
+        store
+            .acquire_slots(&new.owner, new.epoch, &[SLOT])
+            .await
+            .unwrap(),
+        vec![SLOT]
+    );
+    // Releasing with a fence that no longer matches changes nothing.
+    assert_eq!(store.release_slots(&[old]).await.unwrap(), 0);
+    assert_eq!(
+        store
+            .append_messages(&new, session.id, &[text("mine")], SystemTime::now())
+            .await
+            .unwrap(),
+        1
+    );
+    let context = store.read_context(session.id, 0, 0).await.unwrap();
+    assert_eq!(seqs(&context), vec![1], "the late write did not land");
+}
+
+/// The placement table is kept only when newer than the one kept.
+async fn the_newest_placement_is_kept(store: Arc<dyn SessionStore>) {
+    assert_eq!(store.load_placement().await.unwrap(), None);
+    let workers = vec![worker("a"), worker("b")];
+    let stored = |epoch: u64| switchyard_store::StoredPlacement {
+        epoch: Epoch(epoch),
+        table: switchyard_core::PlacementTable::empty(32)
+            .rebalanced(&workers)
+            .unwrap()
+            .with_epoch(Epoch(epoch)),
+        addresses: vec![
+            (workers[0].clone(), "127.0.0.1:1".into()),
+            (workers[1].clone(), "127.0.0.1:2".into()),
+        ],
+    };
+    assert!(store.save_placement(&stored(3)).await.unwrap());
+    assert!(!store.save_placement(&stored(2)).await.unwrap());
+    assert!(!store.save_placement(&stored(3)).await.unwrap());
+    assert_eq!(store.load_placement().await.unwrap(), Some(stored(3)));
+    assert!(store.save_placement(&stored(4)).await.unwrap());
+    assert_eq!(
+        store.load_placement().await.unwrap().unwrap().epoch,
+        Epoch(4)
+    );
+}
+
 macro_rules! conformance {
     ($($scenario:ident),* $(,)?) => {
         mod memory {
@@ -400,6 +474,8 @@ conformance!(
     concurrent_appends_are_all_kept_once,
     users_are_listed_oldest_first,
     awkward_content_round_trips,
+    a_released_lease_admits_no_writes,
+    the_newest_placement_is_kept,
 );
 
 fn temp_dir(test: &str) -> PathBuf {

@@ -21,7 +21,7 @@ use switchyard_core::{
 };
 
 use self::appender::Appender;
-use crate::{Fence, IdleSession, Result, SessionStore, StoreError};
+use crate::{Fence, IdleSession, Result, SessionStore, SlotLease, StoreError, StoredPlacement};
 
 /// Which SQL engine a store runs on; the few statements that differ are picked by it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,10 +45,10 @@ impl Backend {
     fn fence_query(self) -> &'static str {
         match self {
             Backend::Sqlite => {
-                "SELECT 1 FROM slot_leases WHERE slot = $1 AND owner = $2 AND epoch = $3"
+                "SELECT 1 FROM slot_leases WHERE slot = $1 AND owner = $2 AND epoch = $3 AND released = 0"
             }
             Backend::Postgres => {
-                "SELECT 1 FROM slot_leases WHERE slot = $1 AND owner = $2 AND epoch = $3 FOR SHARE"
+                "SELECT 1 FROM slot_leases WHERE slot = $1 AND owner = $2 AND epoch = $3 AND released = 0 FOR SHARE"
             }
         }
     }
@@ -97,13 +97,30 @@ impl Backend {
             Backend::Sqlite => {
                 "SELECT l.slot AS slot, l.owner AS owner, l.epoch AS epoch FROM slot_leases AS l \
                  JOIN json_each($1) AS f ON l.slot = json_extract(f.value, '$.s') \
-                  AND l.owner = json_extract(f.value, '$.o') AND l.epoch = json_extract(f.value, '$.e')"
+                  AND l.owner = json_extract(f.value, '$.o') AND l.epoch = json_extract(f.value, '$.e') \
+                 WHERE l.released = 0"
             }
             Backend::Postgres => {
                 "SELECT l.slot AS slot, l.owner AS owner, l.epoch AS epoch FROM slot_leases AS l \
                  JOIN json_to_recordset($1::json) AS f(s bigint, o text, e bigint) \
                    ON l.slot = f.s AND l.owner = f.o AND l.epoch = f.e \
+                 WHERE l.released = 0 \
                  FOR SHARE OF l"
+            }
+        }
+    }
+
+    /// The leases of a set of slots, given as a JSON array in `$1`.
+    fn slot_leases_query(self) -> &'static str {
+        match self {
+            Backend::Sqlite => {
+                "SELECT slot, owner, epoch, released FROM slot_leases \
+                 WHERE slot IN (SELECT value FROM json_each($1)) ORDER BY slot"
+            }
+            Backend::Postgres => {
+                "SELECT slot, owner, epoch, released FROM slot_leases \
+                 WHERE slot IN (SELECT value::bigint FROM json_array_elements_text($1::json)) \
+                 ORDER BY slot"
             }
         }
     }
@@ -139,6 +156,10 @@ impl Backend {
                     "double text",
                     include_str!("../../migrations/sqlite/0002_double_text.sql"),
                 ),
+                (
+                    "handoff and placement",
+                    include_str!("../../migrations/sqlite/0003_handoff_and_placement.sql"),
+                ),
             ],
             Backend::Postgres => &[
                 (
@@ -148,6 +169,10 @@ impl Backend {
                 (
                     "double text",
                     include_str!("../../migrations/postgres/0002_double_text.sql"),
+                ),
+                (
+                    "handoff and placement",
+                    include_str!("../../migrations/postgres/0003_handoff_and_placement.sql"),
                 ),
             ],
         }
@@ -427,8 +452,8 @@ impl SessionStore for SqlStore {
             .map_err(unavailable)?;
         for &slot in slots {
             let row = sqlx::query(
-                "INSERT INTO slot_leases (slot, owner, epoch) VALUES ($1, $2, $3) \
-                 ON CONFLICT (slot) DO UPDATE SET owner = excluded.owner, epoch = excluded.epoch \
+                "INSERT INTO slot_leases (slot, owner, epoch, released) VALUES ($1, $2, $3, 0) \
+                 ON CONFLICT (slot) DO UPDATE SET owner = excluded.owner, epoch = excluded.epoch, released = 0 \
                  WHERE slot_leases.epoch < excluded.epoch \
                     OR (slot_leases.epoch = excluded.epoch AND slot_leases.owner = excluded.owner) \
                  RETURNING slot",
@@ -445,6 +470,82 @@ impl SessionStore for SqlStore {
         }
         transaction.commit().await.map_err(unavailable)?;
         Ok(acquired)
+    }
+
+    async fn slot_leases(&self, slots: &[Slot]) -> Result<Vec<SlotLease>> {
+        let slots_json = serde_json::to_string(slots)
+            .map_err(|error| corrupt(format!("slots do not encode: {error}")))?;
+        let rows = sqlx::query(self.backend.slot_leases_query())
+            .bind(slots_json)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        rows.iter()
+            .map(|row| {
+                let slot: i64 = row.try_get("slot").map_err(unavailable)?;
+                let owner: String = row.try_get("owner").map_err(unavailable)?;
+                let epoch: i64 = row.try_get("epoch").map_err(unavailable)?;
+                let released: i64 = row.try_get("released").map_err(unavailable)?;
+                Ok(SlotLease {
+                    slot: Slot::try_from(slot)
+                        .map_err(|_| corrupt(format!("lease slot {slot} is out of range")))?,
+                    owner: WorkerId::parse(owner)
+                        .map_err(|error| corrupt(format!("lease owner: {error}")))?,
+                    epoch: Epoch(count(epoch)),
+                    released: released != 0,
+                })
+            })
+            .collect()
+    }
+
+    async fn release_slots(&self, fences: &[Fence]) -> Result<usize> {
+        let mut released = 0;
+        let mut transaction = self
+            .pool
+            .begin_with(self.backend.begin_write())
+            .await
+            .map_err(unavailable)?;
+        for fence in fences {
+            let result = sqlx::query(
+                "UPDATE slot_leases SET released = 1 \
+                 WHERE slot = $1 AND owner = $2 AND epoch = $3 AND released = 0",
+            )
+            .bind(i64::from(fence.slot))
+            .bind(fence.owner.as_str().to_string())
+            .bind(epoch_param(fence.epoch))
+            .execute(&mut *transaction)
+            .await
+            .map_err(unavailable)?;
+            released += result.rows_affected() as usize;
+        }
+        transaction.commit().await.map_err(unavailable)?;
+        Ok(released)
+    }
+
+    async fn save_placement(&self, placement: &StoredPlacement) -> Result<bool> {
+        let result = sqlx::query(
+            "INSERT INTO placement (singleton, epoch, placement) VALUES (1, $1, $2) \
+             ON CONFLICT (singleton) DO UPDATE SET epoch = excluded.epoch, placement = excluded.placement \
+             WHERE placement.epoch < excluded.epoch",
+        )
+        .bind(epoch_param(placement.epoch))
+        .bind(placement.to_json())
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    async fn load_placement(&self) -> Result<Option<StoredPlacement>> {
+        let row = sqlx::query("SELECT placement FROM placement WHERE singleton = 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let json: String = row.try_get("placement").map_err(unavailable)?;
+        StoredPlacement::from_json(&json).map(Some)
     }
 
     async fn max_lease_epoch(&self) -> Result<Epoch> {
