@@ -98,6 +98,7 @@ pub fn placement_to_wire(
             .iter()
             .map(|owner| owner.unwrap_or(NO_OWNER))
             .collect(),
+        members: table.members().iter().map(ToString::to_string).collect(),
     }
 }
 
@@ -122,7 +123,12 @@ pub fn placement_from_wire(table: pb::PlacementTable) -> Result<PlacementTable, 
         .into_iter()
         .map(|owner| (owner != NO_OWNER).then_some(owner))
         .collect();
-    PlacementTable::from_parts(Epoch(table.epoch), workers, owners)
+    let members = table
+        .members
+        .into_iter()
+        .map(WorkerId::parse)
+        .collect::<Result<Vec<_>, _>>()?;
+    PlacementTable::from_parts(Epoch(table.epoch), workers, owners, members)
 }
 
 #[cfg(test)]

@@ -18,6 +18,8 @@ pub enum DevError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Store(#[from] switchyard_store::StoreError),
+    #[error("the coordinator failed to start: {0}")]
+    Coordinator(#[from] switchyard_coordinator::StartError),
     #[error("worker {worker_id} failed to start: {source}")]
     Worker {
         worker_id: String,
@@ -35,6 +37,10 @@ pub struct DevClusterConfig {
     pub slot_count: u32,
     pub heartbeat_interval: Duration,
     pub lease: Duration,
+    /// How long a worker losing a slot lets its calls finish before handing it over.
+    pub handoff_grace: Duration,
+    /// The bounded-load placement's ε.
+    pub epsilon: f64,
     pub agents: AgentCatalog,
     /// The one store every in-process node shares.
     pub store: Arc<dyn SessionStore>,
@@ -57,6 +63,8 @@ impl DevClusterConfig {
             slot_count: DEFAULT_SLOT_COUNT,
             heartbeat_interval: Duration::from_millis(500),
             lease: Duration::from_secs(2),
+            handoff_grace: Duration::from_secs(5),
+            epsilon: switchyard_core::bounded::DEFAULT_EPSILON,
             agents: AgentCatalog::with_builtin(),
         }
     }
@@ -74,16 +82,19 @@ impl DevCluster {
     pub async fn start(config: DevClusterConfig) -> Result<Self, DevError> {
         let shutdown = CancellationToken::new();
         let listener = switchyard_server::bind(config.listen).await?;
-        let mut coordinator_config = CoordinatorConfig::new(
-            config.token_key.clone(),
-            config.store.cluster_id().await?,
-            config.store.max_lease_epoch().await?,
-        );
+        let mut coordinator_config = CoordinatorConfig::new(config.token_key.clone());
         coordinator_config.slot_count = config.slot_count;
         coordinator_config.heartbeat_interval = config.heartbeat_interval;
         coordinator_config.lease = config.lease;
-        let coordinator =
-            switchyard_coordinator::start(coordinator_config, listener, shutdown.child_token())?;
+        coordinator_config.handoff_grace = config.handoff_grace;
+        coordinator_config.epsilon = config.epsilon;
+        let coordinator = switchyard_coordinator::start(
+            coordinator_config,
+            config.store.clone(),
+            listener,
+            shutdown.child_token(),
+        )
+        .await?;
         let mut cluster = DevCluster {
             config,
             coordinator,

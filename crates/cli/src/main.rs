@@ -84,6 +84,13 @@ struct ClusterTimingArgs {
     /// A worker silent for this long is declared dead and its slots move.
     #[arg(long, env = "SWITCHYARD_LEASE", default_value = "2s", value_parser = humantime::parse_duration)]
     lease: Duration,
+    /// How long a worker losing a slot (to a join, a drain or a rebalance) lets the slot's
+    /// calls finish before cancelling them with UNAVAILABLE and handing the slot over.
+    #[arg(long, env = "SWITCHYARD_HANDOFF_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    handoff_grace: Duration,
+    /// Placement's load bound: no worker carries more than (1+ε) times the average load.
+    #[arg(long, env = "SWITCHYARD_PLACEMENT_EPSILON", default_value_t = switchyard_core::bounded::DEFAULT_EPSILON, value_parser = parse_epsilon)]
+    placement_epsilon: f64,
     /// Slots per cluster; fixed for the life of the cluster.
     #[arg(long, env = "SWITCHYARD_SLOT_COUNT", default_value_t = DEFAULT_SLOT_COUNT, value_parser = clap::value_parser!(u32).range(1..=65536))]
     slot_count: u32,
@@ -231,16 +238,14 @@ async fn run_coordinator(args: CoordinatorArgs) -> Result<(), BoxError> {
     switchyard_server::cancel_on_signal(shutdown.clone());
     let store = args.store.open().await?;
     let listener = switchyard_server::bind(args.listen).await?;
-    let mut config = switchyard_coordinator::CoordinatorConfig::new(
-        token_key,
-        store.cluster_id().await?,
-        store.max_lease_epoch().await?,
-    );
+    let mut config = switchyard_coordinator::CoordinatorConfig::new(token_key);
     config.slot_count = args.timing.slot_count;
     config.heartbeat_interval = args.timing.heartbeat_interval;
     config.lease = args.timing.lease;
+    config.handoff_grace = args.timing.handoff_grace;
+    config.epsilon = args.timing.placement_epsilon;
     validate_timing(config.heartbeat_interval, config.lease)?;
-    let coordinator = switchyard_coordinator::start(config, listener, shutdown)?;
+    let coordinator = switchyard_coordinator::start(config, store, listener, shutdown).await?;
     coordinator.wait().await;
     Ok(())
 }
@@ -283,6 +288,8 @@ async fn run_dev(args: DevArgs) -> Result<(), BoxError> {
     config.slot_count = args.timing.slot_count;
     config.heartbeat_interval = args.timing.heartbeat_interval;
     config.lease = args.timing.lease;
+    config.handoff_grace = args.timing.handoff_grace;
+    config.epsilon = args.timing.placement_epsilon;
     let cluster = DevCluster::start(config).await?;
     print_banner(&cluster, &args.store);
     shutdown.cancelled().await;
@@ -290,6 +297,15 @@ async fn run_dev(args: DevArgs) -> Result<(), BoxError> {
     // stdout may be gone (a closed pipe) by now; that is no reason to fail.
     let _ = writeln!(std::io::stdout(), "switchyard dev stopped");
     Ok(())
+}
+
+fn parse_epsilon(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(epsilon) if epsilon.is_finite() && epsilon > 0.0 => Ok(epsilon),
+        _ => Err(format!(
+            "{text:?} is not a positive number (0.25 lets a worker carry 125% of the average load)"
+        )),
+    }
 }
 
 fn validate_timing(heartbeat_interval: Duration, lease: Duration) -> Result<(), String> {

@@ -2,14 +2,20 @@
 
 use std::sync::Arc;
 
+use std::time::{Duration, Instant};
 use switchyard::conversions::timestamp_from;
 use switchyard::pb;
 use switchyard::pb::admin_service_server::AdminService;
-use switchyard_core::{UserId, slot_of};
+
+use switchyard::metadata::deadline_of;
+use switchyard_core::{UserId, WorkerId, slot_of};
 use tonic::{Request, Response, Status};
 
 use crate::error::CoordinatorError;
 use crate::membership::{Membership, WorkerState};
+
+/// How long `DrainWorker` with `wait` waits when the call has no deadline.
+const DRAIN_WAIT: Duration = Duration::from_secs(60);
 
 pub struct Admin {
     membership: Arc<Membership>,
@@ -29,16 +35,20 @@ impl AdminService for Admin {
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let routing = self.membership.routing();
         let slot_counts = routing.placement.slot_counts();
+        let loads = self.membership.worker_loads();
         let workers = self
             .membership
             .workers()
             .into_iter()
             .map(|record| pb::WorkerInfo {
                 slot_count: slot_counts.get(&record.worker_id).copied().unwrap_or(0),
+                load: loads.get(&record.worker_id).copied().unwrap_or(0),
                 worker_id: record.worker_id.to_string(),
                 address: record.address,
                 state: match record.state {
+                    WorkerState::Joining => pb::WorkerState::Joining,
                     WorkerState::Active => pb::WorkerState::Active,
+                    WorkerState::Draining => pb::WorkerState::Draining,
                     WorkerState::Dead => pb::WorkerState::Dead,
                 } as i32,
                 session_count: record.session_count,
@@ -85,7 +95,7 @@ impl AdminService for Admin {
         let workers = self.membership.workers();
         let live: Vec<_> = workers
             .iter()
-            .filter(|record| record.state == WorkerState::Active)
+            .filter(|record| record.state.is_member())
             .collect();
         let unassigned_slots = placement.unassigned_slots();
         Ok(Response::new(pb::ClusterStatusResponse {
@@ -96,6 +106,70 @@ impl AdminService for Admin {
             unassigned_slots,
             session_count: live.iter().map(|record| record.session_count).sum(),
             serving: unassigned_slots == 0,
+        }))
+    }
+
+    async fn rebalance(
+        &self,
+        _request: Request<pb::RebalanceRequest>,
+    ) -> Result<Response<pb::RebalanceResponse>, Status> {
+        let rebalanced = self.membership.rebalance_now();
+        let loads = self.membership.worker_loads();
+        let total: u64 = loads.values().sum();
+        let most = loads.values().copied().max().unwrap_or(0);
+        let max_over_average_load = if total == 0 {
+            0.0
+        } else {
+            most as f64 / (total as f64 / loads.len() as f64)
+        };
+        Ok(Response::new(pb::RebalanceResponse {
+            epoch: rebalanced.epoch.0,
+            slots_moved: rebalanced.slots_moved,
+            max_over_average_load,
+        }))
+    }
+
+    async fn drain_worker(
+        &self,
+        request: Request<pb::DrainWorkerRequest>,
+    ) -> Result<Response<pb::DrainWorkerResponse>, Status> {
+        let deadline = deadline_of(request.metadata());
+        let message = request.into_inner();
+        if message.worker_id.is_empty() {
+            return Err(CoordinatorError::from(switchyard_core::Error::invalid(
+                "worker_id",
+                "must not be empty",
+            ))
+            .into());
+        }
+        let worker_id = WorkerId::parse(message.worker_id).map_err(CoordinatorError::from)?;
+        let drained = self.membership.drain(&worker_id)?;
+        let mut left = false;
+        if message.wait {
+            let until = deadline
+                .unwrap_or_else(|| Instant::now() + DRAIN_WAIT)
+                .into();
+            let mut tables = self.membership.subscribe();
+            let gone = |membership: &Membership| {
+                membership
+                    .worker(&worker_id)
+                    .is_none_or(|record| record.state == WorkerState::Dead)
+            };
+            left = tokio::time::timeout_at(until, async {
+                while !gone(&self.membership) {
+                    if tables.changed().await.is_err() {
+                        break;
+                    }
+                }
+            })
+            .await
+            .is_ok()
+                && gone(&self.membership);
+        }
+        Ok(Response::new(pb::DrainWorkerResponse {
+            epoch: drained.epoch.0,
+            slots_moved: drained.slots_moved,
+            left,
         }))
     }
 }

@@ -29,6 +29,14 @@ pub enum CoordinatorError {
     InvalidAddress(String),
     #[error("worker {0} is not registered (or its lease expired): register again")]
     UnknownRegistration(String),
+    #[error("worker_id: no worker {0} is known to the coordinator")]
+    UnknownWorker(String),
+    #[error("worker_id: worker {0} is dead; there is nothing to drain")]
+    WorkerDead(String),
+    #[error(
+        "worker_id: worker {0} is the only worker that can own slots; start another before draining it"
+    )]
+    LastWorker(String),
 }
 
 impl ServiceError for CoordinatorError {
@@ -40,7 +48,12 @@ impl ServiceError for CoordinatorError {
             CoordinatorError::TokenKeyMismatch { .. }
             | CoordinatorError::ClusterMismatch { .. } => ErrorCode::FailedPrecondition,
             CoordinatorError::InvalidAddress(_) => ErrorCode::InvalidArgument,
-            CoordinatorError::UnknownRegistration(_) => ErrorCode::NotFound,
+            CoordinatorError::UnknownRegistration(_) | CoordinatorError::UnknownWorker(_) => {
+                ErrorCode::NotFound
+            }
+            CoordinatorError::WorkerDead(_) | CoordinatorError::LastWorker(_) => {
+                ErrorCode::FailedPrecondition
+            }
         }
     }
 }

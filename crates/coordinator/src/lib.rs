@@ -12,14 +12,18 @@ use std::time::Duration;
 
 use switchyard::pb::admin_service_server::AdminServiceServer;
 use switchyard::pb::membership_service_server::MembershipServiceServer;
-use switchyard_core::{DEFAULT_SLOT_COUNT, Epoch, TokenKey};
+use switchyard_core::bounded::DEFAULT_EPSILON;
+use switchyard_core::{DEFAULT_SLOT_COUNT, TokenKey};
 use switchyard_server::GrpcServer;
+use switchyard_store::SessionStore;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use error::CoordinatorError;
-pub use membership::{Membership, MembershipConfig, RoutingTable, WorkerRecord, WorkerState};
+pub use membership::{
+    Membership, MembershipConfig, Rebalanced, RoutingTable, WorkerRecord, WorkerState,
+};
 
 use crate::admin::Admin;
 use crate::membership::MembershipGrpc;
@@ -28,27 +32,35 @@ use crate::router::{Router, SessionProxy};
 #[derive(Clone, Debug)]
 pub struct CoordinatorConfig {
     pub token_key: TokenKey,
-    /// The id of the cluster's store; workers on another store are refused.
-    pub cluster_id: String,
-    /// The highest placement epoch already used (the store's newest lease): new tables
-    /// start above it, so no epoch is ever handed out twice.
-    pub epoch_floor: Epoch,
     pub slot_count: u32,
     pub heartbeat_interval: Duration,
     pub lease: Duration,
+    /// How long a worker that loses a slot lets the slot's in-flight calls finish before
+    /// cancelling them (UNAVAILABLE) and handing the slot over.
+    pub handoff_grace: Duration,
+    /// The bounded-load placement's ε: no worker carries more than ⌈(1+ε)·total/N⌉.
+    pub epsilon: f64,
 }
 
 impl CoordinatorConfig {
-    pub fn new(token_key: TokenKey, cluster_id: String, epoch_floor: Epoch) -> Self {
+    pub fn new(token_key: TokenKey) -> Self {
         CoordinatorConfig {
             token_key,
-            cluster_id,
-            epoch_floor,
             slot_count: DEFAULT_SLOT_COUNT,
             heartbeat_interval: Duration::from_millis(500),
             lease: Duration::from_secs(2),
+            handoff_grace: Duration::from_secs(5),
+            epsilon: DEFAULT_EPSILON,
         }
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot read the listener address: {0}")]
+    Listener(#[from] std::io::Error),
+    #[error("cannot read the cluster's state from the store: {0}")]
+    Store(#[from] switchyard_store::StoreError),
 }
 
 /// A running coordinator.
@@ -76,21 +88,30 @@ impl CoordinatorHandle {
     }
 }
 
-/// Serves the coordinator's services on `listener` until `shutdown` is cancelled.
-pub fn start(
+/// Serves the coordinator's services on `listener` until `shutdown` is cancelled. The
+/// store gives the cluster id, the epochs already used and the last placement table, which
+/// the coordinator keeps there as it changes.
+pub async fn start(
     config: CoordinatorConfig,
+    store: Arc<dyn SessionStore>,
     listener: TcpListener,
     shutdown: CancellationToken,
-) -> std::io::Result<CoordinatorHandle> {
+) -> Result<CoordinatorHandle, StartError> {
     let address = listener.local_addr()?;
-    let membership = Arc::new(Membership::new(MembershipConfig {
-        slot_count: config.slot_count,
-        heartbeat_interval: config.heartbeat_interval,
-        lease: config.lease,
-        token_key_id: config.token_key.id(),
-        cluster_id: config.cluster_id.clone(),
-        epoch_floor: config.epoch_floor,
-    }));
+    let restored = store.load_placement().await?;
+    let membership = Arc::new(Membership::new(
+        MembershipConfig {
+            slot_count: config.slot_count,
+            heartbeat_interval: config.heartbeat_interval,
+            lease: config.lease,
+            handoff_grace: config.handoff_grace,
+            epsilon: config.epsilon,
+            token_key_id: config.token_key.id(),
+            cluster_id: store.cluster_id().await?,
+            epoch_floor: store.max_lease_epoch().await?,
+        },
+        restored,
+    ));
     let server = GrpcServer::new()
         .add_service(SessionProxy::new(Router::new(
             membership.clone(),
@@ -109,11 +130,12 @@ pub fn start(
         })
     };
     let lease_task = tokio::spawn(membership.clone().watch_leases(shutdown.clone()));
+    let keeper_task = tokio::spawn(membership.clone().keep_placement(store, shutdown.clone()));
     tracing::info!(%address, slot_count = config.slot_count, "coordinator serving");
     Ok(CoordinatorHandle {
         address,
         membership,
         shutdown,
-        tasks: vec![server_task, lease_task],
+        tasks: vec![server_task, lease_task, keeper_task],
     })
 }

@@ -1,4 +1,9 @@
-//! Workers, their leases, and the placement table built from the live ones.
+//! Workers, their leases and states, and the placement table built from the live ones.
+//!
+//! Placement changes only when a worker joins, leaves, dies or is drained, or when an
+//! operator asks (`AdminService.Rebalance`); never continuously. Each change raises the
+//! epoch, and the table is kept in the store so a restarted coordinator serves the same
+//! assignment at a higher epoch.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -7,7 +12,8 @@ use std::time::{Duration, Instant, SystemTime};
 use switchyard::conversions::placement_to_wire;
 use switchyard::pb;
 use switchyard::pb::membership_service_server::MembershipService;
-use switchyard_core::{Epoch, PlacementTable, WorkerId};
+use switchyard_core::{Epoch, PlacementInput, PlacementTable, Slot, WorkerId};
+use switchyard_store::{SessionStore, StoredPlacement};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -18,21 +24,45 @@ use crate::error::{CoordinatorError, Result};
 const DEAD_WORKERS_KEPT: usize = 64;
 /// Longest accepted worker address.
 const MAX_ADDRESS_BYTES: usize = 256;
+/// Pause before saving the placement table again after the store failed.
+const SAVE_RETRY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone)]
 pub struct MembershipConfig {
     pub slot_count: u32,
     pub heartbeat_interval: Duration,
     pub lease: Duration,
+    /// How long a worker losing a slot lets its in-flight calls finish.
+    pub handoff_grace: Duration,
+    /// The bounded-load placement's ε: no worker above ⌈(1+ε)·total/N⌉.
+    pub epsilon: f64,
     pub token_key_id: String,
     pub cluster_id: String,
+    /// The highest epoch already used anywhere (store leases, stored table): new tables
+    /// start above it.
     pub epoch_floor: Epoch,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkerState {
+    /// Registered; receives slots, not yet confirmed by a heartbeat.
+    Joining,
     Active,
+    /// Owns no slots; hands over what it held, then leaves.
+    Draining,
     Dead,
+}
+
+impl WorkerState {
+    /// Still running: counted as a member of the table.
+    pub fn is_member(self) -> bool {
+        self != WorkerState::Dead
+    }
+
+    /// Receives slots.
+    pub fn is_placeable(self) -> bool {
+        matches!(self, WorkerState::Joining | WorkerState::Active)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -47,11 +77,18 @@ pub struct WorkerRecord {
     last_heartbeat: Instant,
 }
 
-/// What the router needs: the table and where each owner listens.
+/// What the router needs: the table and where each member listens.
 #[derive(Debug, Clone)]
 pub struct RoutingTable {
     pub placement: PlacementTable,
     pub addresses: HashMap<WorkerId, String>,
+}
+
+/// The result of a placement change an operator asked for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rebalanced {
+    pub epoch: Epoch,
+    pub slots_moved: u32,
 }
 
 pub struct Membership {
@@ -65,25 +102,71 @@ struct MembershipState {
     placement: PlacementTable,
     /// The highest epoch any worker reported: a restarted coordinator continues above it.
     epoch_floor: Epoch,
+    /// Active sessions per slot, as the owners last reported them.
+    loads: Vec<u64>,
 }
 
 impl Membership {
-    pub fn new(config: MembershipConfig) -> Self {
-        let epoch_floor = config.epoch_floor;
-        let placement = PlacementTable::empty(config.slot_count).with_epoch(config.epoch_floor);
+    /// A coordinator's membership, starting from the table kept in the store if any: its
+    /// members are presumed alive (they have one lease to register again) and its assignment
+    /// is served at once, above every epoch used before.
+    pub fn new(config: MembershipConfig, restored: Option<StoredPlacement>) -> Self {
+        let mut epoch_floor = config.epoch_floor;
+        let mut workers = BTreeMap::new();
+        let placement = match restored {
+            Some(stored) if stored.table.slot_count() == config.slot_count => {
+                epoch_floor = epoch_floor.max(stored.epoch);
+                let now = SystemTime::now();
+                for (worker_id, address) in stored.addresses {
+                    if !stored.table.is_member(&worker_id) {
+                        continue;
+                    }
+                    workers.insert(
+                        worker_id.clone(),
+                        WorkerRecord {
+                            worker_id,
+                            address,
+                            // Matches no heartbeat: each worker registers again.
+                            registration_id: String::new(),
+                            state: WorkerState::Active,
+                            registered_at: now,
+                            last_heartbeat_at: now,
+                            session_count: 0,
+                            last_heartbeat: Instant::now(),
+                        },
+                    );
+                }
+                tracing::info!(epoch = %stored.epoch, workers = workers.len(), "placement restored from the store");
+                stored.table.with_epoch(epoch_floor.next())
+            }
+            Some(stored) => {
+                tracing::warn!(
+                    stored_slots = stored.table.slot_count(),
+                    slot_count = config.slot_count,
+                    "the stored placement has another slot count and is not used"
+                );
+                epoch_floor = epoch_floor.max(stored.epoch);
+                PlacementTable::empty(config.slot_count).with_epoch(epoch_floor)
+            }
+            None => PlacementTable::empty(config.slot_count).with_epoch(epoch_floor),
+        };
+        let loads = vec![0; config.slot_count as usize];
         let (routing, _) = watch::channel(Arc::new(RoutingTable {
             placement: placement.clone(),
             addresses: HashMap::new(),
         }));
-        Membership {
+        let membership = Membership {
             config,
             state: Mutex::new(MembershipState {
-                workers: BTreeMap::new(),
+                workers,
                 placement,
                 epoch_floor,
+                loads,
             }),
             routing,
-        }
+        };
+        membership.publish(&mut membership.state());
+        membership
     }
 
     pub fn config(&self) -> &MembershipConfig {
@@ -106,6 +189,22 @@ impl Membership {
 
     pub fn workers(&self) -> Vec<WorkerRecord> {
         self.state().workers.values().cloned().collect()
+    }
+
+    pub fn worker(&self, worker_id: &WorkerId) -> Option<WorkerRecord> {
+        self.state().workers.get(worker_id).cloned()
+    }
+
+    /// Each worker's load: the sessions in the slots it owns, a slot weighing at least 1.
+    pub fn worker_loads(&self) -> HashMap<WorkerId, u64> {
+        let state = self.state();
+        let mut loads = HashMap::new();
+        for slot in 0..state.placement.slot_count() {
+            if let Some(owner) = state.placement.owner(slot) {
+                *loads.entry(owner.clone()).or_default() += state.loads[slot as usize].max(1);
+            }
+        }
+        loads
     }
 
     pub fn register(
@@ -135,53 +234,98 @@ impl Membership {
         let now = SystemTime::now();
         let mut state = self.state();
         state.epoch_floor = state.epoch_floor.max(known_epoch);
-        if let Some(previous) = state.workers.get(&worker_id)
-            && previous.state == WorkerState::Active
-        {
-            tracing::warn!(%worker_id, old_address = %previous.address, new_address = %address, "worker registered again; the earlier registration is replaced");
-        }
+        let rejoining = state
+            .workers
+            .get(&worker_id)
+            .filter(|previous| previous.state.is_member())
+            .map(|previous| {
+                (
+                    previous.state,
+                    previous.address.clone(),
+                    previous.registered_at,
+                )
+            });
+        let (worker_state, registered_at) = match &rejoining {
+            // A member registering again (this coordinator restarted, or the worker did
+            // within its lease) keeps its slots: nothing moves.
+            Some((previous_state, previous_address, registered_at)) => {
+                if *previous_address != address {
+                    tracing::warn!(%worker_id, old_address = %previous_address, new_address = %address, "worker registered again at another address");
+                }
+                (*previous_state, *registered_at)
+            }
+            None => (WorkerState::Joining, now),
+        };
         state.workers.insert(
             worker_id.clone(),
             WorkerRecord {
                 worker_id: worker_id.clone(),
                 address: address.clone(),
                 registration_id: registration_id.clone(),
-                state: WorkerState::Active,
-                registered_at: now,
+                state: worker_state,
+                registered_at,
                 last_heartbeat_at: now,
                 session_count: 0,
                 last_heartbeat: Instant::now(),
             },
         );
-        tracing::info!(%worker_id, %address, "worker registered");
-        self.rebalance(&mut state);
+        if rejoining.is_some() {
+            tracing::info!(%worker_id, %address, "worker registered again");
+            if state.placement.epoch() <= state.epoch_floor {
+                // The worker saw an epoch this coordinator has not: serve the same
+                // assignment above it.
+                let epoch = state.epoch_floor.next();
+                state.placement = state.placement.clone().with_epoch(epoch);
+            }
+            self.publish(&mut state);
+        } else {
+            tracing::info!(%worker_id, %address, "worker joined");
+            self.rebalance(&mut state);
+        }
         let table = self.wire_table(&state);
         Ok((registration_id, table))
     }
 
-    /// Renews a worker's lease; returns the table when the worker's is older.
+    /// Renews a worker's lease and records its loads. Returns the table when the worker's is
+    /// older, and whether the worker is being drained.
     pub fn heartbeat(
         &self,
         worker_id: &WorkerId,
         registration_id: &str,
         known_epoch: Epoch,
         session_count: u64,
-    ) -> Result<Option<pb::PlacementTable>> {
+        slot_loads: &[(Slot, u64)],
+    ) -> Result<(Option<pb::PlacementTable>, bool)> {
         let mut state = self.state();
         let record = state
             .workers
             .get_mut(worker_id)
             .filter(|record| {
-                record.registration_id == registration_id && record.state == WorkerState::Active
+                !registration_id.is_empty()
+                    && record.registration_id == registration_id
+                    && record.state.is_member()
             })
             .ok_or_else(|| CoordinatorError::UnknownRegistration(worker_id.to_string()))?;
         record.last_heartbeat = Instant::now();
         record.last_heartbeat_at = SystemTime::now();
         record.session_count = session_count;
-        if known_epoch < state.placement.epoch() {
-            return Ok(Some(self.wire_table(&state)));
+        if record.state == WorkerState::Joining {
+            record.state = WorkerState::Active;
+            tracing::info!(%worker_id, "worker active");
         }
-        Ok(None)
+        let draining = record.state == WorkerState::Draining;
+        let state = &mut *state;
+        let owned = state.placement.slots_of(worker_id);
+        for slot in &owned {
+            state.loads[*slot as usize] = 0;
+        }
+        for (slot, sessions) in slot_loads {
+            if state.placement.is_owner(*slot, worker_id) {
+                state.loads[*slot as usize] = *sessions;
+            }
+        }
+        let table = (known_epoch < state.placement.epoch()).then(|| self.wire_table(state));
+        Ok((table, draining))
     }
 
     pub fn leave(&self, worker_id: &WorkerId, registration_id: &str) -> Result<()> {
@@ -189,12 +333,53 @@ impl Membership {
         let record = state
             .workers
             .get_mut(worker_id)
-            .filter(|record| record.registration_id == registration_id)
+            .filter(|record| {
+                !registration_id.is_empty() && record.registration_id == registration_id
+            })
             .ok_or_else(|| CoordinatorError::UnknownRegistration(worker_id.to_string()))?;
         record.state = WorkerState::Dead;
         tracing::info!(%worker_id, "worker left");
         self.rebalance(&mut state);
         Ok(())
+    }
+
+    /// Moves every slot off `worker_id`; the worker learns it in its next heartbeat,
+    /// hands its slots over and leaves.
+    pub fn drain(&self, worker_id: &WorkerId) -> Result<Rebalanced> {
+        let mut state = self.state();
+        let record = state
+            .workers
+            .get(worker_id)
+            .ok_or_else(|| CoordinatorError::UnknownWorker(worker_id.to_string()))?;
+        match record.state {
+            WorkerState::Dead => return Err(CoordinatorError::WorkerDead(worker_id.to_string())),
+            WorkerState::Draining => {
+                return Ok(Rebalanced {
+                    epoch: state.placement.epoch(),
+                    slots_moved: 0,
+                });
+            }
+            WorkerState::Joining | WorkerState::Active => {}
+        }
+        let others = state
+            .workers
+            .values()
+            .filter(|other| other.worker_id != *worker_id && other.state.is_placeable())
+            .count();
+        if others == 0 {
+            return Err(CoordinatorError::LastWorker(worker_id.to_string()));
+        }
+        if let Some(record) = state.workers.get_mut(worker_id) {
+            record.state = WorkerState::Draining;
+        }
+        tracing::info!(%worker_id, "draining worker");
+        Ok(self.rebalance(&mut state))
+    }
+
+    /// Recomputes the placement from the current loads.
+    pub fn rebalance_now(&self) -> Rebalanced {
+        let mut state = self.state();
+        self.rebalance(&mut state)
     }
 
     /// Declares dead every worker whose lease ran out; returns how many.
@@ -203,7 +388,7 @@ impl Membership {
         let mut state = self.state();
         let mut expired = 0;
         for record in state.workers.values_mut() {
-            if record.state == WorkerState::Active
+            if record.state.is_member()
                 && now.duration_since(record.last_heartbeat) > self.config.lease
             {
                 record.state = WorkerState::Dead;
@@ -217,23 +402,45 @@ impl Membership {
         expired
     }
 
-    fn rebalance(&self, state: &mut MembershipState) {
-        let live: Vec<WorkerId> = state
+    fn rebalance(&self, state: &mut MembershipState) -> Rebalanced {
+        let placeable: Vec<WorkerId> = state
             .workers
             .values()
-            .filter(|record| record.state == WorkerState::Active)
+            .filter(|record| record.state.is_placeable())
             .map(|record| record.worker_id.clone())
             .collect();
-        if let Some(next) = state.placement.rebalanced(&live) {
+        let members: Vec<WorkerId> = state
+            .workers
+            .values()
+            .filter(|record| record.state.is_member())
+            .map(|record| record.worker_id.clone())
+            .collect();
+        let mut slots_moved = 0;
+        if let Some(next) = state.placement.placed(&PlacementInput {
+            placeable: &placeable,
+            members: &members,
+            loads: &state.loads,
+            epsilon: self.config.epsilon,
+        }) {
+            slots_moved = next.moved_slots(&state.placement);
             let epoch = next.epoch().max(state.epoch_floor.next());
             state.placement = next.with_epoch(epoch);
-            tracing::info!(epoch = %epoch, live_workers = live.len(), unassigned_slots = state.placement.unassigned_slots(), "placement changed");
+            tracing::info!(epoch = %epoch, workers = placeable.len(), slots_moved, unassigned_slots = state.placement.unassigned_slots(), "placement changed");
         }
+        self.publish(state);
+        Rebalanced {
+            epoch: state.placement.epoch(),
+            slots_moved,
+        }
+    }
+
+    /// Hands the current table to the router and the store keeper.
+    fn publish(&self, state: &mut MembershipState) {
         forget_old_dead_workers(&mut state.workers);
         let addresses = state
             .workers
             .values()
-            .filter(|record| record.state == WorkerState::Active)
+            .filter(|record| record.state.is_member())
             .map(|record| (record.worker_id.clone(), record.address.clone()))
             .collect();
         self.routing.send_replace(Arc::new(RoutingTable {
@@ -254,12 +461,52 @@ impl Membership {
 
     /// Expires leases until `shutdown`.
     pub async fn watch_leases(self: Arc<Self>, shutdown: CancellationToken) {
-        let period = (self.config.lease / 4).max(Duration::from_millis(20));
+        // A fine tick: a dead worker's slots move within a tenth of a lease of its expiry.
+        let period = (self.config.lease / 10).max(Duration::from_millis(10));
         let mut ticks = tokio::time::interval(period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = ticks.tick() => { self.expire_leases(); }
+                _ = shutdown.cancelled() => break,
+            }
+        }
+    }
+
+    /// Keeps every new table in the store until `shutdown`; when tables change faster than
+    /// the store writes, only the newest is written.
+    pub async fn keep_placement(
+        self: Arc<Self>,
+        store: Arc<dyn SessionStore>,
+        shutdown: CancellationToken,
+    ) {
+        let mut tables = self.subscribe();
+        let mut saved = Epoch(0);
+        loop {
+            let routing = tables.borrow_and_update().clone();
+            if routing.placement.epoch() > saved {
+                let stored = StoredPlacement {
+                    epoch: routing.placement.epoch(),
+                    table: routing.placement.clone(),
+                    addresses: routing
+                        .addresses
+                        .iter()
+                        .map(|(worker, address)| (worker.clone(), address.clone()))
+                        .collect(),
+                };
+                match store.save_placement(&stored).await {
+                    Ok(_) => saved = stored.epoch,
+                    Err(error) => {
+                        tracing::warn!(epoch = %stored.epoch, %error, "cannot keep the placement table in the store; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(SAVE_RETRY) => continue,
+                            _ = shutdown.cancelled() => break,
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                changed = tables.changed() => if changed.is_err() { break },
                 _ = shutdown.cancelled() => break,
             }
         }
@@ -330,6 +577,7 @@ impl MembershipService for MembershipGrpc {
             heartbeat_interval_ms: millis(config.heartbeat_interval),
             lease_ms: millis(config.lease),
             placement: Some(placement),
+            handoff_grace_ms: millis(config.handoff_grace),
         }))
     }
 
@@ -339,13 +587,29 @@ impl MembershipService for MembershipGrpc {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let message = request.into_inner();
         let worker_id = WorkerId::parse(message.worker_id).map_err(CoordinatorError::from)?;
-        let placement = self.membership.heartbeat(
+        let slot_count = self.membership.config().slot_count;
+        let mut slot_loads = Vec::with_capacity(message.slot_loads.len());
+        for load in &message.slot_loads {
+            if load.slot >= slot_count {
+                return Err(CoordinatorError::from(switchyard_core::Error::invalid(
+                    "slot_loads.slot",
+                    format!(
+                        "slot {} is out of range (the cluster has {slot_count})",
+                        load.slot
+                    ),
+                ))
+                .into());
+            }
+            slot_loads.push((load.slot, load.sessions));
+        }
+        let (placement, drain) = self.membership.heartbeat(
             &worker_id,
             &message.registration_id,
             Epoch(message.known_epoch),
             message.session_count,
+            &slot_loads,
         )?;
-        Ok(Response::new(pb::HeartbeatResponse { placement }))
+        Ok(Response::new(pb::HeartbeatResponse { placement, drain }))
     }
 
     async fn leave(
@@ -368,15 +632,34 @@ fn millis(duration: Duration) -> u32 {
 mod tests {
     use super::*;
 
-    fn membership(lease: Duration) -> Membership {
-        Membership::new(MembershipConfig {
+    fn config(lease: Duration) -> MembershipConfig {
+        MembershipConfig {
             slot_count: 64,
             heartbeat_interval: Duration::from_millis(10),
             lease,
+            handoff_grace: Duration::from_secs(1),
+            epsilon: 0.25,
             token_key_id: "key".into(),
             cluster_id: "cluster".into(),
             epoch_floor: Epoch(0),
-        })
+        }
+    }
+
+    fn join(membership: &Membership, id: &str, port: u16) -> String {
+        membership
+            .register(
+                worker(id),
+                format!("127.0.0.1:{port}"),
+                "key",
+                "cluster",
+                Epoch(0),
+            )
+            .unwrap()
+            .0
+    }
+
+    fn membership(lease: Duration) -> Membership {
+        Membership::new(config(lease), None)
     }
 
     fn worker(id: &str) -> WorkerId {
@@ -460,7 +743,7 @@ mod tests {
             );
         }
         let error = membership
-            .heartbeat(&worker("ghost"), "x", Epoch(0), 0)
+            .heartbeat(&worker("ghost"), "x", Epoch(0), 0, &[])
             .unwrap_err();
         assert!(matches!(error, CoordinatorError::UnknownRegistration(_)));
     }
@@ -487,15 +770,120 @@ mod tests {
             )
             .unwrap();
         std::thread::sleep(Duration::from_millis(50));
-        membership.heartbeat(&worker("a"), &a, Epoch(2), 0).unwrap();
+        membership
+            .heartbeat(&worker("a"), &a, Epoch(2), 0, &[])
+            .unwrap();
         assert_eq!(membership.expire_leases(), 1);
         assert_eq!(
             membership.routing().placement.slots_of(&worker("a")).len(),
             64
         );
         let error = membership
-            .heartbeat(&worker("b"), &b, Epoch(2), 0)
+            .heartbeat(&worker("b"), &b, Epoch(2), 0, &[])
             .unwrap_err();
         assert!(matches!(error, CoordinatorError::UnknownRegistration(_)));
+    }
+
+    #[test]
+    fn a_drained_worker_owns_nothing_but_stays_a_member_until_it_leaves() {
+        let membership = membership(Duration::from_secs(60));
+        let a = join(&membership, "a", 1);
+        join(&membership, "b", 2);
+        let before = membership.routing().placement.clone();
+        let owned_by_a = before.slots_of(&worker("a")).len() as u32;
+        let drained = membership.drain(&worker("a")).unwrap();
+        assert_eq!(drained.slots_moved, owned_by_a);
+        let routing = membership.routing();
+        assert_eq!(routing.placement.epoch(), drained.epoch);
+        assert!(routing.placement.slots_of(&worker("a")).is_empty());
+        assert!(routing.placement.is_member(&worker("a")));
+        let (_, drain) = membership
+            .heartbeat(&worker("a"), &a, Epoch(0), 0, &[])
+            .unwrap();
+        assert!(drain, "the heartbeat reply tells the worker to drain");
+        assert_eq!(
+            membership.drain(&worker("b")).unwrap_err().to_string(),
+            CoordinatorError::LastWorker("b".into()).to_string()
+        );
+        membership.leave(&worker("a"), &a).unwrap();
+        assert!(!membership.routing().placement.is_member(&worker("a")));
+        assert!(matches!(
+            membership.drain(&worker("a")),
+            Err(CoordinatorError::WorkerDead(_))
+        ));
+        assert!(matches!(
+            membership.drain(&worker("nobody")),
+            Err(CoordinatorError::UnknownWorker(_))
+        ));
+    }
+
+    #[test]
+    fn rebalance_follows_reported_loads_and_changes_nothing_when_they_fit() {
+        let membership = membership(Duration::from_secs(60));
+        let a = join(&membership, "a", 1);
+        join(&membership, "b", 2);
+        assert_eq!(membership.rebalance_now().slots_moved, 0);
+        // Every session on a's slots: a is far above 1.25 × the average.
+        let heavy: Vec<(Slot, u64)> = membership
+            .routing()
+            .placement
+            .slots_of(&worker("a"))
+            .into_iter()
+            .map(|slot| (slot, 100))
+            .collect();
+        membership
+            .heartbeat(&worker("a"), &a, Epoch(0), 0, &heavy)
+            .unwrap();
+        let loads = membership.worker_loads();
+        assert!(loads[&worker("a")] > loads[&worker("b")]);
+        let rebalanced = membership.rebalance_now();
+        assert!(rebalanced.slots_moved > 0);
+        let loads = membership.worker_loads();
+        let total: u64 = loads.values().sum();
+        let most = *loads.values().max().unwrap();
+        assert!(
+            most as f64 <= 1.25 * total as f64 / 2.0 + 100.0,
+            "{loads:?}"
+        );
+    }
+
+    #[test]
+    fn a_restored_table_keeps_its_assignment_above_every_used_epoch() {
+        let first = membership(Duration::from_secs(60));
+        join(&first, "a", 1);
+        join(&first, "b", 2);
+        let routing = first.routing();
+        let stored = StoredPlacement {
+            epoch: routing.placement.epoch(),
+            table: routing.placement.clone(),
+            addresses: routing
+                .addresses
+                .iter()
+                .map(|(worker, address)| (worker.clone(), address.clone()))
+                .collect(),
+        };
+        let restarted = Membership::new(config(Duration::from_secs(60)), Some(stored));
+        let restored = restarted.routing();
+        assert!(restored.placement.epoch() > routing.placement.epoch());
+        assert_eq!(restored.placement.moved_slots(&routing.placement), 0);
+        assert_eq!(restored.addresses, routing.addresses);
+        // The members register again: nothing moves, and the epoch climbs above theirs.
+        let (_, table) = restarted
+            .register(
+                worker("a"),
+                "127.0.0.1:1".into(),
+                "key",
+                "cluster",
+                Epoch(40),
+            )
+            .unwrap();
+        assert_eq!(table.epoch, 41);
+        assert_eq!(
+            restarted
+                .routing()
+                .placement
+                .moved_slots(&routing.placement),
+            0
+        );
     }
 }

@@ -42,6 +42,10 @@ pub enum WorkerError {
         "the turn was interrupted by a newer message on its session; what it had committed is kept"
     )]
     Interrupted,
+    #[error(
+        "session {0} is moving to another worker and its turn did not finish in time: it was cancelled, keeping its user message and committing no reply; retry"
+    )]
+    HandedOver(SessionId),
 }
 
 impl ServiceError for WorkerError {
@@ -54,7 +58,8 @@ impl ServiceError for WorkerError {
             WorkerError::NotOwner { .. } => ErrorCode::FailedPrecondition,
             WorkerError::PlacementBehind { .. }
             | WorkerError::LeaseExpired
-            | WorkerError::LeaseNotHeld(_) => ErrorCode::Unavailable,
+            | WorkerError::LeaseNotHeld(_)
+            | WorkerError::HandedOver(_) => ErrorCode::Unavailable,
             WorkerError::DeadlineExceeded => ErrorCode::DeadlineExceeded,
             WorkerError::TurnInProgress(_) | WorkerError::Interrupted => ErrorCode::Aborted,
             WorkerError::TurnQueueFull { .. } => ErrorCode::ResourceExhausted,

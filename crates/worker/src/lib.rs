@@ -8,22 +8,24 @@ mod service;
 mod sessions;
 mod turn;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use switchyard::pb::session_service_server::SessionServiceServer;
 use switchyard_agents::AgentCatalog;
 use switchyard_core::{Limits, Slot, TokenKey, WorkerId};
 use switchyard_server::GrpcServer;
-use switchyard_store::SessionStore;
+use switchyard_store::{Fence, SessionStore, SlotLease};
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use error::WorkerError;
 pub use membership::MembershipError;
-pub use placement::PlacementView;
+pub use placement::{HANDOFF_MARGIN, PlacementView};
 pub use sessions::SessionManager;
 
 use crate::membership::MembershipClient;
@@ -157,8 +159,8 @@ pub async fn start(
     })
 }
 
-/// Keeps the store leases in step with the placement table, expires idle sessions and
-/// lets go of the sessions of slots that moved away.
+/// Keeps the store leases in step with the placement table, expires idle sessions, hands
+/// over the slots that moved away, and stops the worker once a drain has handed over all.
 async fn upkeep(
     placement: Arc<PlacementView>,
     sessions: Arc<SessionManager>,
@@ -169,10 +171,11 @@ async fn upkeep(
     let mut tables = placement.subscribe();
     let mut reap = tokio::time::interval(sessions.reap_interval());
     reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut leases = LeaseKeeper::new(placement.clone(), sessions.clone(), store);
     loop {
         tokio::select! {
             _ = reap.tick() => {
-                sync_leases(&placement, &sessions, &*store).await;
+                leases.sync().await;
                 let held = placement.fenced_slots();
                 if let Err(error) = sessions.expire_idle(&held).await {
                     tracing::warn!(%worker_id, %error, "idle session expiry failed");
@@ -183,46 +186,194 @@ async fn upkeep(
                     break;
                 }
                 tables.borrow_and_update();
-                sync_leases(&placement, &sessions, &*store).await;
+                leases.sync().await;
             }
+            _ = leases.handed_over.notified() => leases.sync().await,
+            _ = tokio::time::sleep(LEASE_RETRY), if leases.is_waiting() => leases.sync().await,
             _ = shutdown.cancelled() => break,
+        }
+        if placement.is_draining()
+            && placement.current().slots_of(&worker_id).is_empty()
+            && placement.fenced_slots().is_empty()
+        {
+            tracing::info!(%worker_id, "drained: every slot handed over; leaving the cluster");
+            shutdown.cancel();
+            break;
         }
     }
 }
 
-/// Takes the store leases of newly owned slots at the table's epoch, and gives up those of
-/// slots that moved away. A lease held at a newer epoch by another worker is not taken:
-/// that slot is not served here until a newer table says otherwise.
-async fn sync_leases(
-    placement: &PlacementView,
-    sessions: &SessionManager,
-    store: &dyn SessionStore,
-) {
-    let table = placement.current();
-    let worker_id = placement.worker_id();
-    let owned: HashSet<Slot> = table.slots_of(worker_id).into_iter().collect();
-    let held: HashSet<Slot> = placement.fenced_slots().into_iter().collect();
+/// How often a new owner checks whether the previous owner has released a slot.
+const LEASE_RETRY: Duration = Duration::from_millis(25);
 
-    let lost: Vec<Slot> = held.difference(&owned).copied().collect();
-    if !lost.is_empty() {
-        sessions.release_slots(|slot| owned.contains(&slot)).await;
-        placement.remove_fences(&lost);
+/// Takes the store leases of slots placed here and gives up those of slots moved away,
+/// following DESIGN.md's handoff: the old owner finishes or cancels the slot's calls and
+/// releases the lease; the new owner takes it then, or at once when the old owner is no
+/// longer a member (it died), or after the grace and a margin when the release never comes.
+struct LeaseKeeper {
+    placement: Arc<PlacementView>,
+    sessions: Arc<SessionManager>,
+    store: Arc<dyn SessionStore>,
+    /// Slots placed here whose previous owner is still handing them over, since when.
+    waiting: HashMap<Slot, Instant>,
+    /// Slots this worker is handing over.
+    handing_over: Arc<Mutex<HashSet<Slot>>>,
+    /// Signalled when a handover ends.
+    handed_over: Arc<Notify>,
+}
+
+impl LeaseKeeper {
+    fn new(
+        placement: Arc<PlacementView>,
+        sessions: Arc<SessionManager>,
+        store: Arc<dyn SessionStore>,
+    ) -> Self {
+        LeaseKeeper {
+            placement,
+            sessions,
+            store,
+            waiting: HashMap::new(),
+            handing_over: Arc::default(),
+            handed_over: Arc::default(),
+        }
     }
-    let mut new: Vec<Slot> = owned.difference(&held).copied().collect();
-    if new.is_empty() {
-        return;
+
+    fn is_waiting(&self) -> bool {
+        !self.waiting.is_empty()
     }
-    new.sort_unstable();
-    match store.acquire_slots(worker_id, table.epoch(), &new).await {
-        Ok(acquired) => {
-            if acquired.len() < new.len() {
-                tracing::warn!(%worker_id, epoch = %table.epoch(), refused = new.len() - acquired.len(), "some slot leases are held at a newer epoch");
+
+    async fn sync(&mut self) {
+        let table = self.placement.current();
+        let worker_id = self.placement.worker_id().clone();
+        let owned: HashSet<Slot> = table.slots_of(&worker_id).into_iter().collect();
+        let held: HashSet<Slot> = self.placement.fenced_slots().into_iter().collect();
+
+        let lost: Vec<Slot> = {
+            let mut handing_over = self
+                .handing_over
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let lost: Vec<Slot> = held
+                .difference(&owned)
+                .filter(|slot| !handing_over.contains(slot))
+                .copied()
+                .collect();
+            handing_over.extend(lost.iter().copied());
+            lost
+        };
+        if !lost.is_empty() {
+            tokio::spawn(hand_over(
+                self.placement.clone(),
+                self.sessions.clone(),
+                self.store.clone(),
+                lost,
+                self.handing_over.clone(),
+                self.handed_over.clone(),
+            ));
+        }
+
+        self.waiting.retain(|slot, _| owned.contains(slot));
+        let mut new: Vec<Slot> = owned.difference(&held).copied().collect();
+        if new.is_empty() {
+            return;
+        }
+        new.sort_unstable();
+        let leases = match self.store.slot_leases(&new).await {
+            Ok(leases) => leases,
+            Err(error) => {
+                tracing::warn!(%worker_id, %error, "cannot read slot leases; retrying");
+                return;
             }
-            placement.add_fences(&acquired, table.epoch());
-            tracing::debug!(%worker_id, epoch = %table.epoch(), acquired = acquired.len(), "slot leases taken");
+        };
+        let leases: HashMap<Slot, SlotLease> = leases
+            .into_iter()
+            .map(|lease| (lease.slot, lease))
+            .collect();
+        let now = Instant::now();
+        let patience = self.placement.handoff_grace() + HANDOFF_MARGIN;
+        let mut take = Vec::with_capacity(new.len());
+        for slot in new {
+            let free = match leases.get(&slot) {
+                None => true,
+                Some(lease) => {
+                    lease.released || lease.owner == worker_id || !table.is_member(&lease.owner)
+                }
+            };
+            if free {
+                take.push(slot);
+                continue;
+            }
+            let since = *self.waiting.entry(slot).or_insert(now);
+            if now.duration_since(since) >= patience {
+                tracing::warn!(%worker_id, slot, previous_owner = %leases[&slot].owner, "the previous owner did not hand the slot over in time; taking it");
+                take.push(slot);
+            }
         }
-        Err(error) => {
-            tracing::warn!(%worker_id, %error, "cannot take slot leases; retrying");
+        if take.is_empty() {
+            return;
+        }
+        match self
+            .store
+            .acquire_slots(&worker_id, table.epoch(), &take)
+            .await
+        {
+            Ok(acquired) => {
+                if acquired.len() < take.len() {
+                    tracing::warn!(%worker_id, epoch = %table.epoch(), refused = take.len() - acquired.len(), "some slot leases are held at a newer epoch");
+                }
+                for slot in &take {
+                    self.waiting.remove(slot);
+                }
+                self.placement.add_fences(&acquired, table.epoch());
+                tracing::debug!(%worker_id, epoch = %table.epoch(), acquired = acquired.len(), "slot leases taken");
+            }
+            Err(error) => {
+                tracing::warn!(%worker_id, %error, "cannot take slot leases; retrying");
+            }
         }
     }
+}
+
+/// Hands `slots` over: lets their calls finish within the grace (cancelling the rest),
+/// stops writing them, and releases their leases so the new owner can take them at once.
+async fn hand_over(
+    placement: Arc<PlacementView>,
+    sessions: Arc<SessionManager>,
+    store: Arc<dyn SessionStore>,
+    slots: Vec<Slot>,
+    handing_over: Arc<Mutex<HashSet<Slot>>>,
+    handed_over: Arc<Notify>,
+) {
+    let worker_id = placement.worker_id().clone();
+    let started = Instant::now();
+    let set: HashSet<Slot> = slots.iter().copied().collect();
+    let cancelled = sessions.hand_over(&set, placement.handoff_grace()).await;
+    let fences: Vec<Fence> = slots
+        .iter()
+        .filter_map(|slot| placement.fence(*slot))
+        .collect();
+    placement.remove_fences(&slots);
+    let mut attempt = 0;
+    loop {
+        match store.release_slots(&fences).await {
+            Ok(released) => {
+                tracing::info!(%worker_id, slots = slots.len(), released, cancelled_calls = cancelled, took_ms = started.elapsed().as_millis() as u64, "slots handed over");
+                break;
+            }
+            Err(error) if attempt < 3 => {
+                attempt += 1;
+                tracing::warn!(%worker_id, %error, "cannot release slot leases; retrying");
+                tokio::time::sleep(LEASE_RETRY * 4).await;
+            }
+            Err(error) => {
+                tracing::warn!(%worker_id, %error, "cannot release slot leases; the new owners take them after the handoff grace");
+                break;
+            }
+        }
+    }
+    handing_over
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .retain(|slot| !set.contains(slot));
+    handed_over.notify_one();
 }

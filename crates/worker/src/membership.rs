@@ -125,6 +125,10 @@ impl MembershipClient {
             .ok_or_else(|| Status::internal("registration reply carries no placement table"))?;
         self.install(table)?;
         self.placement.renew_lease(sent_at, lease);
+        if response.handoff_grace_ms > 0 {
+            self.placement
+                .set_handoff_grace(Duration::from_millis(u64::from(response.handoff_grace_ms)));
+        }
         tracing::info!(
             worker_id = %self.worker_id,
             address = %self.address,
@@ -201,11 +205,20 @@ impl MembershipClient {
             registration_id: registration.registration_id.clone(),
             known_epoch: self.placement.current().epoch().0,
             session_count: sessions.hot_count() as u64,
+            slot_loads: sessions
+                .slot_loads()
+                .into_iter()
+                .map(|(slot, sessions)| pb::SlotLoad { slot, sessions })
+                .collect(),
         });
         request.set_timeout(CALL_TIMEOUT);
         let response = self.client.clone().heartbeat(request).await?.into_inner();
         if let Some(table) = response.placement {
             self.install(table)?;
+        }
+        if response.drain && !self.placement.is_draining() {
+            tracing::info!(worker_id = %self.worker_id, "draining: handing over every slot, then leaving");
+            self.placement.set_draining(true);
         }
         self.placement.renew_lease(sent_at, registration.lease);
         Ok(())

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use switchyard_core::{Epoch, PlacementTable, Slot, WorkerId};
@@ -13,6 +13,11 @@ use crate::error::{Result, WorkerError};
 
 /// How long a call waits for the worker to catch up with a newer epoch it was sent.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(1);
+/// How much longer than the handoff grace a new owner waits for the old owner to release a
+/// slot before taking it anyway (the old owner cancels its turns at the grace).
+pub const HANDOFF_MARGIN: Duration = Duration::from_secs(1);
+/// The handoff grace until the coordinator says otherwise.
+const DEFAULT_HANDOFF_GRACE: Duration = Duration::from_secs(5);
 
 /// The latest table the coordinator sent, and until when the worker may act on it.
 pub struct PlacementView {
@@ -27,6 +32,10 @@ pub struct PlacementView {
     /// Slots whose lease in the store this worker holds, with the epoch it was taken at.
     /// Writes to a slot carry this fence; a slot without one is not served.
     fences: watch::Sender<HashMap<Slot, Epoch>>,
+    /// How long in-flight calls get to finish when a slot moves, in milliseconds.
+    handoff_grace_ms: AtomicU64,
+    /// The coordinator asked this worker to hand over everything and leave.
+    draining: AtomicBool,
 }
 
 impl PlacementView {
@@ -39,7 +48,26 @@ impl PlacementView {
             started: Instant::now(),
             refresh: Notify::new(),
             fences: watch::channel(HashMap::new()).0,
+            handoff_grace_ms: AtomicU64::new(DEFAULT_HANDOFF_GRACE.as_millis() as u64),
+            draining: AtomicBool::new(false),
         }
+    }
+
+    pub fn handoff_grace(&self) -> Duration {
+        Duration::from_millis(self.handoff_grace_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn set_handoff_grace(&self, grace: Duration) {
+        let millis = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+        self.handoff_grace_ms.store(millis, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Relaxed);
     }
 
     pub fn worker_id(&self) -> &WorkerId {
@@ -160,14 +188,15 @@ impl PlacementView {
 }
 
 impl PlacementView {
-    /// A slot just placed here is served once its lease is taken in the store.
+    /// A slot just placed here is served once its lease is taken in the store, which may
+    /// wait for the previous owner to hand it over.
     async fn wait_for_fence(&self, slot: Slot) -> Result<()> {
         if self.fences.borrow().contains_key(&slot) {
             return Ok(());
         }
         let mut receiver = self.fences.subscribe();
         let taken = tokio::time::timeout(
-            CATCH_UP_WAIT,
+            self.handoff_grace() + HANDOFF_MARGIN,
             receiver.wait_for(|fences| fences.contains_key(&slot)),
         )
         .await;
@@ -218,6 +247,7 @@ mod tests {
     async fn an_owned_slot_without_its_store_lease_is_not_served() {
         let me = worker("a");
         let view = PlacementView::new(me.clone(), 4);
+        view.set_handoff_grace(Duration::from_millis(50));
         view.renew_lease(Instant::now(), Duration::from_secs(60));
         view.install(PlacementTable::empty(4).rebalanced(&[me]).unwrap());
         assert!(matches!(

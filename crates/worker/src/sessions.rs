@@ -6,7 +6,7 @@
 //! that runs its turns one at a time. Idle expiry, passivation and a call starting all take
 //! the entry's lock, so a session never expires or leaves memory under a call that began.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime};
 
@@ -19,6 +19,11 @@ use tokio_util::sync::CancellationToken;
 use crate::context_cache::{self, ContextCache};
 use crate::error::{Result, WorkerError};
 use crate::placement::PlacementView;
+
+/// How often a handoff checks whether the calls on its slots have finished.
+const HANDOVER_POLL: Duration = Duration::from_millis(10);
+/// How long cancelled turns get to end before their slot is released regardless.
+const CANCEL_WAIT: Duration = Duration::from_millis(500);
 
 /// A session this worker has in memory.
 pub struct HotSession {
@@ -39,8 +44,10 @@ struct Activity {
     cache: Option<ContextCache>,
     /// Turns waiting behind the running one.
     queued: u16,
-    /// Cancels the running turn, for the interrupt policy.
+    /// Cancels the running turn, for the interrupt policy and handoffs.
     running: Option<CancellationToken>,
+    /// The session's slot is being handed to another worker: no turn starts any more.
+    handing_over: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -72,6 +79,7 @@ impl HotSession {
                 cache: None,
                 queued: 0,
                 running: None,
+                handing_over: false,
             }),
             turn: tokio::sync::Mutex::new(()),
         }
@@ -127,8 +135,17 @@ impl HotSession {
             },
         };
         let token = CancellationToken::new();
-        self.activity().running = Some(token.clone());
+        let mut activity = self.activity();
+        if activity.handing_over {
+            return Err(WorkerError::HandedOver(self.session_id));
+        }
+        activity.running = Some(token.clone());
         Ok((guard, token))
+    }
+
+    /// Whether the running turn was cancelled because the session's slot is moving.
+    pub fn is_handing_over(&self) -> bool {
+        self.activity().handing_over
     }
 }
 
@@ -557,6 +574,61 @@ impl SessionManager {
         {
             tracing::debug!(session_id = %session.session_id, %error, "activity not saved");
         }
+    }
+
+    /// Active (in-memory) sessions per slot, for the heartbeat: the load placement balances.
+    pub fn slot_loads(&self) -> Vec<(Slot, u64)> {
+        let mut loads: HashMap<Slot, u64> = HashMap::new();
+        for session in self.hot_read().values() {
+            *loads.entry(session.slot).or_default() += 1;
+        }
+        let mut loads: Vec<(Slot, u64)> = loads.into_iter().collect();
+        loads.sort_unstable();
+        loads
+    }
+
+    /// Calls in progress on sessions of `slots`.
+    fn in_flight_in(&self, slots: &HashSet<Slot>) -> u32 {
+        self.hot_read()
+            .values()
+            .filter(|session| slots.contains(&session.slot))
+            .map(|session| session.activity().in_flight)
+            .sum()
+    }
+
+    /// The first half of handing `slots` to another worker (the table already routes new
+    /// calls there): lets the calls in progress finish for up to `grace`, then cancels the
+    /// turns still running (they end UNAVAILABLE, committing no reply) and forgets the
+    /// sessions. Returns how many calls were still in progress at the end of the grace.
+    pub async fn hand_over(&self, slots: &HashSet<Slot>, grace: Duration) -> u32 {
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut cancelled = 0;
+        loop {
+            let in_flight = self.in_flight_in(slots);
+            if in_flight == 0 {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                cancelled = in_flight;
+                for session in self.hot_read().values() {
+                    if slots.contains(&session.slot) {
+                        let mut activity = session.activity();
+                        activity.handing_over = true;
+                        if let Some(running) = &activity.running {
+                            running.cancel();
+                        }
+                    }
+                }
+                let cancelled_by = tokio::time::Instant::now() + CANCEL_WAIT;
+                while self.in_flight_in(slots) > 0 && tokio::time::Instant::now() < cancelled_by {
+                    tokio::time::sleep(HANDOVER_POLL).await;
+                }
+                break;
+            }
+            tokio::time::sleep(HANDOVER_POLL).await;
+        }
+        self.release_slots(|slot| !slots.contains(&slot)).await;
+        cancelled
     }
 
     /// Forgets hot sessions of slots this worker no longer owns, saving their activity

@@ -104,11 +104,17 @@ async fn run_turn(
         }
         Some(reply)
     };
-    // A newer message on an interrupt-policy session cancels the turn here: the user message
-    // stays committed, the reply is not.
+    // A newer message on an interrupt-policy session, or a handoff past its grace, cancels
+    // the turn here: the user message stays committed, the reply is not.
     let (usage, reply) = tokio::select! {
         done = async { tokio::join!(run, forward) } => done,
-        () = interrupted.cancelled() => return Err(WorkerError::Interrupted),
+        () = interrupted.cancelled() => {
+            return Err(if call.session.is_handing_over() {
+                WorkerError::HandedOver(call.session.session_id)
+            } else {
+                WorkerError::Interrupted
+            });
+        }
     };
     let usage: Usage = usage?;
     let reply = reply.ok_or(AgentError::Cancelled)?;
