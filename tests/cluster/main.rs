@@ -9,5 +9,6 @@ mod errors;
 mod failover;
 mod isolation;
 mod lifecycle;
+mod placement;
 mod reflection;
 mod turns;

@@ -31,6 +31,8 @@ pub struct SandboxOptions {
     pub limits: Limits,
     /// How long a silent worker keeps its slots.
     pub lease: Duration,
+    /// How long a worker losing a slot lets its calls finish.
+    pub handoff_grace: Duration,
 }
 
 impl Default for SandboxOptions {
@@ -39,6 +41,7 @@ impl Default for SandboxOptions {
             workers: 3,
             limits: Limits::default(),
             lease: Duration::from_millis(600),
+            handoff_grace: Duration::from_secs(5),
         }
     }
 }
@@ -94,6 +97,7 @@ impl Sandbox {
         config.limits = options.limits;
         config.heartbeat_interval = Duration::from_millis(100);
         config.lease = options.lease;
+        config.handoff_grace = options.handoff_grace;
         config.agents = agents;
         let cluster = DevCluster::start(config).await.expect("cluster starts");
         let sandbox = Sandbox {
