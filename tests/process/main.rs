@@ -8,4 +8,5 @@ mod bench;
 mod cluster;
 mod durability;
 mod harness;
+mod placement;
 mod readme;

@@ -383,8 +383,20 @@ async fn a_released_lease_admits_no_writes(store: Arc<dyn SessionStore>) {
         (&old.owner, Epoch(1), false)
     );
 
-    assert_eq!(store.release_slots(std::slice::from_ref(&old)).await.unwrap(), 1);
-    assert_eq!(store.release_slots(std::slice::from_ref(&old)).await.unwrap(), 0);
+    assert_eq!(
+        store
+            .release_slots(std::slice::from_ref(&old))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store
+            .release_slots(std::slice::from_ref(&old))
+            .await
+            .unwrap(),
+        0
+    );
     assert!(store.slot_leases(&[SLOT]).await.unwrap()[0].released);
     assert!(matches!(
         store

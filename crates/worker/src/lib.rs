@@ -172,6 +172,7 @@ async fn upkeep(
     let mut reap = tokio::time::interval(sessions.reap_interval());
     reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut leases = LeaseKeeper::new(placement.clone(), sessions.clone(), store);
+    let mut verified = placement.subscribe_fences_verified();
     loop {
         tokio::select! {
             _ = reap.tick() => {
@@ -189,6 +190,13 @@ async fn upkeep(
                 leases.sync().await;
             }
             _ = leases.handed_over.notified() => leases.sync().await,
+            changed = verified.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                verified.borrow_and_update();
+                leases.sync().await;
+            }
             _ = tokio::time::sleep(LEASE_RETRY), if leases.is_waiting() => leases.sync().await,
             _ = shutdown.cancelled() => break,
         }
@@ -239,10 +247,27 @@ impl LeaseKeeper {
     }
 
     fn is_waiting(&self) -> bool {
-        !self.waiting.is_empty()
+        !self.waiting.is_empty() || !self.placement.fences_verified()
+    }
+
+    /// After a re-registration, forgets every lease and session held: while this worker was
+    /// out of touch its slots may have moved away and back, so neither its fences nor its
+    /// caches can be trusted. Slots it still owns are taken again at the new epoch (at once
+    /// where the store still shows this worker's lease) and their sessions reload.
+    fn forget_everything(&mut self) {
+        let worker_id = self.placement.worker_id();
+        let held = self.placement.fenced_slots();
+        tracing::info!(%worker_id, slots = held.len(), "registered again: leases and sessions are taken afresh");
+        self.placement.remove_fences(&held);
+        self.sessions.forget_all();
+        self.waiting.clear();
+        self.placement.set_fences_verified(true);
     }
 
     async fn sync(&mut self) {
+        if !self.placement.fences_verified() {
+            self.forget_everything();
+        }
         let table = self.placement.current();
         let worker_id = self.placement.worker_id().clone();
         let owned: HashSet<Slot> = table.slots_of(&worker_id).into_iter().collect();

@@ -173,6 +173,7 @@ impl MembershipClient {
                 Err(status) if status.code() == Code::NotFound => {
                     tracing::warn!(worker_id = %self.worker_id, "coordinator no longer knows this worker, registering again");
                     self.placement.expire_lease();
+                    self.placement.set_fences_verified(false);
                     match self.register(&shutdown).await {
                         Ok(renewed) => registration = renewed,
                         Err(MembershipError::Stopped) => break,

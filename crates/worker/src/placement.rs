@@ -36,6 +36,10 @@ pub struct PlacementView {
     handoff_grace_ms: AtomicU64,
     /// The coordinator asked this worker to hand over everything and leave.
     draining: AtomicBool,
+    /// False from a re-registration (this worker was declared dead, or the coordinator
+    /// restarted) until the worker has forgotten the fences and sessions it held: while it
+    /// was out of touch its slots may have moved and moved back, leaving them stale.
+    fences_verified: watch::Sender<bool>,
 }
 
 impl PlacementView {
@@ -50,7 +54,20 @@ impl PlacementView {
             fences: watch::channel(HashMap::new()).0,
             handoff_grace_ms: AtomicU64::new(DEFAULT_HANDOFF_GRACE.as_millis() as u64),
             draining: AtomicBool::new(false),
+            fences_verified: watch::channel(true).0,
         }
+    }
+
+    pub fn fences_verified(&self) -> bool {
+        *self.fences_verified.borrow()
+    }
+
+    pub fn subscribe_fences_verified(&self) -> watch::Receiver<bool> {
+        self.fences_verified.subscribe()
+    }
+
+    pub fn set_fences_verified(&self, verified: bool) {
+        self.fences_verified.send_replace(verified);
     }
 
     pub fn handoff_grace(&self) -> Duration {
@@ -158,6 +175,14 @@ impl PlacementView {
     pub async fn check_owner(&self, slot: Slot, requested: Option<Epoch>) -> Result<()> {
         if !self.lease_is_fresh() {
             return Err(WorkerError::LeaseExpired);
+        }
+        if !self.fences_verified() {
+            let mut verified = self.fences_verified.subscribe();
+            let checked =
+                tokio::time::timeout(CATCH_UP_WAIT, verified.wait_for(|verified| *verified)).await;
+            if !matches!(checked, Ok(Ok(_))) {
+                return Err(WorkerError::LeaseExpired);
+            }
         }
         let mut table = self.current();
         if let Some(requested) = requested.filter(|requested| table.epoch() < *requested) {

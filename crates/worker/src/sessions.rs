@@ -631,6 +631,17 @@ impl SessionManager {
         cancelled
     }
 
+    /// Drops every session from memory without saving anything: this worker's leases
+    /// lapsed, and other workers may have written since.
+    pub fn forget_all(&self) {
+        let mut hot = self.hot();
+        for session in hot.values() {
+            session.activity().state = EntryState::Passivated;
+        }
+        hot.clear();
+        hot.shrink_to_fit();
+    }
+
     /// Forgets hot sessions of slots this worker no longer owns, saving their activity
     /// while its fences still hold.
     pub async fn release_slots(&self, still_owned: impl Fn(Slot) -> bool) {

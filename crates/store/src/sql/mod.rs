@@ -276,6 +276,18 @@ impl SqlStore {
                     Ok(())
                 })
             });
+        } else {
+            pool_options = pool_options.after_connect(|connection, _| {
+                Box::pin(async move {
+                    // A worker paused (SIGSTOP) or partitioned inside a transaction would keep
+                    // its lease row locked and stall the takeover of its slots. Every
+                    // transaction here is a few statements long; one idle this long is dead.
+                    connection
+                        .execute("SET idle_in_transaction_session_timeout = 1500")
+                        .await?;
+                    Ok(())
+                })
+            });
         }
         let pool = pool_options
             .connect(&options.url)
