@@ -55,23 +55,27 @@ pub fn assign_slots_bounded(
             let chosen = if carried[first] + load <= cap {
                 first
             } else {
-                // Overflow walks clockwise: the ring's nodes from the slot on, each worker once.
-                let clockwise = ring.get_with_replicas(&key, ring.len()).unwrap_or_default();
-                let mut seen: Vec<&WorkerId> = Vec::with_capacity(workers.len());
-                for node in clockwise {
-                    if !seen.contains(&node.worker) {
-                        seen.push(node.worker);
+                // Overflow walks clockwise: the ring's nodes from the slot on, each worker
+                // once. The walk reads a few nodes first and more only if all were full.
+                let mut wanted = 64.min(ring.len());
+                loop {
+                    let clockwise = ring.get_with_replicas(&key, wanted).unwrap_or_default();
+                    let with_room = clockwise
+                        .iter()
+                        .map(|node| node.worker)
+                        .find(|worker| carried[worker] + load <= cap);
+                    if let Some(worker) = with_room {
+                        break worker;
                     }
-                }
-                seen.iter()
-                    .copied()
-                    .find(|worker| carried[worker] + load <= cap)
-                    .unwrap_or_else(|| {
-                        seen.iter()
-                            .copied()
+                    if wanted >= ring.len() {
+                        // Nobody has room for this slot: the least loaded worker takes it.
+                        break workers
+                            .iter()
                             .min_by_key(|worker| carried[worker])
-                            .unwrap_or(first)
-                    })
+                            .unwrap_or(first);
+                    }
+                    wanted = (wanted * 4).min(ring.len());
+                }
             };
             *carried.get_mut(chosen).expect("every worker is counted") += load;
             Some(chosen.clone())
