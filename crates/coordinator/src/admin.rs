@@ -117,10 +117,11 @@ impl AdminService for Admin {
         let loads = self.membership.worker_loads();
         let total: u64 = loads.values().sum();
         let most = loads.values().copied().max().unwrap_or(0);
+        let workers = self.membership.placeable_workers().max(1);
         let max_over_average_load = if total == 0 {
             0.0
         } else {
-            most as f64 / (total as f64 / loads.len() as f64)
+            most as f64 / (total as f64 / workers as f64)
         };
         Ok(Response::new(pb::RebalanceResponse {
             epoch: rebalanced.epoch.0,

@@ -111,6 +111,7 @@ pub async fn start(
             epoch_floor: store.max_lease_epoch().await?,
         },
         restored,
+        true,
     ));
     let server = GrpcServer::new()
         .add_service(SessionProxy::new(Router::new(

@@ -24,6 +24,10 @@ use crate::error::{CoordinatorError, Result};
 const DEAD_WORKERS_KEPT: usize = 64;
 /// Longest accepted worker address.
 const MAX_ADDRESS_BYTES: usize = 256;
+/// How long a registration waits for its table to be kept in the store.
+const PUBLISH_WAIT: Duration = Duration::from_secs(2);
+/// The most sessions a heartbeat may report for one slot.
+const MAX_SLOT_LOAD: u64 = u32::MAX as u64;
 /// Pause before saving the placement table again after the store failed.
 const SAVE_RETRY: Duration = Duration::from_millis(500);
 
@@ -77,11 +81,13 @@ pub struct WorkerRecord {
     last_heartbeat: Instant,
 }
 
-/// What the router needs: the table and where each member listens.
+/// What the router needs: the table and where each member listens; and which members are
+/// draining, kept with the table so a restarted coordinator goes on draining them.
 #[derive(Debug, Clone)]
 pub struct RoutingTable {
     pub placement: PlacementTable,
     pub addresses: HashMap<WorkerId, String>,
+    pub draining: Vec<WorkerId>,
 }
 
 /// The result of a placement change an operator asked for.
@@ -94,7 +100,13 @@ pub struct Rebalanced {
 pub struct Membership {
     config: MembershipConfig,
     state: Mutex<MembershipState>,
+    /// Every table as computed; the keeper writes each to the store before publishing it.
+    computed: watch::Sender<Arc<RoutingTable>>,
+    /// The newest table kept in the store: the only one the router and workers see, so a
+    /// restarted coordinator can never hand out an epoch anyone has seen with another table.
     routing: watch::Sender<Arc<RoutingTable>>,
+    /// Without a store (unit tests) tables are published as computed.
+    kept_in_store: bool,
 }
 
 struct MembershipState {
@@ -110,7 +122,11 @@ impl Membership {
     /// A coordinator's membership, starting from the table kept in the store if any: its
     /// members are presumed alive (they have one lease to register again) and its assignment
     /// is served at once, above every epoch used before.
-    pub fn new(config: MembershipConfig, restored: Option<StoredPlacement>) -> Self {
+    pub fn new(
+        config: MembershipConfig,
+        restored: Option<StoredPlacement>,
+        kept_in_store: bool,
+    ) -> Self {
         let mut epoch_floor = config.epoch_floor;
         let mut workers = BTreeMap::new();
         let placement = match restored {
@@ -121,6 +137,11 @@ impl Membership {
                     if !stored.table.is_member(&worker_id) {
                         continue;
                     }
+                    let state = if stored.draining.contains(&worker_id) {
+                        WorkerState::Draining
+                    } else {
+                        WorkerState::Active
+                    };
                     workers.insert(
                         worker_id.clone(),
                         WorkerRecord {
@@ -128,7 +149,7 @@ impl Membership {
                             address,
                             // Matches no heartbeat: each worker registers again.
                             registration_id: String::new(),
-                            state: WorkerState::Active,
+                            state,
                             registered_at: now,
                             last_heartbeat_at: now,
                             session_count: 0,
@@ -151,10 +172,11 @@ impl Membership {
             None => PlacementTable::empty(config.slot_count).with_epoch(epoch_floor),
         };
         let loads = vec![0; config.slot_count as usize];
-        let (routing, _) = watch::channel(Arc::new(RoutingTable {
-            placement: placement.clone(),
+        let nothing_yet = Arc::new(RoutingTable {
+            placement: PlacementTable::empty(config.slot_count),
             addresses: HashMap::new(),
-        }));
+            draining: Vec::new(),
+        });
         let membership = Membership {
             config,
             state: Mutex::new(MembershipState {
@@ -163,7 +185,9 @@ impl Membership {
                 epoch_floor,
                 loads,
             }),
-            routing,
+            computed: watch::channel(nothing_yet.clone()).0,
+            routing: watch::channel(nothing_yet).0,
+            kept_in_store,
         };
         membership.publish(&mut membership.state());
         membership
@@ -282,8 +306,8 @@ impl Membership {
             tracing::info!(%worker_id, %address, "worker joined");
             self.rebalance(&mut state);
         }
-        let table = self.wire_table(&state);
-        Ok((registration_id, table))
+        drop(state);
+        Ok((registration_id, self.wire_table()))
     }
 
     /// Renews a worker's lease and records its loads. Returns the table when the worker's is
@@ -324,7 +348,8 @@ impl Membership {
                 state.loads[*slot as usize] = *sessions;
             }
         }
-        let table = (known_epoch < state.placement.epoch()).then(|| self.wire_table(state));
+        let published = self.routing.borrow().placement.epoch();
+        let table = (known_epoch < published).then(|| self.wire_table());
         Ok((table, draining))
     }
 
@@ -434,28 +459,36 @@ impl Membership {
         }
     }
 
-    /// Hands the current table to the router and the store keeper.
+    /// Hands the current table to the store keeper, which publishes it once kept.
     fn publish(&self, state: &mut MembershipState) {
         forget_old_dead_workers(&mut state.workers);
-        let addresses = state
+        let members = state
             .workers
             .values()
-            .filter(|record| record.state.is_member())
-            .map(|record| (record.worker_id.clone(), record.address.clone()))
-            .collect();
-        self.routing.send_replace(Arc::new(RoutingTable {
+            .filter(|record| record.state.is_member());
+        let table = Arc::new(RoutingTable {
             placement: state.placement.clone(),
-            addresses,
-        }));
+            addresses: members
+                .clone()
+                .map(|record| (record.worker_id.clone(), record.address.clone()))
+                .collect(),
+            draining: members
+                .filter(|record| record.state == WorkerState::Draining)
+                .map(|record| record.worker_id.clone())
+                .collect(),
+        });
+        if self.kept_in_store {
+            self.computed.send_replace(table);
+        } else {
+            self.routing.send_replace(table);
+        }
     }
 
-    fn wire_table(&self, state: &MembershipState) -> pb::PlacementTable {
-        placement_to_wire(&state.placement, |worker| {
-            state
-                .workers
-                .get(worker)
-                .map(|record| record.address.clone())
-                .unwrap_or_default()
+    /// The published table for a worker, with every member's address.
+    pub fn wire_table(&self) -> pb::PlacementTable {
+        let routing = self.routing();
+        placement_to_wire(&routing.placement, |worker| {
+            routing.addresses.get(worker).cloned().unwrap_or_default()
         })
     }
 
@@ -473,29 +506,38 @@ impl Membership {
         }
     }
 
-    /// Keeps every new table in the store until `shutdown`; when tables change faster than
-    /// the store writes, only the newest is written.
+    /// Keeps every new table in the store, then publishes it, until `shutdown`. When tables
+    /// change faster than the store writes, only the newest is written.
     pub async fn keep_placement(
         self: Arc<Self>,
         store: Arc<dyn SessionStore>,
         shutdown: CancellationToken,
     ) {
-        let mut tables = self.subscribe();
-        let mut saved = Epoch(0);
+        let mut tables = self.computed.subscribe();
         loop {
-            let routing = tables.borrow_and_update().clone();
-            if routing.placement.epoch() > saved {
+            let table = tables.borrow_and_update().clone();
+            if table.placement.epoch() > self.routing().placement.epoch() {
                 let stored = StoredPlacement {
-                    epoch: routing.placement.epoch(),
-                    table: routing.placement.clone(),
-                    addresses: routing
+                    epoch: table.placement.epoch(),
+                    table: table.placement.clone(),
+                    addresses: table
                         .addresses
                         .iter()
                         .map(|(worker, address)| (worker.clone(), address.clone()))
                         .collect(),
+                    draining: table.draining.clone(),
                 };
                 match store.save_placement(&stored).await {
-                    Ok(_) => saved = stored.epoch,
+                    Ok(true) => {
+                        self.routing.send_replace(table);
+                    }
+                    Ok(false) => {
+                        tracing::error!(epoch = %stored.epoch, "the store already holds a placement table at this epoch or newer: is another coordinator running on this store? Not publishing it");
+                        tokio::select! {
+                            _ = tokio::time::sleep(SAVE_RETRY) => continue,
+                            _ = shutdown.cancelled() => break,
+                        }
+                    }
                     Err(error) => {
                         tracing::warn!(epoch = %stored.epoch, %error, "cannot keep the placement table in the store; retrying");
                         tokio::select! {
@@ -510,6 +552,26 @@ impl Membership {
                 _ = shutdown.cancelled() => break,
             }
         }
+    }
+
+    /// Waits until the newest computed table is published, for at most `patience`.
+    pub async fn wait_until_published(&self, patience: Duration) {
+        let target = self.computed.borrow().placement.epoch();
+        let mut published = self.routing.subscribe();
+        let _ = tokio::time::timeout(
+            patience,
+            published.wait_for(|table| table.placement.epoch() >= target),
+        )
+        .await;
+    }
+
+    /// Workers that receive slots.
+    pub fn placeable_workers(&self) -> usize {
+        self.state()
+            .workers
+            .values()
+            .filter(|record| record.state.is_placeable())
+            .count()
     }
 }
 
@@ -564,13 +626,17 @@ impl MembershipService for MembershipGrpc {
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let message = request.into_inner();
         let worker_id = WorkerId::parse(message.worker_id).map_err(CoordinatorError::from)?;
-        let (registration_id, placement) = self.membership.register(
+        let (registration_id, _) = self.membership.register(
             worker_id,
             message.address,
             &message.token_key_id,
             &message.cluster_id,
             Epoch(message.known_epoch),
         )?;
+        // The table with this worker in it, once it is kept (milliseconds); failing that,
+        // the worker learns it in a heartbeat.
+        self.membership.wait_until_published(PUBLISH_WAIT).await;
+        let placement = self.membership.wire_table();
         let config = self.membership.config();
         Ok(Response::new(pb::RegisterResponse {
             registration_id,
@@ -600,7 +666,8 @@ impl MembershipService for MembershipGrpc {
                 ))
                 .into());
             }
-            slot_loads.push((load.slot, load.sessions));
+            // Sessions per slot are far below this; a larger figure is clamped, not trusted.
+            slot_loads.push((load.slot, load.sessions.min(MAX_SLOT_LOAD)));
         }
         let (placement, drain) = self.membership.heartbeat(
             &worker_id,
@@ -659,7 +726,7 @@ mod tests {
     }
 
     fn membership(lease: Duration) -> Membership {
-        Membership::new(config(lease), None)
+        Membership::new(config(lease), None, false)
     }
 
     fn worker(id: &str) -> WorkerId {
@@ -861,8 +928,9 @@ mod tests {
                 .iter()
                 .map(|(worker, address)| (worker.clone(), address.clone()))
                 .collect(),
+            draining: Vec::new(),
         };
-        let restarted = Membership::new(config(Duration::from_secs(60)), Some(stored));
+        let restarted = Membership::new(config(Duration::from_secs(60)), Some(stored), false);
         let restored = restarted.routing();
         assert!(restored.placement.epoch() > routing.placement.epoch());
         assert_eq!(restored.placement.moved_slots(&routing.placement), 0);
@@ -884,6 +952,87 @@ mod tests {
                 .placement
                 .moved_slots(&routing.placement),
             0
+        );
+    }
+
+    #[tokio::test]
+    async fn a_table_is_published_only_once_it_is_kept_in_the_store() {
+        let store: Arc<dyn SessionStore> = Arc::new(switchyard_store::MemoryStore::new());
+        let membership = Arc::new(Membership::new(config(Duration::from_secs(60)), None, true));
+        join(&membership, "a", 1);
+        // Computed, not kept: nobody sees it yet.
+        assert_eq!(membership.routing().placement.epoch(), Epoch(0));
+
+        let shutdown = CancellationToken::new();
+        let keeper = tokio::spawn(
+            membership
+                .clone()
+                .keep_placement(store.clone(), shutdown.clone()),
+        );
+        membership
+            .wait_until_published(Duration::from_secs(5))
+            .await;
+        let published = membership.routing();
+        assert_eq!(published.placement.epoch(), Epoch(1));
+        let kept = store.load_placement().await.unwrap().unwrap();
+        assert_eq!(kept.epoch, Epoch(1));
+        assert_eq!(kept.table.moved_slots(&published.placement), 0);
+
+        // A store that already holds a newer table (another coordinator) blocks publication.
+        let mut newer = kept.clone();
+        newer.epoch = Epoch(50);
+        newer.table = newer.table.with_epoch(Epoch(50));
+        assert!(store.save_placement(&newer).await.unwrap());
+        join(&membership, "b", 2);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(membership.routing().placement.epoch(), Epoch(1));
+        shutdown.cancel();
+        keeper.await.unwrap();
+    }
+
+    #[test]
+    fn a_restored_coordinator_goes_on_draining() {
+        let first = membership(Duration::from_secs(60));
+        join(&first, "a", 1);
+        join(&first, "b", 2);
+        first.drain(&worker("a")).unwrap();
+        let routing = first.routing();
+        assert_eq!(routing.draining, vec![worker("a")]);
+        let stored = StoredPlacement {
+            epoch: routing.placement.epoch(),
+            table: routing.placement.clone(),
+            addresses: routing
+                .addresses
+                .iter()
+                .map(|(worker, address)| (worker.clone(), address.clone()))
+                .collect(),
+            draining: routing.draining.clone(),
+        };
+        let restarted = Membership::new(config(Duration::from_secs(60)), Some(stored), false);
+        assert_eq!(
+            restarted.worker(&worker("a")).unwrap().state,
+            WorkerState::Draining
+        );
+        let a = restarted
+            .register(
+                worker("a"),
+                "127.0.0.1:1".into(),
+                "key",
+                "cluster",
+                Epoch(0),
+            )
+            .unwrap()
+            .0;
+        let (_, drain) = restarted
+            .heartbeat(&worker("a"), &a, Epoch(0), 0, &[])
+            .unwrap();
+        assert!(drain);
+        assert!(
+            restarted
+                .routing()
+                .placement
+                .slots_of(&worker("a"))
+                .is_empty()
         );
     }
 }

@@ -13,6 +13,8 @@ pub struct StoredPlacement {
     pub table: PlacementTable,
     /// `(worker, address)` for every member of the table.
     pub addresses: Vec<(WorkerId, String)>,
+    /// Members being drained.
+    pub draining: Vec<WorkerId>,
 }
 
 impl StoredPlacement {
@@ -29,6 +31,7 @@ impl StoredPlacement {
             "owners": owners,
             "members": self.table.members().iter().map(|worker| worker.as_str()).collect::<Vec<_>>(),
             "addresses": self.addresses.iter().map(|(worker, address)| json!([worker.as_str(), address])).collect::<Vec<_>>(),
+            "draining": self.draining.iter().map(|worker| worker.as_str()).collect::<Vec<_>>(),
         })
         .to_string()
     }
@@ -51,6 +54,11 @@ impl StoredPlacement {
         };
         let workers = ids("workers")?;
         let members = ids("members")?;
+        let draining = if value.get("draining").is_some() {
+            ids("draining")?
+        } else {
+            Vec::new()
+        };
         let owners = value["owners"]
             .as_array()
             .ok_or_else(|| bad("no owners"))?
@@ -82,6 +90,7 @@ impl StoredPlacement {
             epoch,
             table,
             addresses,
+            draining,
         })
     }
 }
@@ -107,6 +116,7 @@ mod tests {
                 (workers[0].clone(), "10.0.0.1:7000".into()),
                 (workers[1].clone(), "10.0.0.2:7000".into()),
             ],
+            draining: vec![workers[1].clone()],
         };
         assert_eq!(
             StoredPlacement::from_json(&stored.to_json()).unwrap(),

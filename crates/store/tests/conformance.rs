@@ -444,6 +444,7 @@ async fn the_newest_placement_is_kept(store: Arc<dyn SessionStore>) {
             (workers[0].clone(), "127.0.0.1:1".into()),
             (workers[1].clone(), "127.0.0.1:2".into()),
         ],
+        draining: Vec::new(),
     };
     assert!(store.save_placement(&stored(3)).await.unwrap());
     assert!(!store.save_placement(&stored(2)).await.unwrap());

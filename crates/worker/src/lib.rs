@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use error::WorkerError;
 pub use membership::MembershipError;
-pub use placement::{HANDOFF_MARGIN, PlacementView};
+pub use placement::PlacementView;
 pub use sessions::SessionManager;
 
 use crate::membership::MembershipClient;
@@ -174,6 +174,7 @@ async fn upkeep(
     let mut leases = LeaseKeeper::new(placement.clone(), sessions.clone(), store);
     let mut verified = placement.subscribe_fences_verified();
     loop {
+        let retry = leases.retry_in();
         tokio::select! {
             _ = reap.tick() => {
                 leases.sync().await;
@@ -190,6 +191,7 @@ async fn upkeep(
                 leases.sync().await;
             }
             _ = leases.handed_over.notified() => leases.sync().await,
+            _ = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => leases.sync().await,
             changed = verified.changed() => {
                 if changed.is_err() {
                     break;
@@ -197,12 +199,12 @@ async fn upkeep(
                 verified.borrow_and_update();
                 leases.sync().await;
             }
-            _ = tokio::time::sleep(LEASE_RETRY), if leases.is_waiting() => leases.sync().await,
             _ = shutdown.cancelled() => break,
         }
         if placement.is_draining()
             && placement.current().slots_of(&worker_id).is_empty()
             && placement.fenced_slots().is_empty()
+            && !leases.is_handing_over()
         {
             tracing::info!(%worker_id, "drained: every slot handed over; leaving the cluster");
             shutdown.cancel();
@@ -213,6 +215,8 @@ async fn upkeep(
 
 /// How often a new owner checks whether the previous owner has released a slot.
 const LEASE_RETRY: Duration = Duration::from_millis(25);
+/// Pause before trying the store again after it failed.
+const STORE_RETRY: Duration = Duration::from_millis(500);
 
 /// Takes the store leases of slots placed here and gives up those of slots moved away,
 /// following DESIGN.md's handoff: the old owner finishes or cancels the slot's calls and
@@ -228,6 +232,8 @@ struct LeaseKeeper {
     handing_over: Arc<Mutex<HashSet<Slot>>>,
     /// Signalled when a handover ends.
     handed_over: Arc<Notify>,
+    /// The store failed: try again after a pause.
+    store_failed: bool,
 }
 
 impl LeaseKeeper {
@@ -243,17 +249,35 @@ impl LeaseKeeper {
             waiting: HashMap::new(),
             handing_over: Arc::default(),
             handed_over: Arc::default(),
+            store_failed: false,
         }
     }
 
-    fn is_waiting(&self) -> bool {
-        !self.waiting.is_empty() || !self.placement.fences_verified()
+    /// When to sync again without being woken: soon while waiting for a handoff or to
+    /// forget stale leases, after a pause when the store failed.
+    fn retry_in(&self) -> Option<Duration> {
+        if !self.waiting.is_empty() || !self.placement.fences_verified() {
+            Some(LEASE_RETRY)
+        } else if self.store_failed {
+            Some(STORE_RETRY)
+        } else {
+            None
+        }
     }
 
-    /// After a re-registration, forgets every lease and session held: while this worker was
-    /// out of touch its slots may have moved away and back, so neither its fences nor its
-    /// caches can be trusted. Slots it still owns are taken again at the new epoch (at once
-    /// where the store still shows this worker's lease) and their sessions reload.
+    fn is_handing_over(&self) -> bool {
+        !self
+            .handing_over
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .is_empty()
+    }
+
+    /// On a re-registration, forgets every lease and session held (cancelling running turns):
+    /// while this worker was out of touch its slots may have moved away and back, so neither
+    /// its fences nor its caches can be trusted. Calls are refused until this has run, and
+    /// slots are then taken again through the store's epoch order like any new slot (at once
+    /// where the store still shows this worker's lease), their sessions loading afresh.
     fn forget_everything(&mut self) {
         let worker_id = self.placement.worker_id();
         let held = self.placement.fenced_slots();
@@ -303,10 +327,12 @@ impl LeaseKeeper {
             return;
         }
         new.sort_unstable();
+        self.store_failed = false;
         let leases = match self.store.slot_leases(&new).await {
             Ok(leases) => leases,
             Err(error) => {
                 tracing::warn!(%worker_id, %error, "cannot read slot leases; retrying");
+                self.store_failed = true;
                 return;
             }
         };
@@ -315,7 +341,7 @@ impl LeaseKeeper {
             .map(|lease| (lease.slot, lease))
             .collect();
         let now = Instant::now();
-        let patience = self.placement.handoff_grace() + HANDOFF_MARGIN;
+        let patience = self.placement.handoff_patience();
         let mut take = Vec::with_capacity(new.len());
         for slot in new {
             let free = match leases.get(&slot) {
@@ -354,6 +380,7 @@ impl LeaseKeeper {
             }
             Err(error) => {
                 tracing::warn!(%worker_id, %error, "cannot take slot leases; retrying");
+                self.store_failed = true;
             }
         }
     }
@@ -396,6 +423,7 @@ async fn hand_over(
             }
         }
     }
+    sessions.handed_over(&set);
     handing_over
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -125,10 +125,10 @@ impl MembershipClient {
             .ok_or_else(|| Status::internal("registration reply carries no placement table"))?;
         self.install(table)?;
         self.placement.renew_lease(sent_at, lease);
-        if response.handoff_grace_ms > 0 {
-            self.placement
-                .set_handoff_grace(Duration::from_millis(u64::from(response.handoff_grace_ms)));
-        }
+        self.placement.set_handoff_timing(
+            Duration::from_millis(u64::from(response.handoff_grace_ms)),
+            Duration::from_millis(u64::from(response.heartbeat_interval_ms)),
+        );
         tracing::info!(
             worker_id = %self.worker_id,
             address = %self.address,

@@ -13,9 +13,12 @@ use crate::error::{Result, WorkerError};
 
 /// How long a call waits for the worker to catch up with a newer epoch it was sent.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(1);
-/// How much longer than the handoff grace a new owner waits for the old owner to release a
-/// slot before taking it anyway (the old owner cancels its turns at the grace).
+/// How much longer than the handoff grace (plus a heartbeat interval, which the old owner
+/// may take to learn of the move, and the time cancelled turns get to end) a new owner waits
+/// for the old owner to release a slot before taking it anyway.
 pub const HANDOFF_MARGIN: Duration = Duration::from_secs(1);
+/// How long cancelled turns get to end before their slot is released regardless.
+pub const CANCEL_WAIT: Duration = Duration::from_millis(500);
 /// The handoff grace until the coordinator says otherwise.
 const DEFAULT_HANDOFF_GRACE: Duration = Duration::from_secs(5);
 
@@ -34,6 +37,8 @@ pub struct PlacementView {
     fences: watch::Sender<HashMap<Slot, Epoch>>,
     /// How long in-flight calls get to finish when a slot moves, in milliseconds.
     handoff_grace_ms: AtomicU64,
+    /// The coordinator's heartbeat interval, in milliseconds.
+    heartbeat_interval_ms: AtomicU64,
     /// The coordinator asked this worker to hand over everything and leave.
     draining: AtomicBool,
     /// False from a re-registration (this worker was declared dead, or the coordinator
@@ -53,6 +58,7 @@ impl PlacementView {
             refresh: Notify::new(),
             fences: watch::channel(HashMap::new()).0,
             handoff_grace_ms: AtomicU64::new(DEFAULT_HANDOFF_GRACE.as_millis() as u64),
+            heartbeat_interval_ms: AtomicU64::new(500),
             draining: AtomicBool::new(false),
             fences_verified: watch::channel(true).0,
         }
@@ -74,9 +80,23 @@ impl PlacementView {
         Duration::from_millis(self.handoff_grace_ms.load(Ordering::Relaxed))
     }
 
-    pub fn set_handoff_grace(&self, grace: Duration) {
-        let millis = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
-        self.handoff_grace_ms.store(millis, Ordering::Relaxed);
+    /// Sets the handoff grace and the heartbeat interval the coordinator gave.
+    pub fn set_handoff_timing(&self, grace: Duration, heartbeat_interval: Duration) {
+        let millis = |duration: Duration| u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+        self.handoff_grace_ms
+            .store(millis(grace), Ordering::Relaxed);
+        self.heartbeat_interval_ms
+            .store(millis(heartbeat_interval), Ordering::Relaxed);
+    }
+
+    /// How long a new owner waits for the previous owner to release a slot: the old owner
+    /// learns of the move within a heartbeat, then lets calls finish for the grace and
+    /// cancelled turns end.
+    pub fn handoff_patience(&self) -> Duration {
+        self.handoff_grace()
+            + Duration::from_millis(self.heartbeat_interval_ms.load(Ordering::Relaxed))
+            + CANCEL_WAIT
+            + HANDOFF_MARGIN
     }
 
     pub fn is_draining(&self) -> bool {
@@ -140,7 +160,9 @@ impl PlacementView {
     /// worker never acts on an epoch older than one it has seen.
     pub fn install(&self, table: PlacementTable) -> bool {
         self.table.send_if_modified(|current| {
-            if table.epoch() <= current.epoch() {
+            // Epoch 0 is the placeholder held before registration; any real table replaces it.
+            let placeholder = current.epoch() == Epoch(0) && current.workers().is_empty();
+            if table.epoch() <= current.epoch() && !placeholder {
                 return false;
             }
             *current = Arc::new(table);
@@ -221,7 +243,7 @@ impl PlacementView {
         }
         let mut receiver = self.fences.subscribe();
         let taken = tokio::time::timeout(
-            self.handoff_grace() + HANDOFF_MARGIN,
+            self.handoff_patience(),
             receiver.wait_for(|fences| fences.contains_key(&slot)),
         )
         .await;
@@ -272,7 +294,7 @@ mod tests {
     async fn an_owned_slot_without_its_store_lease_is_not_served() {
         let me = worker("a");
         let view = PlacementView::new(me.clone(), 4);
-        view.set_handoff_grace(Duration::from_millis(50));
+        view.set_handoff_timing(Duration::ZERO, Duration::ZERO);
         view.renew_lease(Instant::now(), Duration::from_secs(60));
         view.install(PlacementTable::empty(4).rebalanced(&[me]).unwrap());
         assert!(matches!(

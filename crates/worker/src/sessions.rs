@@ -11,19 +11,17 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 use std::time::{Duration, SystemTime};
 
 use switchyard_core::{
-    ContextMessage, DoubleText, Limits, Message, Session, SessionId, Slot, UserId, slot_of,
+    ContextMessage, DoubleText, Epoch, Limits, Message, Session, SessionId, Slot, UserId, slot_of,
 };
 use switchyard_store::{Fence, SessionStore, StoreError};
 use tokio_util::sync::CancellationToken;
 
 use crate::context_cache::{self, ContextCache};
 use crate::error::{Result, WorkerError};
-use crate::placement::PlacementView;
+use crate::placement::{CANCEL_WAIT, PlacementView};
 
 /// How often a handoff checks whether the calls on its slots have finished.
 const HANDOVER_POLL: Duration = Duration::from_millis(10);
-/// How long cancelled turns get to end before their slot is released regardless.
-const CANCEL_WAIT: Duration = Duration::from_millis(500);
 
 /// A session this worker has in memory.
 pub struct HotSession {
@@ -165,6 +163,9 @@ fn scopeguard(action: impl FnOnce()) -> impl Drop {
 /// A call in progress on a session. The session cannot expire or leave memory while one exists.
 pub struct SessionCall {
     pub session: Arc<HotSession>,
+    /// The epoch of the slot's lease when the call began: its writes need that same lease,
+    /// so a call that outlives its worker's hold on the slot can never write under a later one.
+    fence_epoch: Epoch,
 }
 
 impl Drop for SessionCall {
@@ -184,6 +185,8 @@ pub struct SessionManager {
     hot: RwLock<HashMap<SessionId, Arc<HotSession>>>,
     /// Serialises session creation and eviction per slot, so a user never goes over the limit.
     slot_locks: Vec<tokio::sync::Mutex<()>>,
+    /// Slots being handed to another worker: no call on them begins.
+    releasing: RwLock<HashSet<Slot>>,
 }
 
 impl SessionManager {
@@ -202,6 +205,7 @@ impl SessionManager {
             slot_locks: (0..slot_count)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
+            releasing: RwLock::new(HashSet::new()),
         }
     }
 
@@ -218,6 +222,18 @@ impl SessionManager {
     fn hot_read(&self) -> RwLockReadGuard<'_, HashMap<SessionId, Arc<HotSession>>> {
         self.hot
             .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn releasing_read(&self) -> RwLockReadGuard<'_, HashSet<Slot>> {
+        self.releasing
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn releasing(&self) -> RwLockWriteGuard<'_, HashSet<Slot>> {
+        self.releasing
+            .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -259,7 +275,7 @@ impl SessionManager {
         self.limits.validate_metadata(&metadata)?;
         let slot = self.slot_of(&user_id);
         let _creating = self.slot_locks[slot as usize].lock().await;
-        let fence = self.fence(slot)?;
+        let fence = self.slot_fence(slot)?;
 
         let existing = self.store.list_user_sessions(&user_id).await?;
         let excess = self.limits.evictions_before_create(existing.len());
@@ -293,7 +309,9 @@ impl SessionManager {
         Ok((session, evicted))
     }
 
-    /// Starts a call on a session, loading it from the store if it is not in memory.
+    /// Starts a call on a session, loading it from the store if it is not in memory. A
+    /// session of a slot being handed over, or whose lease this worker does not hold, is
+    /// refused (UNAVAILABLE: the caller retries on the new owner) and never enters memory.
     pub async fn begin(&self, session_id: SessionId) -> Result<SessionCall> {
         loop {
             let cached = self.hot_read().get(&session_id).cloned();
@@ -305,6 +323,7 @@ impl SessionManager {
                         .get_session(session_id)
                         .await?
                         .ok_or(switchyard_core::Error::SessionNotFound(session_id))?;
+                    self.servable(stored.slot)?;
                     self.hot()
                         .entry(session_id)
                         .or_insert_with(|| Arc::new(hot_entry(&stored)))
@@ -323,8 +342,56 @@ impl SessionManager {
             activity.in_flight += 1;
             activity.last_activity_at = SystemTime::now();
             drop(activity);
-            return Ok(SessionCall { session });
+            // Checked again now that the call counts as in flight: a handoff that began in
+            // between either waits for this call or is seen here.
+            let fence_epoch = match self.servable(session.slot) {
+                Ok(epoch) => epoch,
+                Err(error) => {
+                    let mut activity = session.activity();
+                    activity.in_flight -= 1;
+                    if activity.in_flight == 0 {
+                        activity.state = EntryState::Passivated;
+                        drop(activity);
+                        let mut hot = self.hot();
+                        if hot
+                            .get(&session_id)
+                            .is_some_and(|entry| Arc::ptr_eq(entry, &session))
+                        {
+                            hot.remove(&session_id);
+                        }
+                    }
+                    return Err(error);
+                }
+            };
+            return Ok(SessionCall {
+                session,
+                fence_epoch,
+            });
         }
+    }
+
+    /// The epoch of the lease under which `slot`'s sessions may be served now.
+    fn servable(&self, slot: Slot) -> Result<Epoch> {
+        Ok(self.slot_fence(slot)?.epoch)
+    }
+
+    /// The fence for writing `slot` outside a session call (creating, ending sessions).
+    fn slot_fence(&self, slot: Slot) -> Result<Fence> {
+        if self.releasing_read().contains(&slot) {
+            return Err(WorkerError::LeaseNotHeld(slot));
+        }
+        self.fence(slot)
+    }
+
+    /// The fence for a call's write: the lease it began under, still held (a call in flight
+    /// when its slot's handoff began may still write: the handoff waits for it).
+    fn call_fence(&self, call: &SessionCall) -> Result<Fence> {
+        let slot = call.session.slot;
+        let fence = self.fence(slot)?;
+        if fence.epoch != call.fence_epoch {
+            return Err(WorkerError::LeaseNotHeld(slot));
+        }
+        Ok(fence)
     }
 
     /// The session as stored, with this worker's view of its activity.
@@ -355,7 +422,7 @@ impl SessionManager {
 
     /// Ends a session of `slot` and deletes everything it held; false when it had already ended.
     pub async fn end(&self, session_id: SessionId, slot: Slot) -> Result<bool> {
-        let fence = self.fence(slot)?;
+        let fence = self.slot_fence(slot)?;
         {
             let mut hot = self.hot();
             // An entry that is not hot still gets one, marked ended, so that a call loading
@@ -382,7 +449,7 @@ impl SessionManager {
         let current = call.session.message_count();
         self.limits
             .check_context_room(current, messages.len() as u64)?;
-        let fence = self.fence(slot)?;
+        let fence = self.call_fence(call)?;
         let at = SystemTime::now();
         let last_seq = self
             .store
@@ -600,7 +667,9 @@ impl SessionManager {
     /// calls there): lets the calls in progress finish for up to `grace`, then cancels the
     /// turns still running (they end UNAVAILABLE, committing no reply) and forgets the
     /// sessions. Returns how many calls were still in progress at the end of the grace.
+    /// The slots stay refused to new calls until [`SessionManager::handed_over`].
     pub async fn hand_over(&self, slots: &HashSet<Slot>, grace: Duration) -> u32 {
+        self.releasing().extend(slots.iter().copied());
         let deadline = tokio::time::Instant::now() + grace;
         let mut cancelled = 0;
         loop {
@@ -631,12 +700,23 @@ impl SessionManager {
         cancelled
     }
 
-    /// Drops every session from memory without saving anything: this worker's leases
-    /// lapsed, and other workers may have written since.
+    /// The end of a handoff: the slots' leases are released, and calls on them may begin
+    /// again should they come back (under a new lease).
+    pub fn handed_over(&self, slots: &HashSet<Slot>) {
+        self.releasing().retain(|slot| !slots.contains(slot));
+    }
+
+    /// Drops every session from memory without saving anything, cancelling the turns still
+    /// running: this worker's leases lapsed, and other workers may have written since.
     pub fn forget_all(&self) {
         let mut hot = self.hot();
         for session in hot.values() {
-            session.activity().state = EntryState::Passivated;
+            let mut activity = session.activity();
+            activity.state = EntryState::Passivated;
+            activity.handing_over = true;
+            if let Some(running) = &activity.running {
+                running.cancel();
+            }
         }
         hot.clear();
         hot.shrink_to_fit();
@@ -702,4 +782,107 @@ fn hot_entry(session: &Session) -> HotSession {
         session.message_count,
         session.double_text,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use switchyard_core::{PlacementTable, Role, WorkerId};
+    use switchyard_store::MemoryStore;
+
+    use super::*;
+
+    const SLOTS: u32 = 4;
+
+    /// A manager owning every slot, with the lease of `user`'s slot taken at epoch 1.
+    async fn manager(user: &UserId) -> (SessionManager, Arc<PlacementView>, Arc<MemoryStore>) {
+        let me = WorkerId::parse("w").unwrap();
+        let store = Arc::new(MemoryStore::new());
+        let placement = Arc::new(PlacementView::new(me.clone(), SLOTS));
+        placement.renew_lease(Instant::now(), Duration::from_secs(60));
+        placement.install(
+            PlacementTable::empty(SLOTS)
+                .rebalanced(std::slice::from_ref(&me))
+                .unwrap(),
+        );
+        let slot = slot_of(user.as_str(), SLOTS);
+        store.acquire_slots(&me, Epoch(1), &[slot]).await.unwrap();
+        placement.add_fences(&[slot], Epoch(1));
+        let manager =
+            SessionManager::new(store.clone(), placement.clone(), Limits::default(), SLOTS);
+        (manager, placement, store)
+    }
+
+    fn text(content: &str) -> Message {
+        Message {
+            role: Role::User,
+            content: content.to_string(),
+            name: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_never_writes_under_a_lease_taken_after_it_began() {
+        let user = UserId::parse("ann").unwrap();
+        let (manager, placement, store) = manager(&user).await;
+        let (session, _) = manager
+            .create(user.clone(), BTreeMap::new(), DoubleText::default())
+            .await
+            .unwrap();
+        let call = manager.begin(session.id).await.unwrap();
+        manager.append(&call, &[text("one")]).await.unwrap();
+
+        // The worker lost touch, forgot everything and took the slot again at epoch 3.
+        manager.forget_all();
+        placement.remove_fences(&[session.slot]);
+        store
+            .acquire_slots(placement.worker_id(), Epoch(3), &[session.slot])
+            .await
+            .unwrap();
+        placement.add_fences(&[session.slot], Epoch(3));
+        assert!(matches!(
+            manager.append(&call, &[text("stale")]).await,
+            Err(WorkerError::LeaseNotHeld(_))
+        ));
+        drop(call);
+        let call = manager.begin(session.id).await.unwrap();
+        assert_eq!(manager.append(&call, &[text("two")]).await.unwrap(), 2);
+        let context = manager.context(&call, 0, 0).await.unwrap();
+        let contents: Vec<&str> = context.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(contents, ["one", "two"]);
+    }
+
+    #[tokio::test]
+    async fn a_handoff_waits_for_calls_in_flight_and_refuses_new_ones() {
+        let user = UserId::parse("bob").unwrap();
+        let (manager, _, _) = manager(&user).await;
+        let manager = Arc::new(manager);
+        let (session, _) = manager
+            .create(user.clone(), BTreeMap::new(), DoubleText::default())
+            .await
+            .unwrap();
+        let in_flight = manager.begin(session.id).await.unwrap();
+        let slots: HashSet<Slot> = [session.slot].into();
+        let handoff = {
+            let manager = manager.clone();
+            let slots = slots.clone();
+            tokio::spawn(async move { manager.hand_over(&slots, Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(matches!(
+            manager.begin(session.id).await,
+            Err(WorkerError::LeaseNotHeld(_))
+        ));
+        // The call in flight still writes, and the handoff ends when it does.
+        assert_eq!(
+            manager.append(&in_flight, &[text("last")]).await.unwrap(),
+            1
+        );
+        assert!(!handoff.is_finished());
+        drop(in_flight);
+        assert_eq!(handoff.await.unwrap(), 0, "nothing had to be cancelled");
+        assert_eq!(manager.hot_count(), 0);
+        manager.handed_over(&slots);
+    }
 }
