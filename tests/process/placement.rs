@@ -364,20 +364,28 @@ async fn a_worker_drained_under_load_hands_over_and_exits_cleanly() {
     assert!(!drained.is_empty());
     let load = Load::start(&client, &sessions);
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let mut request = tonic::Request::new(pb::DrainWorkerRequest {
-        worker_id: "worker-a".into(),
-        wait: true,
-    });
-    request.set_timeout(Duration::from_secs(20));
+    // As a preStop hook would: `switchyard drain` returns once the worker has left.
     let drain_started = Instant::now();
-    let reply = cluster
-        .admin()
+    let drained_by = tokio::process::Command::new(crate::harness::BINARY)
+        .args([
+            "drain",
+            "--coordinator",
+            &cluster.url,
+            "--id",
+            "worker-a",
+            "--timeout",
+            "20s",
+        ])
+        .output()
         .await
-        .drain_worker(request)
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(reply.left && reply.slots_moved > 0, "{reply:?}");
+        .unwrap();
+    let drain_took = drain_started.elapsed();
+    let said = String::from_utf8_lossy(&drained_by.stdout);
+    assert!(
+        drained_by.status.success() && said.contains("has left the cluster"),
+        "{said}{}",
+        String::from_utf8_lossy(&drained_by.stderr)
+    );
     let status = cluster
         .worker("worker-a")
         .wait_exit(Duration::from_secs(10));
@@ -395,12 +403,23 @@ async fn a_worker_drained_under_load_hands_over_and_exits_cleanly() {
     );
     let info = cluster.worker_info("worker-a").await.unwrap();
     assert_eq!(info.state, pb::WorkerState::Dead as i32);
+    let again = tokio::process::Command::new(crate::harness::BINARY)
+        .args(["drain", "--coordinator", &cluster.url, "--id", "worker-a"])
+        .output()
+        .await
+        .unwrap();
+    let complaint = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !again.status.success()
+            && complaint.contains("FailedPrecondition")
+            && complaint.contains("worker_id: worker worker-a is dead"),
+        "{complaint}"
+    );
     let checked = assert_nothing_acknowledged_lost(&client, &sessions, &acks).await;
     let log = cluster.worker("worker-a").log();
     assert!(log.contains("slots handed over"), "{log}");
     eprintln!(
-        "drain: {checked} acknowledged messages checked; drain took {:?}",
-        drain_started.elapsed()
+        "drain: {checked} acknowledged messages checked; `switchyard drain` returned after {drain_took:?}"
     );
 }
 

@@ -40,6 +40,22 @@ enum Command {
     Dev(DevArgs),
     /// Measure a cluster (or a dev cluster it starts) against a raw gRPC echo baseline.
     Bench(switchyard_cli::bench::BenchArgs),
+    /// Drain a worker: move its slots away and wait until it has handed them over and left
+    /// (what a Kubernetes preStop hook runs before the worker pod stops).
+    Drain(DrainArgs),
+}
+
+#[derive(Args)]
+struct DrainArgs {
+    /// The coordinator's URL, e.g. http://coordinator:50051.
+    #[arg(long, env = "SWITCHYARD_COORDINATOR")]
+    coordinator: String,
+    /// The worker to drain.
+    #[arg(long, env = "SWITCHYARD_WORKER_ID")]
+    id: String,
+    /// How long to wait for the worker to leave.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
 }
 
 #[derive(Args)]
@@ -207,6 +223,7 @@ fn main() -> ExitCode {
             Command::Worker(args) => run_worker(args).await,
             Command::Dev(args) => run_dev(args).await,
             Command::Bench(args) => switchyard_cli::bench::run(args).await,
+            Command::Drain(args) => run_drain(args).await,
         }
     });
     match result {
@@ -271,6 +288,51 @@ async fn run_worker(args: WorkerArgs) -> Result<(), BoxError> {
     let worker = switchyard_worker::start(config, listener, store, shutdown.clone()).await?;
     shutdown.cancelled().await;
     worker.stop().await;
+    Ok(())
+}
+
+async fn run_drain(args: DrainArgs) -> Result<(), BoxError> {
+    use switchyard::pb;
+    use switchyard::pb::admin_service_client::AdminServiceClient;
+
+    let channel = tonic::transport::Endpoint::from_shared(args.coordinator.clone())
+        .map_err(|error| format!("--coordinator {:?}: {error}", args.coordinator))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|error| {
+            format!(
+                "cannot reach the coordinator at {}: {error}",
+                args.coordinator
+            )
+        })?;
+    let mut request = tonic::Request::new(pb::DrainWorkerRequest {
+        worker_id: args.id.clone(),
+        wait: true,
+    });
+    request.set_timeout(args.timeout);
+    let reply = AdminServiceClient::new(channel)
+        .drain_worker(request)
+        .await
+        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?
+        .into_inner();
+    if !reply.left {
+        return Err(format!(
+            "worker {} has not left within {} (slots moved: {}, epoch {}); it goes on handing over",
+            args.id,
+            humantime::format_duration(args.timeout),
+            reply.slots_moved,
+            reply.epoch
+        )
+        .into());
+    }
+    let _ = writeln!(
+        std::io::stdout(),
+        "worker {} drained: {} slots moved (epoch {}), and it has left the cluster",
+        args.id,
+        reply.slots_moved,
+        reply.epoch
+    );
     Ok(())
 }
 
