@@ -20,7 +20,10 @@ pub struct TestDatabase {
 impl TestDatabase {
     /// Creates a fresh database, or returns `None` (after saying why) when no server is set.
     pub async fn create(test: &str) -> Option<TestDatabase> {
-        let Ok(admin_url) = std::env::var(POSTGRES_URL_VARIABLE) else {
+        let Some(admin_url) = std::env::var(POSTGRES_URL_VARIABLE)
+            .ok()
+            .filter(|url| !url.is_empty())
+        else {
             if std::env::var_os("SWITCHYARD_REQUIRE_POSTGRES").is_some() {
                 panic!("{POSTGRES_URL_VARIABLE} is not set but SWITCHYARD_REQUIRE_POSTGRES is");
             }
