@@ -92,11 +92,29 @@ impl Drop for Process {
     }
 }
 
-/// A free loopback port. Another process could take it before we use it; on a test
-/// machine that is rare enough, and the failure would be a clear bind error.
+/// A free loopback port, never the same twice in one test process (the OS may hand a port
+/// just released to the next caller, and two servers of one test would then collide).
+/// Another process could still take it before it is used; that is rare enough here, and
+/// the failure would be a clear bind error. Workers need none: they listen on port 0 and
+/// advertise the port they got.
 pub fn free_address() -> SocketAddr {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
-    listener.local_addr().expect("local addr")
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+
+    static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    loop {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        let address = listener.local_addr().expect("local addr");
+        let mut handed_out = HANDED_OUT
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if handed_out
+            .get_or_insert_with(HashSet::new)
+            .insert(address.port())
+        {
+            return address;
+        }
+    }
 }
 
 /// A fresh directory for one test's files.
@@ -186,15 +204,14 @@ pub fn spawn_coordinator(dir: &Path, extra: &[&str]) -> (Process, String) {
     )
 }
 
-/// A worker named `id` on a free loopback port, registering with `coordinator_url`.
+/// A worker named `id` on a port of its own choosing, registering with `coordinator_url`.
 pub fn spawn_worker(dir: &Path, coordinator_url: &str, id: &str, extra: &[&str]) -> Process {
-    let listen = free_address().to_string();
     let mut args = vec![
         "worker",
         "--coordinator",
         coordinator_url,
         "--listen",
-        listen.as_str(),
+        "127.0.0.1:0",
         "--id",
         id,
     ];

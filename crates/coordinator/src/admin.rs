@@ -12,7 +12,7 @@ use switchyard_core::{UserId, WorkerId, slot_of};
 use tonic::{Request, Response, Status};
 
 use crate::error::CoordinatorError;
-use crate::membership::{Membership, WorkerState};
+use crate::membership::{Membership, PUBLISH_WAIT, WorkerState};
 
 /// How long `DrainWorker` with `wait` waits when the call has no deadline.
 const DRAIN_WAIT: Duration = Duration::from_secs(60);
@@ -114,6 +114,8 @@ impl AdminService for Admin {
         _request: Request<pb::RebalanceRequest>,
     ) -> Result<Response<pb::RebalanceResponse>, Status> {
         let rebalanced = self.membership.rebalance_now();
+        // Answer with the table as everyone sees it: published once kept in the store.
+        self.membership.wait_until_published(PUBLISH_WAIT).await;
         let loads = self.membership.worker_loads();
         let total: u64 = loads.values().sum();
         let most = loads.values().copied().max().unwrap_or(0);
@@ -124,7 +126,7 @@ impl AdminService for Admin {
             most as f64 / (total as f64 / workers as f64)
         };
         Ok(Response::new(pb::RebalanceResponse {
-            epoch: rebalanced.epoch.0,
+            epoch: self.membership.routing().placement.epoch().0,
             slots_moved: rebalanced.slots_moved,
             max_over_average_load,
         }))
@@ -145,6 +147,7 @@ impl AdminService for Admin {
         }
         let worker_id = WorkerId::parse(message.worker_id).map_err(CoordinatorError::from)?;
         let drained = self.membership.drain(&worker_id)?;
+        self.membership.wait_until_published(PUBLISH_WAIT).await;
         let mut left = false;
         if message.wait {
             let until = deadline
@@ -168,7 +171,7 @@ impl AdminService for Admin {
                 && gone(&self.membership);
         }
         Ok(Response::new(pb::DrainWorkerResponse {
-            epoch: drained.epoch.0,
+            epoch: self.membership.routing().placement.epoch().0,
             slots_moved: drained.slots_moved,
             left,
         }))

@@ -24,8 +24,9 @@ use crate::error::{CoordinatorError, Result};
 const DEAD_WORKERS_KEPT: usize = 64;
 /// Longest accepted worker address.
 const MAX_ADDRESS_BYTES: usize = 256;
-/// How long a registration waits for its table to be kept in the store.
-const PUBLISH_WAIT: Duration = Duration::from_secs(2);
+/// How long a call that changed the table waits for it to be kept in the store and
+/// published: well under the workers' 2 s membership call timeout.
+pub const PUBLISH_WAIT: Duration = Duration::from_millis(500);
 /// The most sessions a heartbeat may report for one slot.
 const MAX_SLOT_LOAD: u64 = u32::MAX as u64;
 /// Pause before saving the placement table again after the store failed.
@@ -220,11 +221,13 @@ impl Membership {
     }
 
     /// Each worker's load: the sessions in the slots it owns, a slot weighing at least 1.
+    /// Counted over the published table, as `ListWorkers` shows its slots.
     pub fn worker_loads(&self) -> HashMap<WorkerId, u64> {
+        let published = self.routing();
         let state = self.state();
         let mut loads = HashMap::new();
-        for slot in 0..state.placement.slot_count() {
-            if let Some(owner) = state.placement.owner(slot) {
+        for slot in 0..published.placement.slot_count() {
+            if let Some(owner) = published.placement.owner(slot) {
                 *loads.entry(owner.clone()).or_default() += state.loads[slot as usize].max(1);
             }
         }
@@ -459,27 +462,40 @@ impl Membership {
         }
     }
 
-    /// Hands the current table to the store keeper, which publishes it once kept.
+    /// Hands the current table to the store keeper, which publishes it once kept. A change
+    /// of addresses or draining workers alone raises the epoch too, so that it is kept and
+    /// reaches the router and the workers like any other.
     fn publish(&self, state: &mut MembershipState) {
         forget_old_dead_workers(&mut state.workers);
         let members = state
             .workers
             .values()
             .filter(|record| record.state.is_member());
+        let addresses: HashMap<WorkerId, String> = members
+            .clone()
+            .map(|record| (record.worker_id.clone(), record.address.clone()))
+            .collect();
+        let draining: Vec<WorkerId> = members
+            .filter(|record| record.state == WorkerState::Draining)
+            .map(|record| record.worker_id.clone())
+            .collect();
+        {
+            let last = self.computed.borrow();
+            if last.placement.epoch() == state.placement.epoch()
+                && last.placement.epoch() > Epoch(0)
+                && (last.addresses != addresses || last.draining != draining)
+            {
+                let epoch = state.placement.epoch().max(state.epoch_floor).next();
+                state.placement = state.placement.clone().with_epoch(epoch);
+            }
+        }
         let table = Arc::new(RoutingTable {
             placement: state.placement.clone(),
-            addresses: members
-                .clone()
-                .map(|record| (record.worker_id.clone(), record.address.clone()))
-                .collect(),
-            draining: members
-                .filter(|record| record.state == WorkerState::Draining)
-                .map(|record| record.worker_id.clone())
-                .collect(),
+            addresses,
+            draining,
         });
-        if self.kept_in_store {
-            self.computed.send_replace(table);
-        } else {
+        self.computed.send_replace(table.clone());
+        if !self.kept_in_store {
             self.routing.send_replace(table);
         }
     }
@@ -531,6 +547,9 @@ impl Membership {
                     Ok(true) => {
                         self.routing.send_replace(table);
                     }
+                    Ok(false) if kept_already(&*store, &stored).await => {
+                        self.routing.send_replace(table);
+                    }
                     Ok(false) => {
                         tracing::error!(epoch = %stored.epoch, "the store already holds a placement table at this epoch or newer: is another coordinator running on this store? Not publishing it");
                         tokio::select! {
@@ -572,6 +591,19 @@ impl Membership {
             .values()
             .filter(|record| record.state.is_placeable())
             .count()
+    }
+}
+
+/// Whether the store already holds exactly `placement`: a save that committed although its
+/// reply was lost.
+async fn kept_already(store: &dyn SessionStore, placement: &StoredPlacement) -> bool {
+    match store.load_placement().await {
+        Ok(Some(kept)) => {
+            kept.epoch == placement.epoch
+                && kept.table.moved_slots(&placement.table) == 0
+                && kept.table.members() == placement.table.members()
+        }
+        _ => false,
     }
 }
 
@@ -1034,5 +1066,46 @@ mod tests {
                 .slots_of(&worker("a"))
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_new_address_alone_raises_the_epoch_and_reaches_the_router() {
+        let membership = membership(Duration::from_secs(60));
+        join(&membership, "a", 1);
+        let before = membership.routing();
+        // Registered again (a restarted pod keeps its id, gets a new address).
+        join(&membership, "a", 7);
+        let after = membership.routing();
+        assert!(after.placement.epoch() > before.placement.epoch());
+        assert_eq!(after.placement.moved_slots(&before.placement), 0);
+        assert_eq!(after.addresses[&worker("a")], "127.0.0.1:7");
+    }
+
+    #[tokio::test]
+    async fn a_table_kept_by_a_save_whose_reply_was_lost_is_published() {
+        let store: Arc<dyn SessionStore> = Arc::new(switchyard_store::MemoryStore::new());
+        let membership = Arc::new(Membership::new(config(Duration::from_secs(60)), None, true));
+        join(&membership, "a", 1);
+        let computed = membership.computed.borrow().clone();
+        // The save committed, but its reply never came back: the store holds this table.
+        let kept = StoredPlacement {
+            epoch: computed.placement.epoch(),
+            table: computed.placement.clone(),
+            addresses: computed
+                .addresses
+                .iter()
+                .map(|(worker, address)| (worker.clone(), address.clone()))
+                .collect(),
+            draining: Vec::new(),
+        };
+        assert!(store.save_placement(&kept).await.unwrap());
+        let shutdown = CancellationToken::new();
+        let keeper = tokio::spawn(membership.clone().keep_placement(store, shutdown.clone()));
+        membership
+            .wait_until_published(Duration::from_secs(5))
+            .await;
+        assert_eq!(membership.routing().placement.epoch(), kept.epoch);
+        shutdown.cancel();
+        keeper.await.unwrap();
     }
 }

@@ -173,6 +173,7 @@ async fn upkeep(
     reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut leases = LeaseKeeper::new(placement.clone(), sessions.clone(), store);
     let mut verified = placement.subscribe_fences_verified();
+    let mut draining = placement.subscribe_draining();
     loop {
         let retry = leases.retry_in();
         tokio::select! {
@@ -198,6 +199,12 @@ async fn upkeep(
                 }
                 verified.borrow_and_update();
                 leases.sync().await;
+            }
+            changed = draining.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                draining.borrow_and_update();
             }
             _ = shutdown.cancelled() => break,
         }
@@ -256,10 +263,10 @@ impl LeaseKeeper {
     /// When to sync again without being woken: soon while waiting for a handoff or to
     /// forget stale leases, after a pause when the store failed.
     fn retry_in(&self) -> Option<Duration> {
-        if !self.waiting.is_empty() || !self.placement.fences_verified() {
-            Some(LEASE_RETRY)
-        } else if self.store_failed {
+        if self.store_failed {
             Some(STORE_RETRY)
+        } else if !self.waiting.is_empty() || !self.placement.fences_verified() {
+            Some(LEASE_RETRY)
         } else {
             None
         }
@@ -289,6 +296,7 @@ impl LeaseKeeper {
     }
 
     async fn sync(&mut self) {
+        self.store_failed = false;
         if !self.placement.fences_verified() {
             self.forget_everything();
         }
@@ -327,7 +335,6 @@ impl LeaseKeeper {
             return;
         }
         new.sort_unstable();
-        self.store_failed = false;
         let leases = match self.store.slot_leases(&new).await {
             Ok(leases) => leases,
             Err(error) => {
@@ -399,12 +406,21 @@ async fn hand_over(
     let worker_id = placement.worker_id().clone();
     let started = Instant::now();
     let set: HashSet<Slot> = slots.iter().copied().collect();
-    let cancelled = sessions.hand_over(&set, placement.handoff_grace()).await;
+    // However this task ends, the slots stop being "handed over" and upkeep looks again.
+    let _done = HandoverDone {
+        sessions: sessions.clone(),
+        slots: set.clone(),
+        handing_over,
+        handed_over,
+    };
+    // The leases being given up, as held now: one taken again later (at a newer epoch, after
+    // a re-registration) is not this handoff's to release.
     let fences: Vec<Fence> = slots
         .iter()
         .filter_map(|slot| placement.fence(*slot))
         .collect();
-    placement.remove_fences(&slots);
+    let cancelled = sessions.hand_over(&set, placement.handoff_grace()).await;
+    placement.remove_fences_held_at(&fences);
     let mut attempt = 0;
     loop {
         match store.release_slots(&fences).await {
@@ -423,10 +439,24 @@ async fn hand_over(
             }
         }
     }
-    sessions.handed_over(&set);
-    handing_over
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .retain(|slot| !set.contains(slot));
-    handed_over.notify_one();
+}
+
+/// Ends a handoff when dropped: its slots may be served again should they come back, and
+/// upkeep is woken to take them or to let a drained worker go.
+struct HandoverDone {
+    sessions: Arc<SessionManager>,
+    slots: HashSet<Slot>,
+    handing_over: Arc<Mutex<HashSet<Slot>>>,
+    handed_over: Arc<Notify>,
+}
+
+impl Drop for HandoverDone {
+    fn drop(&mut self) {
+        self.sessions.handed_over(&self.slots);
+        self.handing_over
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .retain(|slot| !self.slots.contains(slot));
+        self.handed_over.notify_one();
+    }
 }

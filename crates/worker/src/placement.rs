@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use switchyard_core::{Epoch, PlacementTable, Slot, WorkerId};
@@ -40,7 +40,7 @@ pub struct PlacementView {
     /// The coordinator's heartbeat interval, in milliseconds.
     heartbeat_interval_ms: AtomicU64,
     /// The coordinator asked this worker to hand over everything and leave.
-    draining: AtomicBool,
+    draining: watch::Sender<bool>,
     /// False from a re-registration (this worker was declared dead, or the coordinator
     /// restarted) until the worker has forgotten the fences and sessions it held: while it
     /// was out of touch its slots may have moved and moved back, leaving them stale.
@@ -59,7 +59,7 @@ impl PlacementView {
             fences: watch::channel(HashMap::new()).0,
             handoff_grace_ms: AtomicU64::new(DEFAULT_HANDOFF_GRACE.as_millis() as u64),
             heartbeat_interval_ms: AtomicU64::new(500),
-            draining: AtomicBool::new(false),
+            draining: watch::channel(false).0,
             fences_verified: watch::channel(true).0,
         }
     }
@@ -100,11 +100,34 @@ impl PlacementView {
     }
 
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
+        *self.draining.borrow()
     }
 
     pub fn set_draining(&self, draining: bool) {
-        self.draining.store(draining, Ordering::Relaxed);
+        self.draining.send_if_modified(|current| {
+            let changed = *current != draining;
+            *current = draining;
+            changed
+        });
+    }
+
+    pub fn subscribe_draining(&self) -> watch::Receiver<bool> {
+        self.draining.subscribe()
+    }
+
+    /// Forgets the leases of `fences` that are still held exactly at their epoch (a lease
+    /// taken again since, at a newer epoch, stays).
+    pub fn remove_fences_held_at(&self, fences: &[Fence]) {
+        if fences.is_empty() {
+            return;
+        }
+        self.fences.send_modify(|held| {
+            for fence in fences {
+                if held.get(&fence.slot) == Some(&fence.epoch) {
+                    held.remove(&fence.slot);
+                }
+            }
+        });
     }
 
     pub fn worker_id(&self) -> &WorkerId {

@@ -330,35 +330,46 @@ impl SessionManager {
                         .clone()
                 }
             };
-            let mut activity = session.activity();
-            match activity.state {
-                EntryState::Ended => {
-                    return Err(switchyard_core::Error::SessionNotFound(session_id).into());
+            {
+                let mut activity = session.activity();
+                match activity.state {
+                    EntryState::Ended => {
+                        return Err(switchyard_core::Error::SessionNotFound(session_id).into());
+                    }
+                    // It left memory between the lookup and now: look it up again.
+                    EntryState::Passivated => continue,
+                    EntryState::Live => {}
                 }
-                // It left memory between the lookup and now: look it up again.
-                EntryState::Passivated => continue,
-                EntryState::Live => {}
+                activity.in_flight += 1;
+                activity.last_activity_at = SystemTime::now();
             }
-            activity.in_flight += 1;
-            activity.last_activity_at = SystemTime::now();
-            drop(activity);
             // Checked again now that the call counts as in flight: a handoff that began in
             // between either waits for this call or is seen here.
             let fence_epoch = match self.servable(session.slot) {
                 Ok(epoch) => epoch,
                 Err(error) => {
-                    let mut activity = session.activity();
-                    activity.in_flight -= 1;
-                    if activity.in_flight == 0 {
-                        activity.state = EntryState::Passivated;
-                        drop(activity);
-                        let mut hot = self.hot();
-                        if hot
-                            .get(&session_id)
-                            .is_some_and(|entry| Arc::ptr_eq(entry, &session))
+                    // The refused call leaves; an entry nobody else uses leaves memory with
+                    // it (its activity saved while the lease still allows), so a slot that
+                    // moved keeps no session here.
+                    let left_at = {
+                        let mut activity = session.activity();
+                        activity.in_flight -= 1;
+                        (activity.in_flight == 0 && activity.state == EntryState::Live).then(|| {
+                            activity.state = EntryState::Passivated;
+                            activity.last_activity_at
+                        })
+                    };
+                    if let Some(at) = left_at {
                         {
-                            hot.remove(&session_id);
+                            let mut hot = self.hot();
+                            if hot
+                                .get(&session_id)
+                                .is_some_and(|entry| Arc::ptr_eq(entry, &session))
+                            {
+                                hot.remove(&session_id);
+                            }
                         }
+                        self.save_activity(&session, at).await;
                     }
                     return Err(error);
                 }
