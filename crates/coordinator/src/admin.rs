@@ -93,16 +93,22 @@ impl AdminService for Admin {
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         let placement = self.membership.routing().placement.clone();
         let workers = self.membership.workers();
+        // Live as the published table says: the workers calls are routed among now (one
+        // that has just joined counts once its table is kept and published).
         let live: Vec<_> = workers
             .iter()
-            .filter(|record| record.state.is_member())
+            .filter(|record| record.state.is_member() && placement.is_member(&record.worker_id))
             .collect();
+        let dead = workers
+            .iter()
+            .filter(|record| record.state == WorkerState::Dead)
+            .count();
         let unassigned_slots = placement.unassigned_slots();
         Ok(Response::new(pb::ClusterStatusResponse {
             epoch: placement.epoch().0,
             slot_count: placement.slot_count(),
             live_workers: live.len() as u32,
-            dead_workers: (workers.len() - live.len()) as u32,
+            dead_workers: dead as u32,
             unassigned_slots,
             session_count: live.iter().map(|record| record.session_count).sum(),
             serving: unassigned_slots == 0,
