@@ -1,6 +1,5 @@
 //! Bad input gets the right status and a message naming the field; nothing panics.
 
-use switchyard::pb;
 use tonic::Code;
 
 use crate::sandbox::{Sandbox, SandboxOptions, create, text};
@@ -131,23 +130,11 @@ async fn no_live_worker_is_unavailable() {
     .await;
     sandbox.cluster.stop_worker(0).await;
     // The coordinator publishes the table without the worker once it is kept in the store.
-    let admin = sandbox.admin().await;
-    crate::sandbox::wait_for(
-        "the worker's departure to be published",
-        std::time::Duration::from_secs(5),
-        || {
-            let mut admin = admin.clone();
-            async move {
-                let status = admin
-                    .cluster_status(pb::ClusterStatusRequest {})
-                    .await
-                    .ok()?
-                    .into_inner();
-                (status.unassigned_slots == status.slot_count).then_some(())
-            }
-        },
-    )
-    .await;
+    sandbox
+        .wait_for_status("the worker's departure to be published", |status| {
+            status.unassigned_slots == status.slot_count
+        })
+        .await;
     let client = sandbox.client().await;
     let status = client
         .create_session("nobody-home", [("k", "v")])

@@ -124,24 +124,32 @@ impl Sandbox {
     /// Waits until every slot has a live owner and every running worker holds slots.
     pub async fn wait_until_serving(&self) {
         let expected = self.cluster.live_workers().count() as u32;
-        let mut admin = self.admin().await;
-        wait_for(
-            "every slot to have a live owner",
-            Duration::from_secs(10),
-            || {
-                let mut admin = admin.clone();
-                async move {
-                    let status = admin
-                        .cluster_status(pb::ClusterStatusRequest {})
-                        .await
-                        .ok()?
-                        .into_inner();
-                    (status.serving && status.live_workers == expected).then_some(())
-                }
-            },
-        )
+        self.wait_for_status("every slot to have a live owner", |status| {
+            status.serving && status.live_workers == expected
+        })
         .await;
-        let _ = admin.list_workers(pb::ListWorkersRequest {}).await;
+    }
+
+    /// Polls ClusterStatus (which follows the published placement) until `ready` holds.
+    pub async fn wait_for_status(
+        &self,
+        what: &str,
+        ready: impl Fn(&pb::ClusterStatusResponse) -> bool,
+    ) {
+        let admin = self.admin().await;
+        let ready = &ready;
+        wait_for(what, Duration::from_secs(10), || {
+            let mut admin = admin.clone();
+            async move {
+                let status = admin
+                    .cluster_status(pb::ClusterStatusRequest {})
+                    .await
+                    .ok()?
+                    .into_inner();
+                ready(&status).then_some(())
+            }
+        })
+        .await;
     }
 
     /// The worker that owns `user_id`'s slot, as the coordinator says.

@@ -255,6 +255,28 @@ async fn sessions(cluster: &Cluster) -> (SwitchyardClient, Vec<String>, Vec<Stri
     (client, ids, owners)
 }
 
+/// Sessions for every user, under load for a moment already.
+struct Loaded {
+    client: SwitchyardClient,
+    sessions: Vec<String>,
+    /// Indexes of the sessions worker-a served when the load began.
+    on_worker_a: HashSet<usize>,
+    load: Load,
+}
+
+async fn under_load(cluster: &Cluster) -> Loaded {
+    let (client, sessions, owners) = sessions(cluster).await;
+    let on_worker_a = sessions_on(&owners, "worker-a");
+    let load = Load::start(&client, &sessions);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    Loaded {
+        client,
+        sessions,
+        on_worker_a,
+        load,
+    }
+}
+
 /// Every acknowledged message is stored, once, where its acknowledgement said; sequence
 /// numbers are dense. Returns how many messages were checked.
 async fn assert_nothing_acknowledged_lost(
@@ -320,10 +342,13 @@ async fn a_worker_joining_under_load_takes_slots_and_loses_nothing() {
     let Some(mut cluster) = Cluster::start("join", &["worker-a", "worker-b"], &FAST).await else {
         return;
     };
-    let (client, sessions, _) = sessions(&cluster).await;
     let before = cluster.placement().await.epoch;
-    let load = Load::start(&client, &sessions);
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let Loaded {
+        client,
+        sessions,
+        load,
+        ..
+    } = under_load(&cluster).await;
     cluster.add_worker("worker-c");
     wait_for_workers(&cluster.url, 3).await;
     let joined_at = Instant::now();
@@ -359,11 +384,13 @@ async fn a_worker_drained_under_load_hands_over_and_exits_cleanly() {
     else {
         return;
     };
-    let (client, sessions, owners) = sessions(&cluster).await;
-    let drained = sessions_on(&owners, "worker-a");
+    let Loaded {
+        client,
+        sessions,
+        on_worker_a: drained,
+        load,
+    } = under_load(&cluster).await;
     assert!(!drained.is_empty());
-    let load = Load::start(&client, &sessions);
-    tokio::time::sleep(Duration::from_millis(800)).await;
     // As a preStop hook would: `switchyard drain` returns once the worker has left.
     let drain_started = Instant::now();
     let drained_by = tokio::process::Command::new(crate::harness::BINARY)
@@ -431,11 +458,13 @@ async fn a_worker_killed_under_load_fails_over_within_seconds() {
     else {
         return;
     };
-    let (client, sessions, owners) = sessions(&cluster).await;
-    let victims = sessions_on(&owners, "worker-a");
+    let Loaded {
+        client,
+        sessions,
+        on_worker_a: victims,
+        load,
+    } = under_load(&cluster).await;
     assert!(!victims.is_empty());
-    let load = Load::start(&client, &sessions);
-    tokio::time::sleep(Duration::from_millis(1000)).await;
     cluster.worker("worker-a").kill();
     let killed_at = Instant::now();
     let served = loop {
@@ -468,11 +497,13 @@ async fn a_paused_worker_is_fenced_out_and_rejoins_cleanly() {
     else {
         return;
     };
-    let (client, sessions, owners) = sessions(&cluster).await;
-    let victims = sessions_on(&owners, "worker-a");
+    let Loaded {
+        client,
+        sessions,
+        on_worker_a: victims,
+        load,
+    } = under_load(&cluster).await;
     assert!(!victims.is_empty());
-    let load = Load::start(&client, &sessions);
-    tokio::time::sleep(Duration::from_millis(800)).await;
     cluster.worker("worker-a").signal("STOP");
     let paused_at = Instant::now();
     // Paused until its slots have moved and its users are served elsewhere.
@@ -537,10 +568,13 @@ async fn a_coordinator_restarted_under_load_restores_the_same_placement() {
     else {
         return;
     };
-    let (client, sessions, _) = sessions(&cluster).await;
     let before = cluster.placement().await;
-    let load = Load::start(&client, &sessions);
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let Loaded {
+        client,
+        sessions,
+        load,
+        ..
+    } = under_load(&cluster).await;
     let restarted_at = Instant::now();
     cluster.restart_coordinator();
     wait_for_workers(&cluster.url, 3).await;

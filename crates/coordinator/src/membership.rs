@@ -91,6 +91,22 @@ pub struct RoutingTable {
     pub draining: Vec<WorkerId>,
 }
 
+impl RoutingTable {
+    /// The table as the store keeps it.
+    pub fn to_stored(&self) -> StoredPlacement {
+        StoredPlacement {
+            epoch: self.placement.epoch(),
+            table: self.placement.clone(),
+            addresses: self
+                .addresses
+                .iter()
+                .map(|(worker, address)| (worker.clone(), address.clone()))
+                .collect(),
+            draining: self.draining.clone(),
+        }
+    }
+}
+
 /// The result of a placement change an operator asked for.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rebalanced {
@@ -431,18 +447,8 @@ impl Membership {
     }
 
     fn rebalance(&self, state: &mut MembershipState) -> Rebalanced {
-        let placeable: Vec<WorkerId> = state
-            .workers
-            .values()
-            .filter(|record| record.state.is_placeable())
-            .map(|record| record.worker_id.clone())
-            .collect();
-        let members: Vec<WorkerId> = state
-            .workers
-            .values()
-            .filter(|record| record.state.is_member())
-            .map(|record| record.worker_id.clone())
-            .collect();
+        let placeable = workers_where(&state.workers, WorkerState::is_placeable);
+        let members = workers_where(&state.workers, WorkerState::is_member);
         let mut slots_moved = 0;
         if let Some(next) = state.placement.placed(&PlacementInput {
             placeable: &placeable,
@@ -533,16 +539,7 @@ impl Membership {
         loop {
             let table = tables.borrow_and_update().clone();
             if table.placement.epoch() > self.routing().placement.epoch() {
-                let stored = StoredPlacement {
-                    epoch: table.placement.epoch(),
-                    table: table.placement.clone(),
-                    addresses: table
-                        .addresses
-                        .iter()
-                        .map(|(worker, address)| (worker.clone(), address.clone()))
-                        .collect(),
-                    draining: table.draining.clone(),
-                };
+                let stored = table.to_stored();
                 match store.save_placement(&stored).await {
                     Ok(true) => {
                         self.routing.send_replace(table);
@@ -622,6 +619,17 @@ fn validate_address(address: &str) -> Result<()> {
         "{:?} is not host:port",
         address.chars().take(64).collect::<String>()
     )))
+}
+
+fn workers_where(
+    workers: &BTreeMap<WorkerId, WorkerRecord>,
+    state_is: impl Fn(WorkerState) -> bool,
+) -> Vec<WorkerId> {
+    workers
+        .values()
+        .filter(|record| state_is(record.state))
+        .map(|record| record.worker_id.clone())
+        .collect()
 }
 
 fn forget_old_dead_workers(workers: &mut BTreeMap<WorkerId, WorkerRecord>) {
@@ -952,16 +960,7 @@ mod tests {
         join(&first, "a", 1);
         join(&first, "b", 2);
         let routing = first.routing();
-        let stored = StoredPlacement {
-            epoch: routing.placement.epoch(),
-            table: routing.placement.clone(),
-            addresses: routing
-                .addresses
-                .iter()
-                .map(|(worker, address)| (worker.clone(), address.clone()))
-                .collect(),
-            draining: Vec::new(),
-        };
+        let stored = routing.to_stored();
         let restarted = Membership::new(config(Duration::from_secs(60)), Some(stored), false);
         let restored = restarted.routing();
         assert!(restored.placement.epoch() > routing.placement.epoch());
@@ -1030,16 +1029,7 @@ mod tests {
         first.drain(&worker("a")).unwrap();
         let routing = first.routing();
         assert_eq!(routing.draining, vec![worker("a")]);
-        let stored = StoredPlacement {
-            epoch: routing.placement.epoch(),
-            table: routing.placement.clone(),
-            addresses: routing
-                .addresses
-                .iter()
-                .map(|(worker, address)| (worker.clone(), address.clone()))
-                .collect(),
-            draining: routing.draining.clone(),
-        };
+        let stored = routing.to_stored();
         let restarted = Membership::new(config(Duration::from_secs(60)), Some(stored), false);
         assert_eq!(
             restarted.worker(&worker("a")).unwrap().state,
@@ -1088,16 +1078,7 @@ mod tests {
         join(&membership, "a", 1);
         let computed = membership.computed.borrow().clone();
         // The save committed, but its reply never came back: the store holds this table.
-        let kept = StoredPlacement {
-            epoch: computed.placement.epoch(),
-            table: computed.placement.clone(),
-            addresses: computed
-                .addresses
-                .iter()
-                .map(|(worker, address)| (worker.clone(), address.clone()))
-                .collect(),
-            draining: Vec::new(),
-        };
+        let kept = computed.to_stored();
         assert!(store.save_placement(&kept).await.unwrap());
         let shutdown = CancellationToken::new();
         let keeper = tokio::spawn(membership.clone().keep_placement(store, shutdown.clone()));
