@@ -137,7 +137,7 @@ impl Ack {
 struct Load {
     stop: Arc<AtomicBool>,
     acks: Arc<Mutex<Vec<Ack>>>,
-    errors: Arc<Mutex<Vec<(Instant, Code)>>>,
+    errors: Arc<Mutex<Vec<(Instant, Code, String)>>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -188,7 +188,11 @@ impl Load {
                             // Not acknowledged: it may or may not have landed, and is never
                             // sent again.
                             Err(status) => {
-                                errors.lock().await.push((Instant::now(), status.code()));
+                                errors.lock().await.push((
+                                    Instant::now(),
+                                    status.code(),
+                                    status.message().to_string(),
+                                ));
                                 tokio::time::sleep(Duration::from_millis(20)).await;
                             }
                         }
@@ -215,7 +219,7 @@ impl Load {
             .min()
     }
 
-    async fn finish(self) -> (Vec<Ack>, Vec<(Instant, Code)>) {
+    async fn finish(self) -> (Vec<Ack>, Vec<(Instant, Code, String)>) {
         self.stop.store(true, Ordering::Relaxed);
         for task in self.tasks {
             task.await.unwrap();
@@ -592,19 +596,32 @@ async fn a_coordinator_restarted_under_load_restores_the_same_placement() {
         after.assignments, before.assignments,
         "the assignment changed"
     );
-    let outage: Vec<&(Instant, Code)> = errors
+    let outage: Vec<&(Instant, Code, String)> = errors
         .iter()
-        .filter(|(at, _)| *at >= restarted_at)
+        .filter(|(at, _, _)| *at >= restarted_at)
         .collect();
-    for (_, code) in &outage {
-        assert!(
-            matches!(code, Code::Unavailable | Code::Unknown | Code::Cancelled),
-            "calls failed with {code:?} during the restart"
+    // Every failure is UNAVAILABLE, except for the calls in flight when the coordinator was
+    // killed: their connection broke under them, which tonic reports as UNKNOWN with the
+    // transport's words (at most one per session).
+    let mut broken_in_flight = 0;
+    for (_, code, message) in &outage {
+        if *code == Code::Unknown && (message.contains("transport") || message.contains("h2")) {
+            broken_in_flight += 1;
+            continue;
+        }
+        assert_eq!(
+            *code,
+            Code::Unavailable,
+            "a call failed with {code:?} during the restart: {message}"
         );
     }
+    assert!(
+        broken_in_flight <= SESSIONS,
+        "{broken_in_flight} broken calls"
+    );
     let last_failure = outage
         .iter()
-        .map(|(at, _)| at.duration_since(restarted_at))
+        .map(|(at, _, _)| at.duration_since(restarted_at))
         .max()
         .unwrap_or_default();
     assert!(
