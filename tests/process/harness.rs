@@ -196,12 +196,17 @@ pub async fn wait_for_workers(coordinator: &str, expected: u32) {
 /// A coordinator on a free loopback port, with `extra` flags; returns it and its URL.
 pub fn spawn_coordinator(dir: &Path, extra: &[&str]) -> (Process, String) {
     let address = free_address().to_string();
-    let mut args = vec!["coordinator", "--listen", address.as_str()];
-    args.extend_from_slice(extra);
     (
-        Process::spawn("coordinator", &args, dir),
+        spawn_coordinator_at(dir, &address, extra),
         format!("http://{address}"),
     )
+}
+
+/// A coordinator listening on `address` (a restarted one takes its predecessor's).
+pub fn spawn_coordinator_at(dir: &Path, address: &str, extra: &[&str]) -> Process {
+    let mut args = vec!["coordinator", "--listen", address];
+    args.extend_from_slice(extra);
+    Process::spawn("coordinator", &args, dir)
 }
 
 /// A worker named `id` on a port of its own choosing, registering with `coordinator_url`.

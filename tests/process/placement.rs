@@ -16,7 +16,9 @@ use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tonic::Code;
 
-use crate::harness::{Process, free_address, spawn_worker, temp_dir, wait_for_workers};
+use crate::harness::{
+    Process, free_address, spawn_coordinator_at, spawn_worker, temp_dir, wait_for_workers,
+};
 
 /// Sessions driven by the load, one user each.
 const SESSIONS: usize = 18;
@@ -111,9 +113,9 @@ fn spawn_coordinator(
     store: &str,
     timing: &[String],
 ) -> Process {
-    let mut args = vec!["coordinator", "--listen", listen, "--store", store];
-    args.extend(timing.iter().map(String::as_str));
-    Process::spawn("coordinator", &args, dir)
+    let mut extra = vec!["--store", store];
+    extra.extend(timing.iter().map(String::as_str));
+    spawn_coordinator_at(dir, listen, &extra)
 }
 
 /// One acknowledged call: an append, or a whole turn.

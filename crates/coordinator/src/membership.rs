@@ -752,17 +752,26 @@ mod tests {
         }
     }
 
-    fn join(membership: &Membership, id: &str, port: u16) -> String {
+    /// Registers `id` at 127.0.0.1:`port`, having seen `known_epoch`.
+    fn register(
+        membership: &Membership,
+        id: &str,
+        port: u16,
+        known_epoch: u64,
+    ) -> (String, pb::PlacementTable) {
         membership
             .register(
                 worker(id),
                 format!("127.0.0.1:{port}"),
                 "key",
                 "cluster",
-                Epoch(0),
+                Epoch(known_epoch),
             )
             .unwrap()
-            .0
+    }
+
+    fn join(membership: &Membership, id: &str, port: u16) -> String {
+        register(membership, id, port, 0).0
     }
 
     fn membership(lease: Duration) -> Membership {
@@ -776,25 +785,9 @@ mod tests {
     #[test]
     fn joins_and_leaves_raise_the_epoch() {
         let membership = membership(Duration::from_secs(60));
-        let (first, table) = membership
-            .register(
-                worker("a"),
-                "127.0.0.1:1".into(),
-                "key",
-                "cluster",
-                Epoch(0),
-            )
-            .unwrap();
+        let (first, table) = register(&membership, "a", 1, 0);
         assert_eq!(table.epoch, 1);
-        membership
-            .register(
-                worker("b"),
-                "127.0.0.1:2".into(),
-                "key",
-                "cluster",
-                Epoch(0),
-            )
-            .unwrap();
+        register(&membership, "b", 2, 0);
         assert_eq!(membership.routing().placement.epoch(), Epoch(2));
         membership.leave(&worker("a"), &first).unwrap();
         let routing = membership.routing();
@@ -805,15 +798,7 @@ mod tests {
     #[test]
     fn a_restarted_coordinator_continues_above_the_workers_epoch() {
         let membership = membership(Duration::from_secs(60));
-        let (_, table) = membership
-            .register(
-                worker("a"),
-                "127.0.0.1:1".into(),
-                "key",
-                "cluster",
-                Epoch(41),
-            )
-            .unwrap();
+        let (_, table) = register(&membership, "a", 1, 41);
         assert_eq!(table.epoch, 42);
     }
 
@@ -858,24 +843,8 @@ mod tests {
     #[test]
     fn a_missed_lease_kills_the_worker_and_moves_its_slots() {
         let membership = membership(Duration::from_millis(30));
-        let (a, _) = membership
-            .register(
-                worker("a"),
-                "127.0.0.1:1".into(),
-                "key",
-                "cluster",
-                Epoch(0),
-            )
-            .unwrap();
-        let (b, _) = membership
-            .register(
-                worker("b"),
-                "127.0.0.1:2".into(),
-                "key",
-                "cluster",
-                Epoch(0),
-            )
-            .unwrap();
+        let (a, _) = register(&membership, "a", 1, 0);
+        let (b, _) = register(&membership, "b", 2, 0);
         std::thread::sleep(Duration::from_millis(50));
         membership
             .heartbeat(&worker("a"), &a, Epoch(2), 0, &[])
@@ -967,15 +936,7 @@ mod tests {
         assert_eq!(restored.placement.moved_slots(&routing.placement), 0);
         assert_eq!(restored.addresses, routing.addresses);
         // The members register again: nothing moves, and the epoch climbs above theirs.
-        let (_, table) = restarted
-            .register(
-                worker("a"),
-                "127.0.0.1:1".into(),
-                "key",
-                "cluster",
-                Epoch(40),
-            )
-            .unwrap();
+        let (_, table) = register(&restarted, "a", 1, 40);
         assert_eq!(table.epoch, 41);
         assert_eq!(
             restarted
@@ -1035,16 +996,7 @@ mod tests {
             restarted.worker(&worker("a")).unwrap().state,
             WorkerState::Draining
         );
-        let a = restarted
-            .register(
-                worker("a"),
-                "127.0.0.1:1".into(),
-                "key",
-                "cluster",
-                Epoch(0),
-            )
-            .unwrap()
-            .0;
+        let a = register(&restarted, "a", 1, 0).0;
         let (_, drain) = restarted
             .heartbeat(&worker("a"), &a, Epoch(0), 0, &[])
             .unwrap();

@@ -134,6 +134,11 @@ impl PlacementView {
         &self.worker_id
     }
 
+    /// The epoch of `slot`'s lease, if this worker holds it.
+    pub fn fence_epoch(&self, slot: Slot) -> Option<Epoch> {
+        self.fences.borrow().get(&slot).copied()
+    }
+
     /// The fence for writing `slot`'s data, if this worker holds its lease.
     pub fn fence(&self, slot: Slot) -> Option<Fence> {
         let epoch = *self.fences.borrow().get(&slot)?;

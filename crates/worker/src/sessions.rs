@@ -383,14 +383,17 @@ impl SessionManager {
 
     /// The epoch of the lease under which `slot`'s sessions may be served now.
     fn servable(&self, slot: Slot) -> Result<Epoch> {
-        Ok(self.slot_fence(slot)?.epoch)
+        if self.releasing_read().contains(&slot) {
+            return Err(WorkerError::LeaseNotHeld(slot));
+        }
+        self.placement
+            .fence_epoch(slot)
+            .ok_or(WorkerError::LeaseNotHeld(slot))
     }
 
     /// The fence for writing `slot` outside a session call (creating, ending sessions).
     fn slot_fence(&self, slot: Slot) -> Result<Fence> {
-        if self.releasing_read().contains(&slot) {
-            return Err(WorkerError::LeaseNotHeld(slot));
-        }
+        self.servable(slot)?;
         self.fence(slot)
     }
 
@@ -665,15 +668,6 @@ impl SessionManager {
         loads
     }
 
-    /// Calls in progress on sessions of `slots`.
-    fn in_flight_in(&self, slots: &HashSet<Slot>) -> u32 {
-        self.hot_read()
-            .values()
-            .filter(|session| slots.contains(&session.slot))
-            .map(|session| session.activity().in_flight)
-            .sum()
-    }
-
     /// The first half of handing `slots` to another worker (the table already routes new
     /// calls there): lets the calls in progress finish for up to `grace`, then cancels the
     /// turns still running (they end UNAVAILABLE, committing no reply) and forgets the
@@ -681,26 +675,38 @@ impl SessionManager {
     /// The slots stay refused to new calls until [`SessionManager::handed_over`].
     pub async fn hand_over(&self, slots: &HashSet<Slot>, grace: Duration) -> u32 {
         self.releasing().extend(slots.iter().copied());
+        // Taken once: from here no call on these slots begins (`begin` checks `releasing`
+        // after counting itself in flight), so no session joins this list later.
+        let sessions: Vec<Arc<HotSession>> = self
+            .hot_read()
+            .values()
+            .filter(|session| slots.contains(&session.slot))
+            .cloned()
+            .collect();
+        let in_flight = || -> u32 {
+            sessions
+                .iter()
+                .map(|session| session.activity().in_flight)
+                .sum()
+        };
         let deadline = tokio::time::Instant::now() + grace;
         let mut cancelled = 0;
         loop {
-            let in_flight = self.in_flight_in(slots);
-            if in_flight == 0 {
+            let calls = in_flight();
+            if calls == 0 {
                 break;
             }
             if tokio::time::Instant::now() >= deadline {
-                cancelled = in_flight;
-                for session in self.hot_read().values() {
-                    if slots.contains(&session.slot) {
-                        let mut activity = session.activity();
-                        activity.handing_over = true;
-                        if let Some(running) = &activity.running {
-                            running.cancel();
-                        }
+                cancelled = calls;
+                for session in &sessions {
+                    let mut activity = session.activity();
+                    activity.handing_over = true;
+                    if let Some(running) = &activity.running {
+                        running.cancel();
                     }
                 }
                 let cancelled_by = tokio::time::Instant::now() + CANCEL_WAIT;
-                while self.in_flight_in(slots) > 0 && tokio::time::Instant::now() < cancelled_by {
+                while in_flight() > 0 && tokio::time::Instant::now() < cancelled_by {
                     tokio::time::sleep(HANDOVER_POLL).await;
                 }
                 break;
