@@ -1,12 +1,48 @@
-//! Session-token checks shared by the coordinator and the workers: both verify every
-//! session call, so a routing fault can never open a session.
+//! Checks shared by the coordinator and the workers: session tokens (both verify every
+//! session call, so a routing fault can never open a session) and node credentials (only
+//! members of the cluster talk inside it).
 
 use std::time::SystemTime;
 
-use switchyard_core::{ErrorCode, ServiceError, SessionClaims, SessionId, TokenError, TokenKey};
-use tonic::metadata::MetadataMap;
+use switchyard_core::{
+    ClusterKey, ErrorCode, NodeClaims, NodeCredentialError, NodeRole, ServiceError, SessionClaims,
+    SessionId, TokenError, TokenKey,
+};
+use tonic::codegen::http::HeaderMap;
+use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 
-use crate::metadata::SESSION_TOKEN;
+use crate::metadata::{NODE_CREDENTIAL, SESSION_TOKEN};
+
+/// A node credential for one call of `path`, as metadata.
+pub fn node_credential(
+    key: &ClusterKey,
+    role: NodeRole,
+    node_id: &str,
+    path: &str,
+) -> AsciiMetadataValue {
+    let credential = key.credential(role, node_id, path, SystemTime::now());
+    // Made of ASCII letters, digits, '.', '-' and '_' only (node ids are validated).
+    AsciiMetadataValue::try_from(credential).unwrap_or_else(|_| AsciiMetadataValue::from_static(""))
+}
+
+/// Verifies the node credential of a call of `path`, which must come from a node of `role`.
+/// The refusal says nothing about the cluster; the reason goes to this node's debug log.
+pub fn verify_node_credential(
+    key: &ClusterKey,
+    headers: &HeaderMap,
+    role: NodeRole,
+    path: &str,
+) -> Result<NodeClaims, tonic::Status> {
+    let verified = headers
+        .get(NODE_CREDENTIAL)
+        .ok_or(NodeCredentialError::Missing)
+        .and_then(|value| value.to_str().map_err(|_| NodeCredentialError::Malformed))
+        .and_then(|credential| key.verify(credential, role, path, SystemTime::now()));
+    verified.map_err(|error| {
+        tracing::debug!(%path, reason = error.reason(), "call refused: no valid node credential");
+        crate::status::status_from(&error)
+    })
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {

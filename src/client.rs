@@ -4,11 +4,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use tonic::metadata::MetadataValue;
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status, Streaming};
 
-use crate::metadata::SESSION_TOKEN;
+use crate::metadata::{AUTHORIZATION, SESSION_TOKEN};
 use crate::pb;
 use crate::pb::session_service_client::SessionServiceClient;
 
@@ -24,6 +24,8 @@ pub enum ClientError {
         endpoint: String,
         source: tonic::transport::Error,
     },
+    #[error("the API key holds characters that cannot be sent in metadata")]
+    InvalidApiKey,
 }
 
 /// A reply collected from a `SendMessage` stream.
@@ -45,6 +47,8 @@ pub struct SwitchyardClient {
     inner: SessionServiceClient<Channel>,
     tokens: Arc<RwLock<HashMap<String, String>>>,
     timeout: Option<Duration>,
+    /// `Bearer <key>`, sent on every call.
+    authorization: Option<AsciiMetadataValue>,
 }
 
 impl SwitchyardClient {
@@ -64,10 +68,22 @@ impl SwitchyardClient {
 
     pub fn new(channel: Channel) -> Self {
         SwitchyardClient {
-            inner: SessionServiceClient::new(channel),
+            inner: SessionServiceClient::new(channel)
+                .max_decoding_message_size(switchyard_core::session::MAX_GRPC_MESSAGE_BYTES)
+                .max_encoding_message_size(switchyard_core::session::MAX_GRPC_MESSAGE_BYTES),
             tokens: Arc::default(),
             timeout: None,
+            authorization: None,
         }
+    }
+
+    /// Sends `key` as `authorization: Bearer <key>` on every call (a coordinator with API
+    /// keys configured refuses calls without one).
+    pub fn with_api_key(mut self, key: &str) -> Result<Self, ClientError> {
+        let value = AsciiMetadataValue::try_from(format!("Bearer {key}"))
+            .map_err(|_| ClientError::InvalidApiKey)?;
+        self.authorization = Some(value);
+        Ok(self)
     }
 
     /// Sets a deadline on every call (sent as `grpc-timeout` and honoured end to end).
@@ -104,6 +120,11 @@ impl SwitchyardClient {
         let mut request = Request::new(message);
         if let Some(timeout) = self.timeout {
             request.set_timeout(timeout);
+        }
+        if let Some(authorization) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert(AUTHORIZATION, authorization.clone());
         }
         request
     }

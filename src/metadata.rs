@@ -6,6 +6,11 @@ use tonic::metadata::MetadataMap;
 
 /// Carries the session token on every call that names a session.
 pub const SESSION_TOKEN: &str = "x-session-token";
+/// Carries the node credential on every call inside a cluster: membership calls from
+/// workers, and every call the coordinator forwards (which it marks as forwarded).
+pub const NODE_CREDENTIAL: &str = "x-switchyard-node";
+/// Carries the caller's API key, as `Bearer <key>`.
+pub const AUTHORIZATION: &str = "authorization";
 /// Carries the placement epoch a forwarded request was routed with.
 pub const PLACEMENT_EPOCH: &str = "x-switchyard-epoch";
 /// On a worker's FAILED_PRECONDITION for a slot it does not own: the owner it knows.

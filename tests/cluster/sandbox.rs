@@ -93,7 +93,8 @@ impl Sandbox {
             options.workers,
             token_key.clone(),
             Arc::new(store),
-        );
+        )
+        .expect("a dev cluster config");
         config.limits = options.limits;
         config.heartbeat_interval = Duration::from_millis(100);
         config.lease = options.lease;

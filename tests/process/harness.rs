@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 pub const BINARY: &str = env!("CARGO_BIN_EXE_switchyard");
 /// A fixed test secret: every process of one test cluster must share it.
 pub const TOKEN_KEY: &str = "0123456789abcdef0123456789abcdef-process-tests";
+/// The cluster secret every process of one test cluster shares.
+pub const CLUSTER_SECRET: &str = "fedcba9876543210fedcba9876543210-process-tests";
 
 /// A child process that is killed when dropped, with its stderr kept in a file.
 pub struct Process {
@@ -23,6 +25,7 @@ impl Process {
         let child = Command::new(BINARY)
             .args(args)
             .env("SWITCHYARD_TOKEN_KEY", TOKEN_KEY)
+            .env("SWITCHYARD_CLUSTER_SECRET", CLUSTER_SECRET)
             .env("RUST_LOG", "info")
             .current_dir(dir)
             .stdin(Stdio::null())
@@ -202,9 +205,13 @@ pub fn spawn_coordinator(dir: &Path, extra: &[&str]) -> (Process, String) {
     )
 }
 
-/// A coordinator listening on `address` (a restarted one takes its predecessor's).
+/// A coordinator listening on `address` (a restarted one takes its predecessor's). Without
+/// `--api-keys` among `extra`, it serves callers without keys (`--insecure-no-auth`).
 pub fn spawn_coordinator_at(dir: &Path, address: &str, extra: &[&str]) -> Process {
     let mut args = vec!["coordinator", "--listen", address];
+    if !extra.contains(&"--api-keys") {
+        args.push("--insecure-no-auth");
+    }
     args.extend_from_slice(extra);
     Process::spawn("coordinator", &args, dir)
 }

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_agents::AgentCatalog;
-use switchyard_coordinator::{CoordinatorConfig, CoordinatorHandle};
-use switchyard_core::{DEFAULT_SLOT_COUNT, Limits, TokenKey, WorkerId};
+use switchyard_coordinator::{CallerAuth, CoordinatorConfig, CoordinatorHandle};
+use switchyard_core::{ClusterKey, DEFAULT_SLOT_COUNT, Limits, TokenKey, WorkerId};
+use switchyard_server::ServerLimits;
 use switchyard_store::SessionStore;
 use switchyard_worker::{WorkerConfig, WorkerHandle};
 use tokio_util::sync::CancellationToken;
@@ -20,6 +21,8 @@ pub enum DevError {
     Store(#[from] switchyard_store::StoreError),
     #[error("the coordinator failed to start: {0}")]
     Coordinator(#[from] switchyard_coordinator::StartError),
+    #[error(transparent)]
+    Keys(crate::keys::KeyError),
     #[error("worker {worker_id} failed to start: {source}")]
     Worker {
         worker_id: String,
@@ -33,7 +36,14 @@ pub struct DevClusterConfig {
     pub listen: SocketAddr,
     pub workers: usize,
     pub token_key: TokenKey,
+    /// What the nodes prove membership with; random unless set.
+    pub cluster_key: ClusterKey,
+    /// How callers authenticate at the coordinator; open unless set.
+    pub callers: CallerAuth,
     pub limits: Limits,
+    /// In-flight, receive-budget and HTTP/2 limits of every node's server.
+    pub server_limits: ServerLimits,
+    pub reflection: bool,
     pub slot_count: u32,
     pub heartbeat_interval: Duration,
     pub lease: Duration,
@@ -47,26 +57,46 @@ pub struct DevClusterConfig {
 }
 
 impl DevClusterConfig {
-    /// A cluster on `store`; `MemoryStore::new()` for one that keeps nothing.
+    /// A cluster on `store`; `MemoryStore::new()` for one that keeps nothing. Its nodes
+    /// share a random cluster secret, and callers need no API key.
     pub fn new(
         listen: SocketAddr,
         workers: usize,
         token_key: TokenKey,
         store: Arc<dyn SessionStore>,
-    ) -> Self {
-        DevClusterConfig {
+    ) -> Result<Self, DevError> {
+        let secret = crate::keys::random_hex(32).map_err(DevError::Keys)?;
+        let cluster_key = ClusterKey::from_secret(secret.as_bytes()).map_err(|error| {
+            DevError::Keys(crate::keys::KeyError::Invalid {
+                origin: "a random cluster secret".into(),
+                reason: error.to_string(),
+            })
+        })?;
+        Ok(DevClusterConfig {
             listen,
             workers,
             token_key,
+            cluster_key,
+            callers: CallerAuth::Open,
             store,
             limits: Limits::default(),
+            server_limits: ServerLimits::default(),
+            reflection: true,
             slot_count: DEFAULT_SLOT_COUNT,
             heartbeat_interval: Duration::from_millis(500),
             lease: Duration::from_secs(2),
             handoff_grace: Duration::from_secs(5),
             epsilon: switchyard_core::bounded::DEFAULT_EPSILON,
             agents: AgentCatalog::with_builtin(),
-        }
+        })
+    }
+}
+
+/// Every node's server takes messages as large as the limits allow.
+fn server_limits(config: &DevClusterConfig) -> ServerLimits {
+    ServerLimits {
+        max_message_bytes: config.limits.max_grpc_message_bytes,
+        ..config.server_limits
     }
 }
 
@@ -82,7 +112,13 @@ impl DevCluster {
     pub async fn start(config: DevClusterConfig) -> Result<Self, DevError> {
         let shutdown = CancellationToken::new();
         let listener = switchyard_server::bind(config.listen).await?;
-        let mut coordinator_config = CoordinatorConfig::new(config.token_key.clone());
+        let mut coordinator_config = CoordinatorConfig::new(
+            config.token_key.clone(),
+            config.cluster_key.clone(),
+            config.callers.clone(),
+        );
+        coordinator_config.server_limits = server_limits(&config);
+        coordinator_config.reflection = config.reflection;
         coordinator_config.slot_count = config.slot_count;
         coordinator_config.heartbeat_interval = config.heartbeat_interval;
         coordinator_config.lease = config.lease;
@@ -127,8 +163,11 @@ impl DevCluster {
             coordinator_url: self.coordinator_url(),
             advertise_address: None,
             token_key: self.config.token_key.clone(),
+            cluster_key: self.config.cluster_key.clone(),
             limits: self.config.limits.clone(),
             agents: self.config.agents.clone(),
+            server_limits: server_limits(&self.config),
+            reflection: self.config.reflection,
         };
         let handle = switchyard_worker::start(
             config,

@@ -1,9 +1,10 @@
-//! Loading and creating the session-token signing key.
+//! Loading and creating the secrets every node of a cluster shares: the session-token
+//! signing key and the cluster secret (from which node credentials are made).
 
 use std::path::{Path, PathBuf};
 
 use ring::rand::{SecureRandom, SystemRandom};
-use switchyard_core::TokenKey;
+use switchyard_core::{ClusterKey, TokenKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -23,8 +24,65 @@ pub enum KeyError {
         "no token key: pass --token-key-file (or set SWITCHYARD_TOKEN_KEY_FILE or SWITCHYARD_TOKEN_KEY) with the same secret of at least 32 bytes on every node"
     )]
     Missing,
-    #[error("cannot generate a token key: the system random source failed")]
+    #[error(
+        "no cluster secret: pass --cluster-secret-file (or set SWITCHYARD_CLUSTER_SECRET_FILE or SWITCHYARD_CLUSTER_SECRET) with the same secret of at least 32 bytes on every node"
+    )]
+    MissingClusterSecret,
+    #[error("cannot generate a secret: the system random source failed")]
     Random,
+}
+
+/// The cluster secret from a file, or from the secret itself; the file wins.
+pub fn load_cluster_key(file: Option<&Path>, secret: Option<&str>) -> Result<ClusterKey, KeyError> {
+    let (secret, origin) = match (file, secret) {
+        (Some(path), _) => (
+            std::fs::read(path).map_err(|source| KeyError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?,
+            path.display().to_string(),
+        ),
+        (None, Some(secret)) => (
+            secret.as_bytes().to_vec(),
+            "SWITCHYARD_CLUSTER_SECRET".to_string(),
+        ),
+        (None, None) => return Err(KeyError::MissingClusterSecret),
+    };
+    ClusterKey::from_secret(secret.trim_ascii()).map_err(|error| KeyError::Invalid {
+        origin,
+        reason: error.to_string(),
+    })
+}
+
+/// The cluster secret in `data_dir/cluster.key`, created on first use.
+pub fn load_or_create_cluster_key(data_dir: &Path) -> Result<ClusterKey, KeyError> {
+    let path = create_secret_file(data_dir, "cluster.key")?;
+    load_cluster_key(Some(&path), None)
+}
+
+/// `data_dir/name`, holding 32 random bytes in hex, made on first use (mode 0600).
+fn create_secret_file(data_dir: &Path, name: &str) -> Result<PathBuf, KeyError> {
+    let path = data_dir.join(name);
+    if path.exists() {
+        return Ok(path);
+    }
+    let hex = random_hex(32)?;
+    std::fs::create_dir_all(data_dir)
+        .and_then(|()| write_private(&path, hex.as_bytes()))
+        .map_err(|source| KeyError::Write {
+            path: path.clone(),
+            source,
+        })?;
+    Ok(path)
+}
+
+/// `bytes` random bytes from the system's secure source, in hex.
+pub fn random_hex(bytes: usize) -> Result<String, KeyError> {
+    let mut secret = vec![0u8; bytes];
+    SystemRandom::new()
+        .fill(&mut secret)
+        .map_err(|_| KeyError::Random)?;
+    Ok(secret.iter().map(|byte| format!("{byte:02x}")).collect())
 }
 
 /// The key from a file, or from the secret itself; the file wins.
@@ -51,21 +109,7 @@ fn from_bytes(secret: &[u8], origin: &str) -> Result<TokenKey, KeyError> {
 
 /// The key in `data_dir/token.key`, created on first use, so tokens survive restarts.
 pub fn load_or_create(data_dir: &Path) -> Result<TokenKey, KeyError> {
-    let path = data_dir.join("token.key");
-    if path.exists() {
-        return load(Some(&path), None);
-    }
-    let mut secret = [0u8; 32];
-    SystemRandom::new()
-        .fill(&mut secret)
-        .map_err(|_| KeyError::Random)?;
-    let hex: String = secret.iter().map(|byte| format!("{byte:02x}")).collect();
-    std::fs::create_dir_all(data_dir)
-        .and_then(|()| write_private(&path, hex.as_bytes()))
-        .map_err(|source| KeyError::Write {
-            path: path.clone(),
-            source,
-        })?;
+    let path = create_secret_file(data_dir, "token.key")?;
     load(Some(&path), None)
 }
 
@@ -92,6 +136,11 @@ mod tests {
         let first = load_or_create(&dir).unwrap();
         let second = load_or_create(&dir).unwrap();
         assert_eq!(first.id(), second.id());
+        load_or_create_cluster_key(&dir).unwrap();
+        let cluster = std::fs::read(dir.join("cluster.key")).unwrap();
+        load_or_create_cluster_key(&dir).unwrap();
+        assert_eq!(std::fs::read(dir.join("cluster.key")).unwrap(), cluster);
+        assert_ne!(cluster, std::fs::read(dir.join("token.key")).unwrap());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -103,5 +152,11 @@ mod tests {
         ));
         assert!(matches!(load(None, None), Err(KeyError::Missing)));
         assert!(load(None, Some(&"k".repeat(32))).is_ok());
+        assert!(matches!(
+            load_cluster_key(None, None),
+            Err(KeyError::MissingClusterSecret)
+        ));
+        assert!(load_cluster_key(None, Some("short")).is_err());
+        assert!(load_cluster_key(None, Some(&"c".repeat(32))).is_ok());
     }
 }

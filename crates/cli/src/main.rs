@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use switchyard_cli::{DevCluster, DevClusterConfig, keys, store};
+use switchyard_coordinator::{ApiKeyRegistry, CallerAuth};
 use switchyard_core::{DEFAULT_SLOT_COUNT, Limits, WorkerId};
+use switchyard_server::ServerLimits;
 use switchyard_store::SessionStore;
 use switchyard_worker::WorkerConfig;
 use tokio_util::sync::CancellationToken;
@@ -43,6 +45,29 @@ enum Command {
     /// Drain a worker: move its slots away and wait until it has handed them over and left
     /// (what a Kubernetes preStop hook runs before the worker pod stops).
     Drain(DrainArgs),
+    /// Make API keys for callers.
+    #[command(subcommand, name = "api-key")]
+    ApiKey(ApiKeyCommand),
+}
+
+#[derive(Subcommand)]
+enum ApiKeyCommand {
+    /// Make a new key: prints it once, with the entry to paste into the --api-keys file
+    /// (which stores only its SHA-256).
+    New(NewApiKeyArgs),
+}
+
+#[derive(Args)]
+struct NewApiKeyArgs {
+    /// A name for the key, shown in logs and errors (e.g. the calling service).
+    #[arg(long)]
+    name: String,
+    /// What the key may call: sessions, admin-read or admin; repeat for several.
+    #[arg(long = "scope", required = true)]
+    scopes: Vec<String>,
+    /// Let the key act only for user ids that start with this (a tenant), e.g. "acme:".
+    #[arg(long)]
+    user_prefix: Option<String>,
 }
 
 #[derive(Args)]
@@ -56,6 +81,9 @@ struct DrainArgs {
     /// How long to wait for the worker to leave.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// An API key of scope `admin`, when the coordinator asks for keys.
+    #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
 }
 
 #[derive(Args)]
@@ -71,6 +99,91 @@ struct KeyArgs {
         hide = true
     )]
     token_key: Option<String>,
+    /// File holding the cluster secret (at least 32 bytes), the same on every node: nodes
+    /// prove membership with credentials made from it.
+    #[arg(long, env = "SWITCHYARD_CLUSTER_SECRET_FILE")]
+    cluster_secret_file: Option<PathBuf>,
+    /// The cluster secret itself, when no file is given.
+    #[arg(
+        long = "cluster-secret",
+        env = "SWITCHYARD_CLUSTER_SECRET",
+        hide_env_values = true,
+        hide = true
+    )]
+    cluster_secret: Option<String>,
+}
+
+impl KeyArgs {
+    fn token_key(&self) -> Result<switchyard_core::TokenKey, keys::KeyError> {
+        keys::load(self.token_key_file.as_deref(), self.token_key.as_deref())
+    }
+
+    fn cluster_key(&self) -> Result<switchyard_core::ClusterKey, keys::KeyError> {
+        keys::load_cluster_key(
+            self.cluster_secret_file.as_deref(),
+            self.cluster_secret.as_deref(),
+        )
+    }
+}
+
+#[derive(Args)]
+struct CallerArgs {
+    /// TOML file of API keys (name, sha256, scopes, user_prefix), read again when it
+    /// changes. Make keys with `switchyard api-key new`.
+    #[arg(long, env = "SWITCHYARD_API_KEYS")]
+    api_keys: Option<PathBuf>,
+    /// Serve callers without API keys: anyone who reaches the port acts as every user and
+    /// as an operator.
+    #[arg(long, env = "SWITCHYARD_INSECURE_NO_AUTH")]
+    insecure_no_auth: bool,
+}
+
+impl CallerArgs {
+    /// The keys, or no keys where that is allowed: with --insecure-no-auth, or for `dev`
+    /// on loopback (`open_on_loopback`).
+    fn callers(&self, listen: SocketAddr, open_on_loopback: bool) -> Result<CallerAuth, BoxError> {
+        if let Some(path) = &self.api_keys {
+            return Ok(CallerAuth::ApiKeys(ApiKeyRegistry::from_file(path)?));
+        }
+        if self.insecure_no_auth || (open_on_loopback && listen.ip().is_loopback()) {
+            return Ok(CallerAuth::Open);
+        }
+        Err(format!(
+            "no API keys for callers on {listen}: pass --api-keys PATH (make keys with `switchyard api-key new`), or --insecure-no-auth to let anyone who reaches {listen} act as every user"
+        )
+        .into())
+    }
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// Serve server reflection (grpcurl list/describe); --reflection=false turns it off.
+    #[arg(long, env = "SWITCHYARD_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    reflection: bool,
+    /// Calls served at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SWITCHYARD_MAX_IN_FLIGHT", default_value_t = ServerLimits::default().max_in_flight)]
+    max_in_flight: usize,
+    /// Bytes of requests still arriving, across all streams, before new ones are refused.
+    #[arg(long, env = "SWITCHYARD_RECEIVE_BUDGET_BYTES", default_value_t = ServerLimits::default().receive_budget_bytes)]
+    receive_budget_bytes: usize,
+    /// The largest gRPC message on either hop.
+    #[arg(long, env = "SWITCHYARD_MAX_GRPC_MESSAGE_BYTES", default_value_t = Limits::default().max_grpc_message_bytes)]
+    max_grpc_message_bytes: usize,
+    /// Streams one HTTP/2 connection may have open at once.
+    #[arg(long, env = "SWITCHYARD_MAX_CONCURRENT_STREAMS", default_value_t = ServerLimits::default().max_concurrent_streams)]
+    max_concurrent_streams: u32,
+}
+
+impl ServerArgs {
+    fn server_limits(&self) -> ServerLimits {
+        ServerLimits {
+            max_in_flight: self.max_in_flight.max(1),
+            receive_budget_bytes: self.receive_budget_bytes,
+            max_message_bytes: self.max_grpc_message_bytes,
+            max_concurrent_streams: self.max_concurrent_streams.max(1),
+            ..ServerLimits::default()
+        }
+    }
 }
 
 #[derive(Args)]
@@ -136,15 +249,43 @@ struct AgentArgs {
     agents: Option<PathBuf>,
 }
 
+#[derive(Args)]
+struct InputLimitArgs {
+    /// Bytes of one message's content.
+    #[arg(long, env = "SWITCHYARD_MAX_MESSAGE_BYTES", default_value_t = Limits::default().max_message_bytes)]
+    max_message_bytes: usize,
+    /// Messages in one AppendContext.
+    #[arg(long, env = "SWITCHYARD_MAX_MESSAGES_PER_APPEND", default_value_t = Limits::default().max_messages_per_append)]
+    max_messages_per_append: usize,
+    /// Messages in one GetContext or ListSessions page.
+    #[arg(long, env = "SWITCHYARD_MAX_PAGE_MESSAGES", default_value_t = Limits::default().max_page_messages)]
+    max_page_messages: usize,
+    /// Content bytes in one GetContext page.
+    #[arg(long, env = "SWITCHYARD_MAX_PAGE_BYTES", default_value_t = Limits::default().max_page_bytes)]
+    max_page_bytes: usize,
+    /// Bytes of one agent reply; a longer reply ends its turn with an error.
+    #[arg(long, env = "SWITCHYARD_MAX_REPLY_BYTES", default_value_t = Limits::default().max_reply_bytes)]
+    max_reply_bytes: usize,
+}
+
 impl SessionArgs {
-    fn limits(&self) -> Limits {
-        Limits {
+    /// The limits from these flags, the input limits and the server's message size.
+    fn limits(&self, inputs: &InputLimitArgs, server: &ServerArgs) -> Result<Limits, BoxError> {
+        let limits = Limits {
             max_sessions_per_user: self.max_sessions_per_user,
             idle_timeout: self.idle_timeout,
             passivate_after: self.passivate_after,
             token_ttl: self.token_ttl,
+            max_message_bytes: inputs.max_message_bytes,
+            max_messages_per_append: inputs.max_messages_per_append,
+            max_page_messages: inputs.max_page_messages,
+            max_page_bytes: inputs.max_page_bytes,
+            max_reply_bytes: inputs.max_reply_bytes,
+            max_grpc_message_bytes: server.max_grpc_message_bytes,
             ..Limits::default()
-        }
+        };
+        limits.validate()?;
+        Ok(limits)
     }
 }
 
@@ -154,6 +295,10 @@ struct CoordinatorArgs {
     listen: SocketAddr,
     #[command(flatten)]
     keys: KeyArgs,
+    #[command(flatten)]
+    callers: CallerArgs,
+    #[command(flatten)]
+    server: ServerArgs,
     #[command(flatten)]
     store: StoreArgs,
     #[command(flatten)]
@@ -180,6 +325,10 @@ struct WorkerArgs {
     #[command(flatten)]
     sessions: SessionArgs,
     #[command(flatten)]
+    inputs: InputLimitArgs,
+    #[command(flatten)]
+    server: ServerArgs,
+    #[command(flatten)]
     agents: AgentArgs,
 }
 
@@ -196,6 +345,12 @@ struct DevArgs {
     store: StoreArgs,
     #[command(flatten)]
     sessions: SessionArgs,
+    #[command(flatten)]
+    inputs: InputLimitArgs,
+    #[command(flatten)]
+    server: ServerArgs,
+    #[command(flatten)]
+    callers: CallerArgs,
     #[command(flatten)]
     agents: AgentArgs,
     #[command(flatten)]
@@ -224,6 +379,7 @@ fn main() -> ExitCode {
             Command::Dev(args) => run_dev(args).await,
             Command::Bench(args) => switchyard_cli::bench::run(args).await,
             Command::Drain(args) => run_drain(args).await,
+            Command::ApiKey(ApiKeyCommand::New(args)) => new_api_key(args),
         }
     });
     match result {
@@ -247,15 +403,17 @@ fn init_tracing(default_level: &str) {
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 async fn run_coordinator(args: CoordinatorArgs) -> Result<(), BoxError> {
-    let token_key = keys::load(
-        args.keys.token_key_file.as_deref(),
-        args.keys.token_key.as_deref(),
-    )?;
+    let token_key = args.keys.token_key()?;
+    let cluster_key = args.keys.cluster_key()?;
+    let callers = args.callers.callers(args.listen, false)?;
     let shutdown = CancellationToken::new();
     switchyard_server::cancel_on_signal(shutdown.clone());
     let store = args.store.open().await?;
     let listener = switchyard_server::bind(args.listen).await?;
-    let mut config = switchyard_coordinator::CoordinatorConfig::new(token_key);
+    let mut config =
+        switchyard_coordinator::CoordinatorConfig::new(token_key, cluster_key, callers);
+    config.server_limits = args.server.server_limits();
+    config.reflection = args.server.reflection;
     config.slot_count = args.timing.slot_count;
     config.heartbeat_interval = args.timing.heartbeat_interval;
     config.lease = args.timing.lease;
@@ -268,10 +426,9 @@ async fn run_coordinator(args: CoordinatorArgs) -> Result<(), BoxError> {
 }
 
 async fn run_worker(args: WorkerArgs) -> Result<(), BoxError> {
-    let token_key = keys::load(
-        args.keys.token_key_file.as_deref(),
-        args.keys.token_key.as_deref(),
-    )?;
+    let token_key = args.keys.token_key()?;
+    let cluster_key = args.keys.cluster_key()?;
+    let limits = args.sessions.limits(&args.inputs, &args.server)?;
     let worker_id = WorkerId::parse(args.id).map_err(|error| format!("--id: {error}"))?;
     let shutdown = CancellationToken::new();
     switchyard_server::cancel_on_signal(shutdown.clone());
@@ -281,8 +438,11 @@ async fn run_worker(args: WorkerArgs) -> Result<(), BoxError> {
         coordinator_url: args.coordinator,
         advertise_address: args.advertise,
         token_key,
-        limits: args.sessions.limits(),
+        cluster_key,
+        limits,
         agents: switchyard_cli::agents::load(args.agents.agents.as_deref())?,
+        server_limits: args.server.server_limits(),
+        reflection: args.server.reflection,
     };
     let store = args.store.open().await?;
     let worker = switchyard_worker::start(config, listener, store, shutdown.clone()).await?;
@@ -311,6 +471,14 @@ async fn run_drain(args: DrainArgs) -> Result<(), BoxError> {
         wait: true,
     });
     request.set_timeout(args.timeout);
+    if let Some(key) = &args.api_key {
+        let value = format!("Bearer {key}")
+            .parse()
+            .map_err(|_| "--api-key holds characters that cannot be sent in metadata")?;
+        request
+            .metadata_mut()
+            .insert(switchyard::metadata::AUTHORIZATION, value);
+    }
     let reply = AdminServiceClient::new(channel)
         .drain_worker(request)
         .await
@@ -339,13 +507,21 @@ async fn run_drain(args: DrainArgs) -> Result<(), BoxError> {
 async fn run_dev(args: DevArgs) -> Result<(), BoxError> {
     validate_timing(args.timing.heartbeat_interval, args.timing.lease)?;
     let agents = switchyard_cli::agents::load(args.agents.agents.as_deref())?;
+    let callers = args.callers.callers(args.listen, true)?;
+    let limits = args.sessions.limits(&args.inputs, &args.server)?;
     let token_key = keys::load_or_create(&args.store.data_dir)?;
+    let cluster_key = keys::load_or_create_cluster_key(&args.store.data_dir)?;
     let store = args.store.open().await?;
     let shutdown = CancellationToken::new();
     switchyard_server::cancel_on_signal(shutdown.clone());
     let mut config =
-        DevClusterConfig::new(args.listen, usize::from(args.workers), token_key, store);
-    config.limits = args.sessions.limits();
+        DevClusterConfig::new(args.listen, usize::from(args.workers), token_key, store)?;
+    config.cluster_key = cluster_key;
+    let keys_in_use = matches!(callers, CallerAuth::ApiKeys(_));
+    config.callers = callers;
+    config.limits = limits;
+    config.server_limits = args.server.server_limits();
+    config.reflection = args.server.reflection;
     config.agents = agents;
     config.slot_count = args.timing.slot_count;
     config.heartbeat_interval = args.timing.heartbeat_interval;
@@ -353,11 +529,48 @@ async fn run_dev(args: DevArgs) -> Result<(), BoxError> {
     config.handoff_grace = args.timing.handoff_grace;
     config.epsilon = args.timing.placement_epsilon;
     let cluster = DevCluster::start(config).await?;
-    print_banner(&cluster, &args.store);
+    print_banner(&cluster, &args.store, keys_in_use);
     shutdown.cancelled().await;
     cluster.stop().await;
     // stdout may be gone (a closed pipe) by now; that is no reason to fail.
     let _ = writeln!(std::io::stdout(), "switchyard dev stopped");
+    Ok(())
+}
+
+fn new_api_key(args: NewApiKeyArgs) -> Result<(), BoxError> {
+    use switchyard_core::api_key::{API_KEY_PREFIX, hash_api_key, sha256_hex};
+    use switchyard_core::{ApiKey, ApiKeys, Scope};
+
+    let scopes = args
+        .scopes
+        .iter()
+        .map(|scope| Scope::parse(scope))
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = format!("{API_KEY_PREFIX}{}", keys::random_hex(32)?);
+    let entry = ApiKey {
+        name: args.name,
+        hash: hash_api_key(&key),
+        scopes,
+        user_prefix: args.user_prefix,
+    };
+    // The same checks as the coordinator makes when it reads the file.
+    ApiKeys::new(vec![entry.clone()])?;
+    let scopes: Vec<String> = entry
+        .scopes
+        .iter()
+        .map(|scope| format!("{:?}", scope.as_str()))
+        .collect();
+    let mut text = format!(
+        "API key (shown only now; give it to the caller, who sends it as `authorization: Bearer <key>`):\n{key}\n\n\
+         Entry for the --api-keys file:\n[[keys]]\nname = {:?}\nsha256 = \"{}\"\nscopes = [{}]\n",
+        entry.name,
+        sha256_hex(&entry.hash),
+        scopes.join(", ")
+    );
+    if let Some(prefix) = &entry.user_prefix {
+        text += &format!("user_prefix = {prefix:?}\n");
+    }
+    std::io::stdout().write_all(text.as_bytes())?;
     Ok(())
 }
 
@@ -381,11 +594,18 @@ fn validate_timing(heartbeat_interval: Duration, lease: Duration) -> Result<(), 
     Ok(())
 }
 
-fn print_banner(cluster: &DevCluster, store: &StoreArgs) {
+fn print_banner(cluster: &DevCluster, store: &StoreArgs, keys_in_use: bool) {
     let address = cluster.coordinator_address();
     let mut banner = format!(
         "switchyard dev is running\n  coordinator  {address}  (SessionService, AdminService, health, reflection)\n"
     );
+    banner += if keys_in_use {
+        "  callers      need an API key (authorization: Bearer <key>)\n"
+    } else if address.ip().is_loopback() {
+        "  callers      need no API key: this cluster listens on loopback only\n"
+    } else {
+        "  callers      need no API key (--insecure-no-auth): anyone who reaches it is every user\n"
+    };
     for worker in cluster.live_workers() {
         banner += &format!("  worker       {}  {}\n", worker.address, worker.worker_id);
     }

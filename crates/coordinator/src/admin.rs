@@ -12,6 +12,7 @@ use switchyard_core::{UserId, WorkerId, slot_of};
 use tonic::{Request, Response, Status};
 
 use crate::error::CoordinatorError;
+use crate::gate::Caller;
 use crate::membership::{Membership, PUBLISH_WAIT, WorkerState};
 
 /// How long `DrainWorker` with `wait` waits when the call has no deadline.
@@ -63,12 +64,14 @@ impl AdminService for Admin {
         &self,
         request: Request<pb::GetPlacementRequest>,
     ) -> Result<Response<pb::GetPlacementResponse>, Status> {
+        let caller = request.extensions().get::<Caller>().cloned();
         let user_id = request.into_inner().user_id;
         let placement = self.membership.routing().placement.clone();
         let slots: Vec<u32> = if user_id.is_empty() {
             (0..placement.slot_count()).collect()
         } else {
             let user_id = UserId::parse(user_id).map_err(CoordinatorError::from)?;
+            Caller::check_user(caller.as_ref(), user_id.as_str())?;
             vec![slot_of(user_id.as_str(), placement.slot_count())]
         };
         let assignments = slots

@@ -27,6 +27,19 @@ pub enum CoordinatorError {
     },
     #[error("address: {0}")]
     InvalidAddress(String),
+    #[error(
+        "worker_id: worker {0} is registered by another running instance; it can be taken only once that instance's lease has run out"
+    )]
+    WorkerIdTaken(String),
+    #[error("worker_id: the node credential was made for node {credential}, not for {worker_id}")]
+    CredentialForAnotherNode {
+        credential: String,
+        worker_id: String,
+    },
+    #[error(
+        "known_epoch: {reported} is above every placement epoch this coordinator has kept ({highest}); refused"
+    )]
+    EpochAhead { reported: u64, highest: u64 },
     #[error("worker {0} is not registered (or its lease expired): register again")]
     UnknownRegistration(String),
     #[error("worker_id: no worker {0} is known to the coordinator")]
@@ -47,7 +60,11 @@ impl ServiceError for CoordinatorError {
             CoordinatorError::NoOwner(_) => ErrorCode::Unavailable,
             CoordinatorError::TokenKeyMismatch { .. }
             | CoordinatorError::ClusterMismatch { .. } => ErrorCode::FailedPrecondition,
-            CoordinatorError::InvalidAddress(_) => ErrorCode::InvalidArgument,
+            CoordinatorError::InvalidAddress(_) | CoordinatorError::EpochAhead { .. } => {
+                ErrorCode::InvalidArgument
+            }
+            CoordinatorError::WorkerIdTaken(_) => ErrorCode::AlreadyExists,
+            CoordinatorError::CredentialForAnotherNode { .. } => ErrorCode::PermissionDenied,
             CoordinatorError::UnknownRegistration(_) | CoordinatorError::UnknownWorker(_) => {
                 ErrorCode::NotFound
             }

@@ -1,7 +1,9 @@
 //! The Switchyard coordinator: membership, placement authority, routing and admin.
 
 mod admin;
+pub mod api_keys;
 mod error;
+mod gate;
 mod membership;
 mod raw;
 mod router;
@@ -13,25 +15,36 @@ use std::time::Duration;
 use switchyard::pb::admin_service_server::AdminServiceServer;
 use switchyard::pb::membership_service_server::MembershipServiceServer;
 use switchyard_core::bounded::DEFAULT_EPSILON;
-use switchyard_core::{DEFAULT_SLOT_COUNT, TokenKey};
-use switchyard_server::GrpcServer;
+use switchyard_core::{ClusterKey, DEFAULT_SLOT_COUNT, TokenKey};
+use switchyard_server::{GrpcServer, ServerLimits};
 use switchyard_store::SessionStore;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub use api_keys::{ApiKeyFileError, ApiKeyRegistry};
 pub use error::CoordinatorError;
+pub use gate::{Caller, CallerAuth, CoordinatorGate};
 pub use membership::{
     Membership, MembershipConfig, Rebalanced, RoutingTable, WorkerRecord, WorkerState,
 };
 
 use crate::admin::Admin;
+use crate::gate::CoordinatorGate as Gate;
 use crate::membership::MembershipGrpc;
 use crate::router::{Router, SessionProxy};
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct CoordinatorConfig {
     pub token_key: TokenKey,
+    /// Derived from the cluster secret: what workers prove membership with, and what marks
+    /// every call the coordinator forwards.
+    pub cluster_key: ClusterKey,
+    /// How callers of SessionService and AdminService authenticate.
+    pub callers: CallerAuth,
+    pub server_limits: ServerLimits,
+    /// Serve server reflection (grpcurl list/describe).
+    pub reflection: bool,
     pub slot_count: u32,
     pub heartbeat_interval: Duration,
     pub lease: Duration,
@@ -43,9 +56,13 @@ pub struct CoordinatorConfig {
 }
 
 impl CoordinatorConfig {
-    pub fn new(token_key: TokenKey) -> Self {
+    pub fn new(token_key: TokenKey, cluster_key: ClusterKey, callers: CallerAuth) -> Self {
         CoordinatorConfig {
             token_key,
+            cluster_key,
+            callers,
+            server_limits: ServerLimits::default(),
+            reflection: true,
             slot_count: DEFAULT_SLOT_COUNT,
             heartbeat_interval: Duration::from_millis(500),
             lease: Duration::from_secs(2),
@@ -113,10 +130,19 @@ pub async fn start(
         restored,
         true,
     ));
+    let max_message_bytes = config.server_limits.max_message_bytes;
     let server = GrpcServer::new()
+        .with_gate(Arc::new(Gate::new(
+            config.cluster_key.clone(),
+            config.callers.clone(),
+        )))
+        .with_limits(config.server_limits)
+        .with_reflection(config.reflection)
         .add_service(SessionProxy::new(Router::new(
             membership.clone(),
             config.token_key.clone(),
+            config.cluster_key.clone(),
+            max_message_bytes,
         )))
         .add_service(AdminServiceServer::new(Admin::new(membership.clone())))
         .add_service(MembershipServiceServer::new(MembershipGrpc::new(
@@ -132,11 +158,21 @@ pub async fn start(
     };
     let lease_task = tokio::spawn(membership.clone().watch_leases(shutdown.clone()));
     let keeper_task = tokio::spawn(membership.clone().keep_placement(store, shutdown.clone()));
+    let mut tasks = vec![server_task, lease_task, keeper_task];
+    match &config.callers {
+        CallerAuth::ApiKeys(registry) => {
+            tracing::info!(%address, keys = registry.current().len(), "callers authenticate with API keys");
+            tasks.push(tokio::spawn(registry.clone().watch(shutdown.clone())));
+        }
+        CallerAuth::Open => {
+            tracing::warn!(%address, "no API keys: anyone who reaches this address acts as every user and as an operator");
+        }
+    }
     tracing::info!(%address, slot_count = config.slot_count, "coordinator serving");
     Ok(CoordinatorHandle {
         address,
         membership,
         shutdown,
-        tasks: vec![server_task, lease_task, keeper_task],
+        tasks,
     })
 }

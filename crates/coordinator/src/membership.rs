@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use switchyard::conversions::placement_to_wire;
 use switchyard::pb;
 use switchyard::pb::membership_service_server::MembershipService;
-use switchyard_core::{Epoch, PlacementInput, PlacementTable, Slot, WorkerId};
+use switchyard_core::{Epoch, NodeClaims, PlacementInput, PlacementTable, Slot, WorkerId};
 use switchyard_store::{SessionStore, StoredPlacement};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -27,6 +27,8 @@ const MAX_ADDRESS_BYTES: usize = 256;
 /// How long a call that changed the table waits for it to be kept in the store and
 /// published: well under the workers' 2 s membership call timeout.
 pub const PUBLISH_WAIT: Duration = Duration::from_millis(500);
+/// Longest accepted incarnation id (workers send a UUID).
+const MAX_INCARNATION_BYTES: usize = 64;
 /// The most sessions a heartbeat may report for one slot.
 const MAX_SLOT_LOAD: u64 = u32::MAX as u64;
 /// Pause before saving the placement table again after the store failed.
@@ -75,6 +77,9 @@ pub struct WorkerRecord {
     pub worker_id: WorkerId,
     pub address: String,
     pub registration_id: String,
+    /// The worker process's random id at this registration; empty for a worker restored
+    /// from the store that has not registered again yet.
+    pub incarnation: String,
     pub state: WorkerState,
     pub registered_at: SystemTime,
     pub last_heartbeat_at: SystemTime,
@@ -166,6 +171,7 @@ impl Membership {
                             address,
                             // Matches no heartbeat: each worker registers again.
                             registration_id: String::new(),
+                            incarnation: String::new(),
                             state,
                             registered_at: now,
                             last_heartbeat_at: now,
@@ -250,6 +256,34 @@ impl Membership {
         loads
     }
 
+    /// The highest epoch this coordinator has computed, kept or been told of: a node that
+    /// reports more reports something no coordinator of this cluster handed out.
+    fn highest_epoch(&self, state: &MembershipState) -> Epoch {
+        state
+            .placement
+            .epoch()
+            .max(state.epoch_floor)
+            .max(self.routing.borrow().placement.epoch())
+            .max(self.computed.borrow().placement.epoch())
+    }
+
+    fn check_reported_epoch(
+        &self,
+        state: &MembershipState,
+        worker_id: &WorkerId,
+        reported: Epoch,
+    ) -> Result<()> {
+        let highest = self.highest_epoch(state);
+        if reported > highest {
+            tracing::warn!(%worker_id, %reported, %highest, "a worker reported an epoch above every one kept; refused");
+            return Err(CoordinatorError::EpochAhead {
+                reported: reported.0,
+                highest: highest.0,
+            });
+        }
+        Ok(())
+    }
+
     pub fn register(
         &self,
         worker_id: WorkerId,
@@ -257,6 +291,7 @@ impl Membership {
         token_key_id: &str,
         cluster_id: &str,
         known_epoch: Epoch,
+        incarnation: &str,
     ) -> Result<(String, pb::PlacementTable)> {
         if cluster_id != self.config.cluster_id {
             return Err(CoordinatorError::ClusterMismatch {
@@ -276,6 +311,16 @@ impl Membership {
         let registration_id = uuid::Uuid::new_v4().to_string();
         let now = SystemTime::now();
         let mut state = self.state();
+        self.check_reported_epoch(&state, &worker_id, known_epoch)?;
+        if let Some(holder) = state.workers.get(&worker_id)
+            && holder.state.is_member()
+            && !holder.incarnation.is_empty()
+            && holder.incarnation != incarnation
+            && holder.last_heartbeat.elapsed() < self.config.lease
+        {
+            tracing::warn!(%worker_id, %address, holder_address = %holder.address, "registration of a live worker's id by another instance refused");
+            return Err(CoordinatorError::WorkerIdTaken(worker_id.to_string()));
+        }
         state.epoch_floor = state.epoch_floor.max(known_epoch);
         let rejoining = state
             .workers
@@ -305,6 +350,7 @@ impl Membership {
                 worker_id: worker_id.clone(),
                 address: address.clone(),
                 registration_id: registration_id.clone(),
+                incarnation: incarnation.to_string(),
                 state: worker_state,
                 registered_at,
                 last_heartbeat_at: now,
@@ -340,6 +386,7 @@ impl Membership {
         slot_loads: &[(Slot, u64)],
     ) -> Result<(Option<pb::PlacementTable>, bool)> {
         let mut state = self.state();
+        self.check_reported_epoch(&state, worker_id, known_epoch)?;
         let record = state
             .workers
             .get_mut(worker_id)
@@ -664,14 +711,24 @@ impl MembershipService for MembershipGrpc {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        let message = request.into_inner();
+        let (_, extensions, message) = request.into_parts();
         let worker_id = WorkerId::parse(message.worker_id).map_err(CoordinatorError::from)?;
+        check_credential_names(extensions.get::<NodeClaims>(), &worker_id)?;
+        if message.incarnation_id.is_empty() || message.incarnation_id.len() > MAX_INCARNATION_BYTES
+        {
+            return Err(CoordinatorError::from(switchyard_core::Error::invalid(
+                "incarnation_id",
+                format!("must be 1 to {MAX_INCARNATION_BYTES} bytes"),
+            ))
+            .into());
+        }
         let (registration_id, _) = self.membership.register(
             worker_id,
             message.address,
             &message.token_key_id,
             &message.cluster_id,
             Epoch(message.known_epoch),
+            &message.incarnation_id,
         )?;
         // The table with this worker in it, once it is kept (milliseconds); failing that,
         // the worker learns it in a heartbeat.
@@ -691,8 +748,9 @@ impl MembershipService for MembershipGrpc {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let message = request.into_inner();
+        let (_, extensions, message) = request.into_parts();
         let worker_id = WorkerId::parse(message.worker_id).map_err(CoordinatorError::from)?;
+        check_credential_names(extensions.get::<NodeClaims>(), &worker_id)?;
         let slot_count = self.membership.config().slot_count;
         let mut slot_loads = Vec::with_capacity(message.slot_loads.len());
         for load in &message.slot_loads {
@@ -723,11 +781,26 @@ impl MembershipService for MembershipGrpc {
         &self,
         request: Request<pb::LeaveRequest>,
     ) -> Result<Response<pb::LeaveResponse>, Status> {
-        let message = request.into_inner();
+        let (_, extensions, message) = request.into_parts();
         let worker_id = WorkerId::parse(message.worker_id).map_err(CoordinatorError::from)?;
+        check_credential_names(extensions.get::<NodeClaims>(), &worker_id)?;
         self.membership
             .leave(&worker_id, &message.registration_id)?;
         Ok(Response::new(pb::LeaveResponse {}))
+    }
+}
+
+/// A worker speaks only for itself: the credential must be its own. (Without claims, the
+/// service runs behind no gate: unit tests.)
+fn check_credential_names(claims: Option<&NodeClaims>, worker_id: &WorkerId) -> Result<()> {
+    match claims {
+        Some(claims) if claims.node_id != worker_id.as_str() => {
+            Err(CoordinatorError::CredentialForAnotherNode {
+                credential: claims.node_id.clone(),
+                worker_id: worker_id.to_string(),
+            })
+        }
+        _ => Ok(()),
     }
 }
 
@@ -766,6 +839,7 @@ mod tests {
                 "key",
                 "cluster",
                 Epoch(known_epoch),
+                &format!("incarnation-of-{id}"),
             )
             .unwrap()
     }
@@ -797,9 +871,79 @@ mod tests {
 
     #[test]
     fn a_restarted_coordinator_continues_above_the_workers_epoch() {
-        let membership = membership(Duration::from_secs(60));
+        // The store held leases at epoch 41, which the worker saw.
+        let membership = Membership::new(
+            MembershipConfig {
+                epoch_floor: Epoch(41),
+                ..config(Duration::from_secs(60))
+            },
+            None,
+            false,
+        );
         let (_, table) = register(&membership, "a", 1, 41);
         assert_eq!(table.epoch, 42);
+    }
+
+    #[test]
+    fn epochs_above_every_kept_one_are_refused_and_placement_goes_on() {
+        let membership = membership(Duration::from_secs(60));
+        let (a, _) = register(&membership, "a", 1, 0);
+        for reported in [u64::MAX, i64::MAX as u64, 1_000] {
+            let error = membership
+                .register(
+                    worker("b"),
+                    "127.0.0.1:2".into(),
+                    "key",
+                    "cluster",
+                    Epoch(reported),
+                    "incarnation-of-b",
+                )
+                .unwrap_err();
+            assert!(
+                matches!(error, CoordinatorError::EpochAhead { .. }),
+                "{error}"
+            );
+            assert!(matches!(
+                membership.heartbeat(&worker("a"), &a, Epoch(reported), 0, &[]),
+                Err(CoordinatorError::EpochAhead { .. })
+            ));
+        }
+        let before = membership.routing().placement.epoch();
+        register(&membership, "b", 2, before.0);
+        let after = membership.routing();
+        assert_eq!(after.placement.epoch(), before.next());
+        assert_eq!(
+            after.placement.slots_of(&worker("b")).len()
+                + after.placement.slots_of(&worker("a")).len(),
+            64
+        );
+    }
+
+    #[test]
+    fn a_live_workers_id_cannot_be_taken_by_another_instance() {
+        let lease = Duration::from_millis(200);
+        let membership = membership(lease);
+        register(&membership, "a", 1, 0);
+        let take = |incarnation: &str| {
+            membership.register(
+                worker("a"),
+                "127.0.0.1:666".into(),
+                "key",
+                "cluster",
+                Epoch(0),
+                incarnation,
+            )
+        };
+        assert!(matches!(
+            take("intruder"),
+            Err(CoordinatorError::WorkerIdTaken(_))
+        ));
+        assert_eq!(membership.routing().addresses[&worker("a")], "127.0.0.1:1");
+        // The same instance may register again (after a coordinator restart, say).
+        assert!(take("incarnation-of-a").is_ok());
+        // Once the holder's lease has run out, a new instance takes the id.
+        std::thread::sleep(lease + Duration::from_millis(50));
+        assert!(take("restarted").is_ok());
     }
 
     #[test]
@@ -812,6 +956,7 @@ mod tests {
                 "other",
                 "cluster",
                 Epoch(0),
+                "i",
             )
             .unwrap_err();
         assert!(matches!(error, CoordinatorError::TokenKeyMismatch { .. }));
@@ -822,6 +967,7 @@ mod tests {
                 "key",
                 "elsewhere",
                 Epoch(0),
+                "i",
             )
             .unwrap_err();
         assert!(matches!(error, CoordinatorError::ClusterMismatch { .. }));
@@ -829,7 +975,7 @@ mod tests {
         for address in ["", "nohost", "h:0", "http://h:1", "h:99999", "a b:1"] {
             assert!(
                 membership
-                    .register(worker("a"), address.into(), "key", "cluster", Epoch(0))
+                    .register(worker("a"), address.into(), "key", "cluster", Epoch(0), "i")
                     .is_err(),
                 "{address}"
             );
@@ -930,7 +1076,14 @@ mod tests {
         join(&first, "b", 2);
         let routing = first.routing();
         let stored = routing.to_stored();
-        let restarted = Membership::new(config(Duration::from_secs(60)), Some(stored), false);
+        let restarted = Membership::new(
+            MembershipConfig {
+                epoch_floor: Epoch(40),
+                ..config(Duration::from_secs(60))
+            },
+            Some(stored),
+            false,
+        );
         let restored = restarted.routing();
         assert!(restored.placement.epoch() > routing.placement.epoch());
         assert_eq!(restored.placement.moved_slots(&routing.placement), 0);

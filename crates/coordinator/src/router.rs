@@ -14,9 +14,11 @@ use std::time::{Duration, Instant};
 
 use http::uri::PathAndQuery;
 use prost::Message as _;
-use switchyard::auth::verify_session_token;
-use switchyard::metadata::{KNOWN_EPOCH, PLACEMENT_EPOCH, SESSION_TOKEN, deadline_of};
-use switchyard_core::{SessionId, Slot, TokenKey, UserId, WorkerId, slot_of};
+use switchyard::auth::{node_credential, verify_session_token};
+use switchyard::metadata::{
+    KNOWN_EPOCH, NODE_CREDENTIAL, PLACEMENT_EPOCH, SESSION_TOKEN, deadline_of,
+};
+use switchyard_core::{ClusterKey, NodeRole, SessionId, Slot, TokenKey, UserId, WorkerId, slot_of};
 use tonic::body::Body;
 use tonic::codegen::BoxFuture;
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
@@ -25,11 +27,14 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::error::CoordinatorError;
+use crate::gate::Caller;
 use crate::membership::Membership;
 use crate::raw::{RawCodec, RawMessage};
 
 /// Bound on opening a connection to a worker.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The node id in the credential of every call a coordinator forwards.
+pub const COORDINATOR_NODE_ID: &str = "coordinator";
 
 /// How a method's first field routes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +100,9 @@ struct FirstField {
 pub struct Router {
     membership: Arc<Membership>,
     token_key: TokenKey,
+    /// Signs the credential that marks every forwarded call.
+    cluster_key: ClusterKey,
+    max_message_bytes: usize,
     /// Read on every call, written only when a worker appears or moves.
     channels: RwLock<HashMap<WorkerId, (String, Channel)>>,
 }
@@ -107,19 +115,28 @@ struct Forwarding {
 }
 
 impl Router {
-    pub fn new(membership: Arc<Membership>, token_key: TokenKey) -> Self {
+    pub fn new(
+        membership: Arc<Membership>,
+        token_key: TokenKey,
+        cluster_key: ClusterKey,
+        max_message_bytes: usize,
+    ) -> Self {
         Router {
             membership,
             token_key,
+            cluster_key,
+            max_message_bytes,
             channels: RwLock::new(HashMap::new()),
         }
     }
 
-    /// Authenticates a request and works out where it goes.
+    /// Authenticates a request and works out where it goes. `caller` is the API key the
+    /// call was admitted with: it must cover the user.
     fn route(
         &self,
         method: Method,
         metadata: &MetadataMap,
+        caller: Option<&Caller>,
         message: &RawMessage,
     ) -> Result<Forwarding, Status> {
         let first = FirstField::decode(message.0.clone())
@@ -129,6 +146,7 @@ impl Router {
         match method.key {
             Key::User => {
                 let user_id = UserId::parse(first).map_err(CoordinatorError::from)?;
+                Caller::check_user(caller, user_id.as_str())?;
                 Ok(Forwarding {
                     slot: slot_of(user_id.as_str(), slot_count),
                     token: None,
@@ -139,6 +157,7 @@ impl Router {
                 let session_id = SessionId::parse(&first).map_err(CoordinatorError::from)?;
                 let claims = verify_session_token(&self.token_key, metadata, session_id)
                     .map_err(CoordinatorError::from)?;
+                Caller::check_user(caller, claims.user_id.as_str())?;
                 Ok(Forwarding {
                     slot: slot_of(claims.user_id.as_str(), slot_count),
                     token: metadata.get(SESSION_TOKEN).cloned(),
@@ -202,11 +221,22 @@ impl Router {
                 .addresses
                 .get(owner)
                 .ok_or(CoordinatorError::NoOwner(forwarding.slot))?;
-            let mut grpc = tonic::client::Grpc::new(self.channel(owner, address)?);
+            let mut grpc = tonic::client::Grpc::new(self.channel(owner, address)?)
+                .max_decoding_message_size(self.max_message_bytes)
+                .max_encoding_message_size(self.max_message_bytes);
 
             let mut request = Request::new(message.clone());
             let metadata = request.metadata_mut();
             metadata.insert(PLACEMENT_EPOCH, routing.placement.epoch().0.into());
+            metadata.insert(
+                NODE_CREDENTIAL,
+                node_credential(
+                    &self.cluster_key,
+                    NodeRole::Coordinator,
+                    COORDINATOR_NODE_ID,
+                    method.path,
+                ),
+            );
             if let Some(token) = &forwarding.token {
                 metadata.insert(SESSION_TOKEN, token.clone());
             }
@@ -237,8 +267,8 @@ impl Router {
         method: Method,
         request: Request<RawMessage>,
     ) -> Result<Response<RawMessage>, Status> {
-        let (metadata, _, message) = request.into_parts();
-        let forwarding = self.route(method, &metadata, &message)?;
+        let (metadata, extensions, message) = request.into_parts();
+        let forwarding = self.route(method, &metadata, extensions.get::<Caller>(), &message)?;
         self.forward(
             method,
             forwarding,
@@ -255,8 +285,8 @@ impl Router {
         method: Method,
         request: Request<RawMessage>,
     ) -> Result<Response<Streaming<RawMessage>>, Status> {
-        let (metadata, _, message) = request.into_parts();
-        let forwarding = self.route(method, &metadata, &message)?;
+        let (metadata, extensions, message) = request.into_parts();
+        let forwarding = self.route(method, &metadata, extensions.get::<Caller>(), &message)?;
         self.forward(
             method,
             forwarding,
@@ -345,7 +375,9 @@ impl tower_service::Service<http::Request<Body>> for SessionProxy {
                 ))
                 .into_http());
             };
-            let mut grpc = Grpc::new(RawCodec);
+            let mut grpc = Grpc::new(RawCodec)
+                .max_decoding_message_size(router.max_message_bytes)
+                .max_encoding_message_size(router.max_message_bytes);
             if method.streaming {
                 Ok(grpc
                     .server_streaming(StreamingCall { router, method }, request)

@@ -9,6 +9,7 @@ use crate::SessionId;
 pub enum ErrorCode {
     InvalidArgument,
     NotFound,
+    AlreadyExists,
     Unauthenticated,
     PermissionDenied,
     ResourceExhausted,

@@ -35,9 +35,28 @@ impl SessionId {
         if input.is_empty() {
             return Err(Error::invalid("session_id", "must not be empty"));
         }
-        Uuid::try_parse(input)
-            .map(SessionId)
-            .map_err(|_| Error::invalid("session_id", format!("{} is not a UUID", quote(input))))
+        let not_canonical = || {
+            Error::invalid(
+                "session_id",
+                format!(
+                    "{} is not a UUID in canonical form (lowercase, hyphenated)",
+                    quote(input)
+                ),
+            )
+        };
+        // Only the canonical form: one session has one spelling, in logs and in the store.
+        if input.len() != 36
+            || !input
+                .bytes()
+                .all(|byte| byte == b'-' || byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte))
+        {
+            return Err(not_canonical());
+        }
+        let id = Uuid::try_parse(input).map_err(|_| not_canonical())?;
+        if id.hyphenated().to_string() != input {
+            return Err(not_canonical());
+        }
+        Ok(SessionId(id))
     }
 }
 
@@ -76,10 +95,13 @@ impl UserId {
                 ),
             ));
         }
-        if input.chars().any(char::is_control) {
+        if let Some(bad) = input.chars().find(|c| !is_printable(*c)) {
             return Err(Error::invalid(
                 "user_id",
-                "must not contain control characters",
+                format!(
+                    "must be printable text: it contains U+{:04X}, a control, NUL or bidi-override character",
+                    u32::from(bad)
+                ),
             ));
         }
         Ok(UserId(input))
@@ -94,6 +116,17 @@ impl fmt::Display for UserId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// Text that shows as it is: no control characters (NUL included), and none of the
+/// invisible marks that reorder text (bidi overrides and isolates), which make one id look
+/// like another in logs and consoles.
+pub fn is_printable(c: char) -> bool {
+    !c.is_control()
+        && !matches!(
+            c,
+            '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+        )
 }
 
 /// A worker's id: 1 to [`MAX_WORKER_ID_BYTES`] ASCII letters, digits, `.`, `_` or `-`,
@@ -148,6 +181,12 @@ mod tests {
         let error = SessionId::parse("../../etc/passwd").unwrap_err();
         assert!(error.to_string().starts_with("session_id: "), "{error}");
         assert!(SessionId::parse("").is_err());
+        let upper = id.to_string().to_uppercase();
+        assert!(SessionId::parse(&upper).is_err());
+        let simple = id.to_string().replace('-', "");
+        assert!(SessionId::parse(&simple).is_err());
+        assert!(SessionId::parse(&format!("{{{id}}}")).is_err());
+        assert!(SessionId::parse(&format!("urn:uuid:{id}")).is_err());
     }
 
     #[test]
@@ -156,6 +195,9 @@ mod tests {
         assert!(UserId::parse("ユーザー").is_ok());
         assert!(UserId::parse("").is_err());
         assert!(UserId::parse("a\nb").is_err());
+        assert!(UserId::parse("a\0b").is_err());
+        assert!(UserId::parse("admin\u{202E}nimda").is_err());
+        assert!(UserId::parse("a\u{2066}b").is_err());
         assert!(UserId::parse("x".repeat(MAX_USER_ID_BYTES)).is_ok());
         let error = UserId::parse("x".repeat(MAX_USER_ID_BYTES + 1)).unwrap_err();
         assert!(error.to_string().contains("user_id"), "{error}");

@@ -1,15 +1,19 @@
 //! Switchyard's domain types and rules. Nothing in this crate performs I/O or knows gRPC.
 
+pub mod api_key;
 pub mod bounded;
 pub mod error;
 pub mod ids;
+pub mod node_credential;
 pub mod placement;
 pub mod session;
 pub mod slot;
 pub mod token;
 
+pub use api_key::{ApiKey, ApiKeyError, ApiKeys, Scope};
 pub use error::{Error, ErrorCode, Result, ServiceError};
 pub use ids::{SessionId, UserId, WorkerId};
+pub use node_credential::{ClusterKey, NodeClaims, NodeCredentialError, NodeRole};
 pub use placement::{Epoch, PlacementInput, PlacementTable};
 pub use session::{ContextMessage, DoubleText, Limits, Message, Role, Session};
 pub use slot::{DEFAULT_SLOT_COUNT, Slot, slot_of};

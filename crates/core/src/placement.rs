@@ -22,8 +22,21 @@ pub const VIRTUAL_NODES_PER_WORKER: u32 = 128;
 pub struct Epoch(pub u64);
 
 impl Epoch {
+    /// The highest epoch there can be: the stores keep epochs as signed 64-bit integers.
+    pub const MAX: Epoch = Epoch(i64::MAX as u64);
+
+    /// The epoch after this one, or `None` past [`Epoch::MAX`]; never wraps.
+    pub fn checked_next(self) -> Option<Epoch> {
+        self.0
+            .checked_add(1)
+            .map(Epoch)
+            .filter(|next| *next <= Epoch::MAX)
+    }
+
+    /// The epoch after this one, staying at [`Epoch::MAX`]. Coordinators refuse reported
+    /// epochs above the highest they have kept, so MAX takes 2^63 placement changes to reach.
     pub fn next(self) -> Epoch {
-        Epoch(self.0 + 1)
+        self.checked_next().unwrap_or(Epoch::MAX)
     }
 }
 
@@ -252,7 +265,29 @@ impl Hash for VirtualNode<'_> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        #[test]
+        fn epochs_never_wrap_and_only_grow(value in any::<u64>()) {
+            let epoch = Epoch(value);
+            let next = epoch.next();
+            prop_assert!(next <= Epoch::MAX.max(epoch));
+            match epoch.checked_next() {
+                Some(checked) => {
+                    prop_assert!(checked > epoch);
+                    prop_assert!(checked <= Epoch::MAX);
+                    prop_assert_eq!(checked, next);
+                }
+                None => prop_assert!(epoch >= Epoch::MAX),
+            }
+            if epoch < Epoch::MAX {
+                prop_assert!(next > epoch);
+            }
+        }
+    }
 
     fn workers(count: usize) -> Vec<WorkerId> {
         (0..count)

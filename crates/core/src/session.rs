@@ -143,7 +143,19 @@ pub struct Limits {
     pub max_agent_type_bytes: usize,
     /// Turns that may wait behind a running one on a session whose policy is enqueue.
     pub max_queued_turns: usize,
+    /// Messages in one GetContext or ListSessions page.
+    pub max_page_messages: usize,
+    /// Content bytes in one GetContext page.
+    pub max_page_bytes: usize,
+    /// The longest agent reply a turn commits; a longer one ends the turn with an error.
+    pub max_reply_bytes: usize,
+    /// The largest gRPC message on either hop (caller to coordinator, coordinator to worker).
+    pub max_grpc_message_bytes: usize,
 }
+
+/// The default for [`Limits::max_grpc_message_bytes`]: room for a full append (100 messages
+/// of 64 KiB) and a full GetContext page (4 MiB), with their framing.
+pub const MAX_GRPC_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -153,7 +165,7 @@ impl Default for Limits {
             passivate_after: Duration::from_secs(5 * 60),
             token_ttl: Duration::from_secs(7 * 24 * 3600),
             max_message_bytes: 64 * 1024,
-            max_messages_per_append: 256,
+            max_messages_per_append: 100,
             max_name_bytes: 64,
             max_context_messages: 100_000,
             max_metadata_entries: 32,
@@ -161,6 +173,10 @@ impl Default for Limits {
             max_metadata_value_bytes: 1024,
             max_agent_type_bytes: 64,
             max_queued_turns: 8,
+            max_page_messages: 1000,
+            max_page_bytes: 4 * 1024 * 1024,
+            max_reply_bytes: 256 * 1024,
+            max_grpc_message_bytes: MAX_GRPC_MESSAGE_BYTES,
         }
     }
 }
@@ -273,6 +289,43 @@ impl Limits {
         Ok(())
     }
 
+    /// Checks that the limits fit together: each is at least 1, and the largest append and
+    /// the largest page fit in one gRPC message.
+    pub fn validate(&self) -> Result<(), Error> {
+        for (field, value) in [
+            ("max_message_bytes", self.max_message_bytes),
+            ("max_messages_per_append", self.max_messages_per_append),
+            ("max_page_messages", self.max_page_messages),
+            ("max_page_bytes", self.max_page_bytes),
+            ("max_reply_bytes", self.max_reply_bytes),
+            ("max_grpc_message_bytes", self.max_grpc_message_bytes),
+        ] {
+            if value == 0 {
+                return Err(Error::invalid(field, "must be at least 1"));
+            }
+        }
+        // Framing per message: seq, role, name, timestamp and tags, generously.
+        let per_message = self.max_name_bytes + 64;
+        let largest_append = self
+            .max_messages_per_append
+            .saturating_mul(self.max_message_bytes.saturating_add(per_message))
+            .saturating_add(64);
+        let largest_page = self
+            .max_page_bytes
+            .saturating_add(self.max_page_messages.saturating_mul(per_message));
+        let needed = largest_append.max(largest_page);
+        if self.max_grpc_message_bytes < needed {
+            return Err(Error::invalid(
+                "max_grpc_message_bytes",
+                format!(
+                    "is {} bytes, but a full append or page needs {needed}: raise it or lower the others",
+                    self.max_grpc_message_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether `count` more messages fit in a context that holds `current`.
     pub fn check_context_room(&self, current: u64, count: u64) -> Result<(), Error> {
         if current.saturating_add(count) > self.max_context_messages {
@@ -293,6 +346,30 @@ impl Limits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_limits_fit_together_and_misfits_are_named() {
+        assert_eq!(Limits::default().validate(), Ok(()));
+        let too_small = Limits {
+            max_grpc_message_bytes: 1024 * 1024,
+            ..Limits::default()
+        };
+        let error = too_small.validate().unwrap_err();
+        assert!(
+            error.to_string().starts_with("max_grpc_message_bytes"),
+            "{error}"
+        );
+        let zero = Limits {
+            max_page_messages: 0,
+            ..Limits::default()
+        };
+        assert!(
+            zero.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("max_page_messages")
+        );
+    }
 
     fn message(content: &str) -> Message {
         Message {

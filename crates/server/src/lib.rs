@@ -1,7 +1,12 @@
 //! The shared gRPC server builder and shutdown handling.
 
+mod admission;
+
+pub use admission::{CallClass, Gate, OpenGate, ServerLimits};
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -34,6 +39,9 @@ pub struct GrpcServer {
     routes: RoutesBuilder,
     service_names: Vec<&'static str>,
     shutdown_grace: Duration,
+    gate: Arc<dyn Gate>,
+    limits: ServerLimits,
+    reflection: bool,
 }
 
 impl Default for GrpcServer {
@@ -48,7 +56,31 @@ impl GrpcServer {
             routes: RoutesBuilder::default(),
             service_names: Vec::new(),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            gate: Arc::new(OpenGate),
+            limits: ServerLimits::default(),
+            reflection: true,
         }
+    }
+
+    /// Decides who may call the services added here; health and reflection stay open.
+    pub fn with_gate(mut self, gate: Arc<dyn Gate>) -> Self {
+        self.gate = gate;
+        self
+    }
+
+    pub fn with_limits(mut self, limits: ServerLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Serves server reflection (v1 and v1alpha) or not.
+    pub fn with_reflection(mut self, reflection: bool) -> Self {
+        self.reflection = reflection;
+        self
+    }
+
+    pub fn limits(&self) -> ServerLimits {
+        self.limits
     }
 
     /// Bounds how long shutdown waits for calls and connections in progress.
@@ -94,30 +126,34 @@ impl GrpcServer {
         }
         health.set_service_status("", ServingStatus::Serving).await;
 
-        // Reflection lists only what this server serves, not every service in the files.
-        let served: Vec<&'static str> = self
-            .service_names
-            .iter()
-            .copied()
-            .chain([
-                "grpc.health.v1.Health",
-                "grpc.reflection.v1.ServerReflection",
-                "grpc.reflection.v1alpha.ServerReflection",
-            ])
-            .collect();
-        let reflection = || {
-            served.iter().fold(
-                tonic_reflection::server::Builder::configure()
-                    .register_encoded_file_descriptor_set(switchyard::FILE_DESCRIPTOR_SET)
-                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
-                |builder, name| builder.with_service_name(*name),
-            )
-        };
         let mut routes = self.routes;
-        routes
-            .add_service(health_service)
-            .add_service(reflection().build_v1()?)
-            .add_service(reflection().build_v1alpha()?);
+        routes.add_service(health_service);
+        if self.reflection {
+            // Reflection lists only what this server serves, not every service in the files.
+            let served: Vec<&'static str> = self
+                .service_names
+                .iter()
+                .copied()
+                .chain([
+                    "grpc.health.v1.Health",
+                    "grpc.reflection.v1.ServerReflection",
+                    "grpc.reflection.v1alpha.ServerReflection",
+                ])
+                .collect();
+            let reflection = || {
+                served.iter().fold(
+                    tonic_reflection::server::Builder::configure()
+                        .register_encoded_file_descriptor_set(switchyard::FILE_DESCRIPTOR_SET)
+                        .register_encoded_file_descriptor_set(
+                            tonic_health::pb::FILE_DESCRIPTOR_SET,
+                        ),
+                    |builder, name| builder.with_service_name(*name),
+                )
+            };
+            routes
+                .add_service(reflection().build_v1()?)
+                .add_service(reflection().build_v1alpha()?);
+        }
 
         let incoming = TcpListenerStream::new(listener).map(|stream| {
             let stream = stream?;
@@ -133,9 +169,18 @@ impl GrpcServer {
                 report_not_serving(&health, &names).await;
             }
         };
+        let limits = self.limits;
         let serving = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            // One connection cannot hold more than its share: streams, headers, and
+            // streams reset before they were served.
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .http2_max_header_list_size(limits.max_header_list_bytes)
+            .http2_max_pending_accept_reset_streams(Some(64))
+            .initial_stream_window_size(Some(1024 * 1024))
+            .initial_connection_window_size(Some(4 * 1024 * 1024))
+            .layer(admission::AdmissionLayer::new(self.gate.clone(), limits))
             .trace_fn(|request| tracing::debug_span!("grpc", path = %request.uri().path()))
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(incoming, stopping);

@@ -2,6 +2,7 @@
 
 mod context_cache;
 mod error;
+mod gate;
 mod membership;
 mod placement;
 mod service;
@@ -15,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use switchyard::pb::session_service_server::SessionServiceServer;
 use switchyard_agents::AgentCatalog;
-use switchyard_core::{Limits, Slot, TokenKey, WorkerId};
-use switchyard_server::GrpcServer;
+use switchyard_core::{ClusterKey, Limits, Slot, TokenKey, WorkerId};
+use switchyard_server::{GrpcServer, ServerLimits};
 use switchyard_store::{Fence, SessionStore, SlotLease};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -40,8 +41,14 @@ pub struct WorkerConfig {
     /// The address the coordinator reaches this worker at; the listener's when `None`.
     pub advertise_address: Option<String>,
     pub token_key: TokenKey,
+    /// Derived from the cluster secret: the worker proves membership with it, and serves
+    /// only calls that carry the coordinator's credential made with it.
+    pub cluster_key: ClusterKey,
     pub limits: Limits,
     pub agents: AgentCatalog,
+    pub server_limits: ServerLimits,
+    /// Serve server reflection.
+    pub reflection: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +112,7 @@ pub async fn start(
         advertise,
         config.token_key.id(),
         store.cluster_id().await?,
+        config.cluster_key.clone(),
         placement.clone(),
     )?;
     let registration = membership.register(&shutdown).await?;
@@ -137,8 +145,20 @@ pub async fn start(
     );
     let server_task = {
         let worker_id = worker_id.clone();
+        let cluster_key = config.cluster_key.clone();
+        let server_limits = config.server_limits;
+        let reflection = config.reflection;
         tokio::spawn(async move {
-            let server = GrpcServer::new().add_service(SessionServiceServer::new(service));
+            let max_message_bytes = server_limits.max_message_bytes;
+            let server = GrpcServer::new()
+                .with_gate(Arc::new(gate::WorkerGate::new(cluster_key)))
+                .with_limits(server_limits)
+                .with_reflection(reflection)
+                .add_service(
+                    SessionServiceServer::new(service)
+                        .max_decoding_message_size(max_message_bytes)
+                        .max_encoding_message_size(max_message_bytes),
+                );
             if let Err(error) = server.serve(listener, server_shutdown).await {
                 tracing::error!(%worker_id, %error, "worker server failed");
             }

@@ -3,10 +3,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use switchyard::auth::node_credential;
 use switchyard::conversions::placement_from_wire;
+use switchyard::metadata::NODE_CREDENTIAL;
 use switchyard::pb;
 use switchyard::pb::membership_service_client::MembershipServiceClient;
-use switchyard_core::WorkerId;
+use switchyard_core::{ClusterKey, NodeRole, WorkerId};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -18,6 +20,9 @@ use crate::sessions::SessionManager;
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
 /// Bound on one membership call, so a hung coordinator cannot stall the loop.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+const REGISTER: &str = "/switchyard.v1.MembershipService/Register";
+const HEARTBEAT: &str = "/switchyard.v1.MembershipService/Heartbeat";
+const LEAVE: &str = "/switchyard.v1.MembershipService/Leave";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MembershipError {
@@ -47,6 +52,10 @@ pub struct MembershipClient {
     address: String,
     token_key_id: String,
     cluster_id: String,
+    cluster_key: ClusterKey,
+    /// New at every start of this process: the coordinator refuses another instance that
+    /// registers this worker's id while this one's lease runs.
+    incarnation_id: String,
     placement: Arc<PlacementView>,
 }
 
@@ -57,6 +66,7 @@ impl MembershipClient {
         address: String,
         token_key_id: String,
         cluster_id: String,
+        cluster_key: ClusterKey,
         placement: Arc<PlacementView>,
     ) -> Result<Self, MembershipError> {
         let channel = Endpoint::from_shared(coordinator_url.to_string())
@@ -72,8 +82,26 @@ impl MembershipClient {
             address,
             token_key_id,
             cluster_id,
+            cluster_key,
+            incarnation_id: uuid::Uuid::new_v4().to_string(),
             placement,
         })
+    }
+
+    /// A membership request carrying this worker's node credential for `path`.
+    fn request<T>(&self, path: &str, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.metadata_mut().insert(
+            NODE_CREDENTIAL,
+            node_credential(
+                &self.cluster_key,
+                NodeRole::Worker,
+                self.worker_id.as_str(),
+                path,
+            ),
+        );
+        request.set_timeout(CALL_TIMEOUT);
+        request
     }
 
     /// Registers, retrying while the coordinator is unreachable. A refusal (a token key
@@ -110,14 +138,17 @@ impl MembershipClient {
 
     async fn try_register(&self) -> Result<Registration, Status> {
         let sent_at = Instant::now();
-        let mut request = tonic::Request::new(pb::RegisterRequest {
-            worker_id: self.worker_id.to_string(),
-            address: self.address.clone(),
-            token_key_id: self.token_key_id.clone(),
-            cluster_id: self.cluster_id.clone(),
-            known_epoch: self.placement.current().epoch().0,
-        });
-        request.set_timeout(CALL_TIMEOUT);
+        let request = self.request(
+            REGISTER,
+            pb::RegisterRequest {
+                worker_id: self.worker_id.to_string(),
+                address: self.address.clone(),
+                token_key_id: self.token_key_id.clone(),
+                cluster_id: self.cluster_id.clone(),
+                known_epoch: self.placement.current().epoch().0,
+                incarnation_id: self.incarnation_id.clone(),
+            },
+        );
         let response = self.client.clone().register(request).await?.into_inner();
         let lease = Duration::from_millis(u64::from(response.lease_ms));
         let table = response
@@ -201,18 +232,20 @@ impl MembershipClient {
         sessions: &SessionManager,
     ) -> Result<(), Status> {
         let sent_at = Instant::now();
-        let mut request = tonic::Request::new(pb::HeartbeatRequest {
-            worker_id: self.worker_id.to_string(),
-            registration_id: registration.registration_id.clone(),
-            known_epoch: self.placement.current().epoch().0,
-            session_count: sessions.hot_count() as u64,
-            slot_loads: sessions
-                .slot_loads()
-                .into_iter()
-                .map(|(slot, sessions)| pb::SlotLoad { slot, sessions })
-                .collect(),
-        });
-        request.set_timeout(CALL_TIMEOUT);
+        let request = self.request(
+            HEARTBEAT,
+            pb::HeartbeatRequest {
+                worker_id: self.worker_id.to_string(),
+                registration_id: registration.registration_id.clone(),
+                known_epoch: self.placement.current().epoch().0,
+                session_count: sessions.hot_count() as u64,
+                slot_loads: sessions
+                    .slot_loads()
+                    .into_iter()
+                    .map(|(slot, sessions)| pb::SlotLoad { slot, sessions })
+                    .collect(),
+            },
+        );
         let response = self.client.clone().heartbeat(request).await?.into_inner();
         if let Some(table) = response.placement {
             self.install(table)?;
@@ -227,11 +260,13 @@ impl MembershipClient {
 
     async fn leave(&self, registration: &Registration) {
         self.placement.expire_lease();
-        let mut request = tonic::Request::new(pb::LeaveRequest {
-            worker_id: self.worker_id.to_string(),
-            registration_id: registration.registration_id.clone(),
-        });
-        request.set_timeout(CALL_TIMEOUT);
+        let request = self.request(
+            LEAVE,
+            pb::LeaveRequest {
+                worker_id: self.worker_id.to_string(),
+                registration_id: registration.registration_id.clone(),
+            },
+        );
         match self.client.clone().leave(request).await {
             Ok(_) => tracing::info!(worker_id = %self.worker_id, "left the cluster"),
             Err(status) => {
@@ -241,9 +276,14 @@ impl MembershipClient {
     }
 }
 
+/// Final answers to a registration. UNAUTHENTICATED (another cluster secret) is final too;
+/// ALREADY_EXISTS is not: the previous instance's lease runs out.
 fn is_refusal(status: &Status) -> bool {
     matches!(
         status.code(),
-        Code::FailedPrecondition | Code::InvalidArgument | Code::PermissionDenied
+        Code::FailedPrecondition
+            | Code::InvalidArgument
+            | Code::PermissionDenied
+            | Code::Unauthenticated
     )
 }

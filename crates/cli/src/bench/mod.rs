@@ -58,6 +58,9 @@ pub struct BenchArgs {
     /// cluster in this process.
     #[arg(long)]
     pub target: Option<String>,
+    /// The API key to call --target with (a key of scope `sessions`).
+    #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// Calls in flight at once (the most in flight with --rate).
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub concurrency: u32,
@@ -145,7 +148,10 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
             (cluster.coordinator_url(), Some(cluster), data_dir)
         }
     };
-    let client = SwitchyardClient::new(connect(&url).await?);
+    let mut client = SwitchyardClient::new(connect(&url).await?);
+    if let Some(key) = &args.api_key {
+        client = client.with_api_key(key)?;
+    }
     if !args.json {
         eprintln!(
             "  preparing {} users × {} sessions",
@@ -192,7 +198,7 @@ async fn start_cluster(args: &BenchArgs) -> Result<(DevCluster, Option<PathBuf>)
         usize::from(args.workers),
         token_key,
         store,
-    );
+    )?;
     config.limits = Limits {
         // A benchmark's sessions must not expire or leave memory under it.
         idle_timeout: Duration::from_secs(24 * 3600),
