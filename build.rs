@@ -22,6 +22,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &descriptor_path,
         prost::Message::encode_to_vec(&file_descriptors),
     )?;
-    tonic_prost_build::configure().compile_fds(file_descriptors)?;
+    // Every generated client and server decodes with ValidatingCodec: an undecodable
+    // request is INVALID_ARGUMENT naming its field.
+    tonic_prost_build::configure()
+        .codec_path("crate::codec::ValidatingCodec")
+        .compile_fds(file_descriptors)?;
     Ok(())
 }

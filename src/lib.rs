@@ -18,6 +18,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod codec;
 pub mod conversions;
 pub mod metadata;
 pub mod status;

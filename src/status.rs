@@ -2,6 +2,7 @@
 
 use switchyard_core::{ErrorCode, ServiceError};
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 pub fn code_of(code: ErrorCode) -> Code {
     match code {
@@ -20,14 +21,31 @@ pub fn code_of(code: ErrorCode) -> Code {
     }
 }
 
-/// The status a caller receives for `error`.
+/// The status a caller receives for `error`. A broken input limit carries a
+/// `google.rpc.BadRequest` naming the field.
 pub fn status_from<E: ServiceError + ?Sized>(error: &E) -> Status {
     let code = code_of(error.error_code());
     if code == Code::Internal {
         // The server's fault: worth a line in its own log as well as in the reply.
         tracing::error!(error = %error, "internal error");
     }
-    Status::new(code, error.to_string())
+    match error.field_violation() {
+        Some((field, reason)) if code == Code::InvalidArgument => Status::with_error_details(
+            code,
+            error.to_string(),
+            ErrorDetails::with_bad_request_violation(field, reason),
+        ),
+        _ => Status::new(code, error.to_string()),
+    }
+}
+
+/// INVALID_ARGUMENT for `field`, with the message `field: reason` and a BadRequest detail.
+pub fn invalid_argument(field: &str, reason: &str) -> Status {
+    Status::with_error_details(
+        Code::InvalidArgument,
+        format!("{field}: {reason}"),
+        ErrorDetails::with_bad_request_violation(field, reason),
+    )
 }
 
 #[cfg(test)]
@@ -40,6 +58,13 @@ mod tests {
         let status = status_from(&Error::invalid("user_id", "must not be empty"));
         assert_eq!(status.code(), Code::InvalidArgument);
         assert_eq!(status.message(), "user_id: must not be empty");
+        let violations = status
+            .get_details_bad_request()
+            .expect("a BadRequest detail")
+            .field_violations;
+        assert_eq!(violations.len(), 1);
+        assert_eq!(violations[0].field, "user_id");
+        assert_eq!(violations[0].description, "must not be empty");
         let id = SessionId::new_random();
         let status = status_from(&Error::SessionNotFound(id));
         assert_eq!(status.code(), Code::NotFound);

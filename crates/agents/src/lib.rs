@@ -29,8 +29,18 @@ pub struct Usage {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AgentError {
-    #[error("unknown agent type {name:?}; known agent types: {known}")]
+    #[error("agent_type: unknown agent type {name:?}; known agent types: {known}")]
     UnknownAgentType { name: String, known: String },
+    /// The reply grew past the longest a turn may commit.
+    #[error(
+        "agent {agent_type} replied with more than {limit} bytes, the most a reply may hold; the turn ended and committed no reply"
+    )]
+    ReplyTooLong { agent_type: String, limit: usize },
+    /// The reply holds what no store can keep.
+    #[error(
+        "agent {agent_type} replied with a NUL character, which a reply may not hold; the turn ended and committed no reply"
+    )]
+    ReplyNotStorable { agent_type: String },
     /// The receiver of the deltas went away: the caller cancelled the turn.
     #[error("turn cancelled by the caller")]
     Cancelled,
@@ -57,11 +67,22 @@ impl ServiceError for AgentError {
     fn error_code(&self) -> ErrorCode {
         match self {
             AgentError::UnknownAgentType { .. } => ErrorCode::InvalidArgument,
+            AgentError::ReplyTooLong { .. } => ErrorCode::ResourceExhausted,
+            AgentError::ReplyNotStorable { .. } => ErrorCode::Internal,
             AgentError::Cancelled => ErrorCode::Cancelled,
             AgentError::Backend(_) | AgentError::Failed(_) => ErrorCode::Unavailable,
             AgentError::PoolExhausted { .. } | AgentError::RateLimited(_) => {
                 ErrorCode::ResourceExhausted
             }
+        }
+    }
+
+    fn field_violation(&self) -> Option<(&str, &str)> {
+        match self {
+            AgentError::UnknownAgentType { .. } => {
+                Some(("agent_type", "is not a known agent type"))
+            }
+            _ => None,
         }
     }
 }

@@ -73,6 +73,13 @@ impl ServiceError for CoordinatorError {
             }
         }
     }
+
+    fn field_violation(&self) -> Option<(&str, &str)> {
+        match self {
+            CoordinatorError::Domain(error) => error.field_violation(),
+            _ => None,
+        }
+    }
 }
 
 impl From<CoordinatorError> for tonic::Status {

@@ -24,6 +24,11 @@ pub enum ErrorCode {
 /// An error that knows its [`ErrorCode`].
 pub trait ServiceError: std::error::Error {
     fn error_code(&self) -> ErrorCode;
+
+    /// For a broken input rule: the field, as named on the wire, and what is wrong with it.
+    fn field_violation(&self) -> Option<(&str, &str)> {
+        None
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -61,6 +66,13 @@ impl ServiceError for Error {
             Error::Unauthenticated(_) => ErrorCode::Unauthenticated,
             Error::PermissionDenied(_) => ErrorCode::PermissionDenied,
             Error::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
+        }
+    }
+
+    fn field_violation(&self) -> Option<(&str, &str)> {
+        match self {
+            Error::InvalidArgument { field, reason } => Some((field, reason)),
+            _ => None,
         }
     }
 }

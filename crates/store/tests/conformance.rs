@@ -457,6 +457,48 @@ async fn the_newest_placement_is_kept(store: Arc<dyn SessionStore>) {
     );
 }
 
+/// An append the database refuses (NUL, which PostgreSQL text cannot hold) fails alone:
+/// the appends that shared its group-commit batch are committed.
+async fn a_refused_row_fails_only_its_own_append(store: Arc<dyn SessionStore>) {
+    let fence = own_slot(&*store).await;
+    let good = session("good");
+    let bad = session("bad");
+    store.create_session(&fence, &good).await.unwrap();
+    store.create_session(&fence, &bad).await.unwrap();
+    let mut bad_outcomes = 0;
+    for round in 0..4 {
+        let goods = (0..16).map(|index| {
+            let store = store.clone();
+            let fence = fence.clone();
+            async move {
+                store
+                    .append_messages(
+                        &fence,
+                        good.id,
+                        &[text(&format!("r{round} m{index}"))],
+                        SystemTime::now(),
+                    )
+                    .await
+            }
+        });
+        let nul = [text("nul \0 here")];
+        let refused = store.append_messages(&fence, bad.id, &nul, SystemTime::now());
+        let (goods, refused) = tokio::join!(futures::future::join_all(goods), refused);
+        for outcome in goods {
+            outcome.expect("a good append next to a refused one is committed");
+        }
+        bad_outcomes += usize::from(refused.is_err());
+    }
+    assert_eq!(
+        store.read_context(good.id, 0, 0).await.unwrap().len(),
+        64,
+        "every good append is stored once"
+    );
+    // The memory and SQLite stores can hold NUL; PostgreSQL refuses every one of them.
+    let stored_bad = store.read_context(bad.id, 0, 0).await.unwrap().len();
+    assert_eq!(stored_bad + bad_outcomes, 4);
+}
+
 macro_rules! conformance {
     ($($scenario:ident),* $(,)?) => {
         mod memory {
@@ -489,6 +531,7 @@ conformance!(
     awkward_content_round_trips,
     a_released_lease_admits_no_writes,
     the_newest_placement_is_kept,
+    a_refused_row_fails_only_its_own_append,
 );
 
 fn temp_dir(test: &str) -> PathBuf {

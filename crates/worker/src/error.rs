@@ -66,6 +66,14 @@ impl ServiceError for WorkerError {
             WorkerError::InvalidMetadata(_) => ErrorCode::InvalidArgument,
         }
     }
+
+    fn field_violation(&self) -> Option<(&str, &str)> {
+        match self {
+            WorkerError::Domain(error) => error.field_violation(),
+            WorkerError::Agent(error) => error.field_violation(),
+            _ => None,
+        }
+    }
 }
 
 impl From<WorkerError> for Status {

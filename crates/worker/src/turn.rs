@@ -90,19 +90,33 @@ async fn run_turn(
         }
         result
     };
+    let max_reply_bytes = sessions.limits().max_reply_bytes;
     let forward = async move {
         let mut reply = String::new();
         while let Some(text) = delta_receiver.recv().await {
+            // Checked before the delta goes out: a reply the turn cannot commit ends it
+            // here, and dropping the receiver stops the agent.
+            if reply.len() + text.len() > max_reply_bytes {
+                return Err(AgentError::ReplyTooLong {
+                    agent_type: agent_type.to_string(),
+                    limit: max_reply_bytes,
+                });
+            }
+            if text.contains('\0') {
+                return Err(AgentError::ReplyNotStorable {
+                    agent_type: agent_type.to_string(),
+                });
+            }
             reply.push_str(&text);
             let event = pb::TurnEvent {
                 event: Some(pb::turn_event::Event::Delta(pb::TextDelta { text })),
             };
             if events.send(Ok(event)).await.is_err() {
                 // Dropping the receiver makes the agent's next send fail: it stops.
-                return None;
+                return Ok(None);
             }
         }
-        Some(reply)
+        Ok(Some(reply))
     };
     // A newer message on an interrupt-policy session, or a handoff past its grace, cancels
     // the turn here: the user message stays committed, the reply is not.
@@ -116,6 +130,8 @@ async fn run_turn(
             });
         }
     };
+    // A reply refused on its way out is the turn's error, whatever the agent made of it.
+    let reply = reply?;
     let usage: Usage = usage?;
     let reply = reply.ok_or(AgentError::Cancelled)?;
 

@@ -73,19 +73,49 @@ async fn run_lane(
     let mut batch = Vec::with_capacity(max_batch);
     while receiver.recv_many(&mut batch, max_batch).await > 0 {
         let requests = std::mem::take(&mut batch);
-        let (outcomes, committed) = match commit_batch(&pool, backend, &requests).await {
-            Ok(outcomes) => (outcomes, true),
-            Err(error) => (requests.iter().map(|_| Err(error.clone())).collect(), false),
+        let outcomes = match commit_batch(&pool, backend, &requests).await {
+            Ok(outcomes) => outcomes,
+            // A statement failed, so the transaction committed nothing: one bad row (one
+            // the database refuses) must not fail the others' appends. Each goes alone.
+            Err(BatchError::Statement(error)) if requests.len() > 1 => {
+                tracing::warn!(appends = requests.len(), %error, "append batch failed; committing its appends one by one");
+                let mut outcomes = Vec::with_capacity(requests.len());
+                for index in 0..requests.len() {
+                    outcomes.push(
+                        match commit_batch(&pool, backend, &requests[index..=index]).await {
+                            Ok(mut alone) => alone.pop().unwrap_or_else(|| Err(error.clone())),
+                            Err(alone) => Err(alone.into_inner()),
+                        },
+                    );
+                }
+                outcomes
+            }
+            Err(error) => {
+                let error = error.into_inner();
+                tracing::warn!(appends = requests.len(), %error, "append batch failed; nothing in it was committed");
+                requests.iter().map(|_| Err(error.clone())).collect()
+            }
         };
-        if !committed {
-            tracing::warn!(
-                appends = requests.len(),
-                "append batch failed; nothing in it was committed"
-            );
-        }
         for (request, outcome) in requests.into_iter().zip(outcomes) {
             // A caller that went away no longer needs its answer.
             let _ = request.reply.send(outcome);
+        }
+    }
+}
+
+/// Why a batch failed as a whole.
+#[derive(Debug)]
+enum BatchError {
+    /// Before the commit: the transaction was rolled back, nothing was written.
+    Statement(StoreError),
+    /// At the commit: whether it took effect is unknown, so nothing is tried again here.
+    Commit(StoreError),
+}
+
+impl BatchError {
+    fn into_inner(self) -> StoreError {
+        match self {
+            BatchError::Statement(error) | BatchError::Commit(error) => error,
         }
     }
 }
@@ -98,12 +128,28 @@ async fn commit_batch(
     pool: &AnyPool,
     backend: Backend,
     requests: &[AppendRequest],
-) -> Result<Vec<Result<u64>>> {
+) -> Result<Vec<Result<u64>>, BatchError> {
     let mut transaction = pool
         .begin_with(backend.begin_write())
         .await
-        .map_err(unavailable)?;
-    let holding = holding_fences(&mut transaction, backend, requests).await?;
+        .map_err(|error| BatchError::Statement(unavailable(error)))?;
+    let outcomes = stage_batch(&mut transaction, backend, requests)
+        .await
+        .map_err(BatchError::Statement)?;
+    transaction
+        .commit()
+        .await
+        .map_err(|error| BatchError::Commit(unavailable(error)))?;
+    Ok(outcomes)
+}
+
+/// The statements of [`commit_batch`] before its commit.
+async fn stage_batch(
+    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    backend: Backend,
+    requests: &[AppendRequest],
+) -> Result<Vec<Result<u64>>> {
+    let holding = holding_fences(transaction, backend, requests).await?;
 
     // New messages per session, in arrival order within the batch.
     let mut per_session: HashMap<SessionId, (u64, SystemTime)> = HashMap::new();
@@ -117,7 +163,7 @@ async fn commit_batch(
         entry.0 += request.messages.len() as u64;
         entry.1 = entry.1.max(request.at);
     }
-    let counts = count_messages(&mut transaction, backend, &per_session).await?;
+    let counts = count_messages(transaction, backend, &per_session).await?;
 
     // Each request's seqs follow those of the requests before it in the batch.
     let mut next_seq: HashMap<SessionId, u64> = counts
@@ -144,8 +190,7 @@ async fn commit_batch(
         rows.push((request, last_seq));
     }
 
-    insert_messages(&mut transaction, backend, &rows).await?;
-    transaction.commit().await.map_err(unavailable)?;
+    insert_messages(transaction, backend, &rows).await?;
     Ok(outcomes)
 }
 
