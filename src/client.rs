@@ -190,16 +190,29 @@ impl SwitchyardClient {
         Ok(self.inner.clone().get_session(request).await?.into_inner())
     }
 
+    /// Every live session of a user, oldest first (following the pages).
     pub async fn list_sessions(&self, user_id: &str) -> Result<Vec<pb::Session>, Status> {
-        let message = pb::ListSessionsRequest {
-            user_id: user_id.to_string(),
-        };
-        let response = self
-            .inner
-            .clone()
-            .list_sessions(self.request(message))
-            .await?;
-        Ok(response.into_inner().sessions)
+        let mut sessions: Vec<pb::Session> = Vec::new();
+        loop {
+            let message = pb::ListSessionsRequest {
+                user_id: user_id.to_string(),
+                after_session_id: sessions
+                    .last()
+                    .map(|session| session.session_id.clone())
+                    .unwrap_or_default(),
+            };
+            let page = self
+                .inner
+                .clone()
+                .list_sessions(self.request(message))
+                .await?
+                .into_inner();
+            let empty = page.sessions.is_empty();
+            sessions.extend(page.sessions);
+            if !page.truncated || empty {
+                return Ok(sessions);
+            }
+        }
     }
 
     /// Ends a session; returns false when it had already ended.
@@ -239,26 +252,43 @@ impl SwitchyardClient {
             .last_seq)
     }
 
-    /// Reads the context: the last `last_n` messages after `after_seq` (0 and 0 for all).
+    /// Reads the context: the last `last_n` messages after `after_seq` (0 and 0 for all),
+    /// following the pages.
     pub async fn get_context(
         &self,
         session_id: &str,
         last_n: u32,
         after_seq: u64,
     ) -> Result<Vec<pb::ContextMessage>, Status> {
+        let mut page = self.get_context_page(session_id, last_n, after_seq).await?;
+        let mut messages = std::mem::take(&mut page.messages);
+        while page.truncated {
+            let Some(last_seq) = messages.last().map(|message| message.seq) else {
+                break;
+            };
+            page = self.get_context_page(session_id, 0, last_seq).await?;
+            if page.messages.is_empty() {
+                break;
+            }
+            messages.append(&mut page.messages);
+        }
+        Ok(messages)
+    }
+
+    /// One page of a context (see `GetContext`): `truncated` says whether more follow.
+    pub async fn get_context_page(
+        &self,
+        session_id: &str,
+        last_n: u32,
+        after_seq: u64,
+    ) -> Result<pb::GetContextResponse, Status> {
         let message = pb::GetContextRequest {
             session_id: session_id.to_string(),
             last_n,
             after_seq,
         };
         let request = self.session_request(session_id, message);
-        Ok(self
-            .inner
-            .clone()
-            .get_context(request)
-            .await?
-            .into_inner()
-            .messages)
+        Ok(self.inner.clone().get_context(request).await?.into_inner())
     }
 
     /// Starts a turn and returns the stream of its events.

@@ -87,6 +87,8 @@ fn undecodable(description: &str) -> Status {
         reason if reason.contains("UTF-8") => "must be valid UTF-8".to_string(),
         reason => format!("cannot be decoded ({reason})"),
     };
+    // prost lists the innermost field first.
+    fields.reverse();
     if fields.is_empty() {
         return invalid_argument(
             "request",

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use switchyard::SwitchyardClient;
 use switchyard::pb;
 use switchyard::pb::admin_service_client::AdminServiceClient;
-use switchyard_agents::{AgentCatalog, EchoConfig, PoolConfig};
+use switchyard_agents::{AgentCatalog, EchoConfig, PoolConfig, ProcessConfig};
 use switchyard_cli::{DevCluster, DevClusterConfig};
+use switchyard_coordinator::CallerAuth;
 use switchyard_core::{Limits, TokenKey};
 use switchyard_store::{SqlStore, SqlStoreOptions};
 use tonic::transport::Channel;
@@ -18,6 +19,22 @@ use tonic::transport::Channel;
 pub const SLOW_AGENT: &str = "slow-echo";
 /// Like SLOW_AGENT, with one instance per worker and 200 ms of patience for it.
 pub const SCARCE_AGENT: &str = "scarce-echo";
+/// A process agent (python3) whose every reply holds a NUL character.
+pub const NUL_AGENT: &str = "nul-replier";
+const NUL_AGENT_PROGRAM: &str = r#"
+import json, sys
+def send(message):
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+send({"type": "ready"})
+for line in sys.stdin:
+    message = json.loads(line)
+    if message["type"] == "reset":
+        send({"type": "ready"})
+    elif message["type"] == "turn":
+        send({"type": "delta", "id": message["id"], "text": "before \u0000 after"})
+        send({"type": "done", "id": message["id"]})
+"#;
 
 pub struct Sandbox {
     pub cluster: DevCluster,
@@ -33,6 +50,8 @@ pub struct SandboxOptions {
     pub lease: Duration,
     /// How long a worker losing a slot lets its calls finish.
     pub handoff_grace: Duration,
+    /// How callers authenticate at the coordinator.
+    pub callers: CallerAuth,
 }
 
 impl Default for SandboxOptions {
@@ -42,6 +61,7 @@ impl Default for SandboxOptions {
             limits: Limits::default(),
             lease: Duration::from_millis(600),
             handoff_grace: Duration::from_secs(5),
+            callers: CallerAuth::Open,
         }
     }
 }
@@ -81,6 +101,17 @@ impl Sandbox {
                 ..PoolConfig::default()
             },
         );
+        agents.register(
+            NUL_AGENT,
+            Arc::new(ProcessConfig {
+                agent_type: NUL_AGENT.to_string(),
+                program: "python3".to_string(),
+                args: vec!["-c".to_string(), NUL_AGENT_PROGRAM.to_string()],
+                env: Vec::new(),
+                ready_timeout: Duration::from_secs(10),
+            }),
+            PoolConfig::default(),
+        );
         // The real default: an embedded SQLite store that every node shares.
         let data_dir = temp_dir();
         let store = SqlStore::open(SqlStoreOptions::sqlite_file(
@@ -100,6 +131,7 @@ impl Sandbox {
         config.lease = options.lease;
         config.handoff_grace = options.handoff_grace;
         config.agents = agents;
+        config.callers = options.callers;
         let cluster = DevCluster::start(config).await.expect("cluster starts");
         let sandbox = Sandbox {
             cluster,

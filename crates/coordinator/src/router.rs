@@ -18,6 +18,7 @@ use switchyard::auth::{node_credential, verify_session_token};
 use switchyard::metadata::{
     KNOWN_EPOCH, NODE_CREDENTIAL, PLACEMENT_EPOCH, SESSION_TOKEN, deadline_of,
 };
+use switchyard::status::invalid_argument;
 use switchyard_core::{ClusterKey, NodeRole, SessionId, Slot, TokenKey, UserId, WorkerId, slot_of};
 use tonic::body::Body;
 use tonic::codegen::BoxFuture;
@@ -139,8 +140,19 @@ impl Router {
         caller: Option<&Caller>,
         message: &RawMessage,
     ) -> Result<Forwarding, Status> {
+        let field = match method.key {
+            Key::User => "user_id",
+            Key::Session => "session_id",
+        };
         let first = FirstField::decode(message.0.clone())
-            .map_err(|_| Status::invalid_argument("request is not a valid protobuf message"))?
+            .map_err(|error| {
+                let reason = if error.to_string().contains("UTF-8") {
+                    "must be valid UTF-8"
+                } else {
+                    "cannot be read: the request is not a valid protobuf message"
+                };
+                invalid_argument(field, reason)
+            })?
             .value;
         let slot_count = self.membership.config().slot_count;
         match method.key {

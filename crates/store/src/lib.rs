@@ -137,6 +137,14 @@ pub trait SessionStore: Send + Sync + 'static {
         after_seq: u64,
     ) -> Result<Vec<ContextMessage>>;
 
+    /// At most `limit` messages with `seq > after_seq`, in seq order: one page.
+    async fn read_context_page(
+        &self,
+        session_id: SessionId,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<ContextMessage>>;
+
     /// Records activity on a session that wrote nothing (when it leaves memory).
     async fn touch_session(
         &self,

@@ -264,6 +264,26 @@ impl SessionStore for MemoryStore {
         Ok(selected.to_vec())
     }
 
+    async fn read_context_page(
+        &self,
+        session_id: SessionId,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<ContextMessage>> {
+        let inner = self.lock();
+        let stored = inner
+            .sessions
+            .get(&session_id)
+            .ok_or(StoreError::SessionNotFound(session_id))?;
+        let start = usize::try_from(after_seq)
+            .unwrap_or(usize::MAX)
+            .min(stored.messages.len());
+        let end = start
+            .saturating_add(limit as usize)
+            .min(stored.messages.len());
+        Ok(stored.messages[start..end].to_vec())
+    }
+
     async fn touch_session(
         &self,
         fence: &Fence,

@@ -457,6 +457,39 @@ async fn the_newest_placement_is_kept(store: Arc<dyn SessionStore>) {
     );
 }
 
+/// A page is at most `limit` messages after `after_seq`, in order; a missing session is
+/// an error, not an empty page.
+async fn context_pages(store: Arc<dyn SessionStore>) {
+    let fence = own_slot(&*store).await;
+    let session = session("pager");
+    store.create_session(&fence, &session).await.unwrap();
+    let batch: Vec<Message> = (1..=7).map(|i| text(&format!("m{i}"))).collect();
+    store
+        .append_messages(&fence, session.id, &batch, SystemTime::now())
+        .await
+        .unwrap();
+    let page = |after, limit| {
+        let store = store.clone();
+        async move {
+            seqs(
+                &store
+                    .read_context_page(session.id, after, limit)
+                    .await
+                    .unwrap(),
+            )
+        }
+    };
+    assert_eq!(page(0, 3).await, [1, 2, 3]);
+    assert_eq!(page(3, 3).await, [4, 5, 6]);
+    assert_eq!(page(6, 3).await, [7]);
+    assert!(page(7, 3).await.is_empty());
+    assert!(page(u64::MAX, 3).await.is_empty());
+    assert!(matches!(
+        store.read_context_page(SessionId::new_random(), 0, 3).await,
+        Err(StoreError::SessionNotFound(_))
+    ));
+}
+
 /// An append the database refuses (NUL, which PostgreSQL text cannot hold) fails alone:
 /// the appends that shared its group-commit batch are committed.
 async fn a_refused_row_fails_only_its_own_append(store: Arc<dyn SessionStore>) {
@@ -532,6 +565,7 @@ conformance!(
     a_released_lease_admits_no_writes,
     the_newest_placement_is_kept,
     a_refused_row_fails_only_its_own_append,
+    context_pages,
 );
 
 fn temp_dir(test: &str) -> PathBuf {

@@ -127,11 +127,35 @@ impl SessionService for WorkerSessionService {
         let user_id = UserId::parse(message.user_id).map_err(WorkerError::from)?;
         self.check_owner(&user_id, &metadata).await?;
         let sessions = self.sessions.list(&user_id).await?;
-        Ok(Response::new(pb::ListSessionsResponse {
-            sessions: sessions
+        let start = if message.after_session_id.is_empty() {
+            0
+        } else {
+            let after = SessionId::parse(&message.after_session_id).map_err(|_| {
+                WorkerError::from(Error::invalid(
+                    "after_session_id",
+                    "must be a session id from a previous page",
+                ))
+            })?;
+            sessions
                 .iter()
+                .position(|session| session.id == after)
+                .map(|index| index + 1)
+                .ok_or_else(|| {
+                    WorkerError::from(Error::invalid(
+                        "after_session_id",
+                        format!("{after} is not a live session of this user"),
+                    ))
+                })?
+        };
+        let page = self.sessions.limits().max_page_messages;
+        let rest = &sessions[start..];
+        Ok(Response::new(pb::ListSessionsResponse {
+            sessions: rest
+                .iter()
+                .take(page)
                 .map(|session| session_to_wire(session, &self.worker_id))
                 .collect(),
+            truncated: rest.len() > page,
         }))
     }
 
@@ -178,12 +202,13 @@ impl SessionService for WorkerSessionService {
         let call = self
             .begin_session_call(&message.session_id, &metadata)
             .await?;
-        let messages = self
+        let (messages, truncated) = self
             .sessions
-            .context(&call, message.last_n, message.after_seq)
+            .context_page(&call, message.last_n, message.after_seq)
             .await?;
         Ok(Response::new(pb::GetContextResponse {
             messages: messages.into_iter().map(context_message_to_wire).collect(),
+            truncated,
         }))
     }
 

@@ -516,6 +516,53 @@ impl SessionManager {
             .await?)
     }
 
+    /// One page of a context: the messages after `after_seq` (only the last `last_n` when
+    /// positive), at most `max_page_messages` of them and `max_page_bytes` of content
+    /// (always at least one). The flag says whether more follow.
+    pub async fn context_page(
+        &self,
+        call: &SessionCall,
+        last_n: u32,
+        after_seq: u64,
+    ) -> Result<(Vec<ContextMessage>, bool)> {
+        let mut after = after_seq;
+        if last_n > 0 {
+            after = after.max(
+                call.session
+                    .message_count()
+                    .saturating_sub(u64::from(last_n)),
+            );
+        }
+        // One more than a page, to learn whether more follow.
+        let wanted = self.limits.max_page_messages.saturating_add(1);
+        let mut messages = match self.cached_context(call, 0, after) {
+            Some(mut cached) => {
+                cached.truncate(wanted);
+                cached
+            }
+            None => {
+                let limit = u32::try_from(wanted).unwrap_or(u32::MAX);
+                self.store
+                    .read_context_page(call.session.session_id, after, limit)
+                    .await?
+            }
+        };
+        let mut bytes = 0usize;
+        let fits = messages
+            .iter()
+            .take(self.limits.max_page_messages)
+            .position(|message| {
+                bytes = bytes.saturating_add(message.content.len());
+                bytes > self.limits.max_page_bytes
+            })
+            .map_or(messages.len().min(self.limits.max_page_messages), |over| {
+                over.max(1)
+            });
+        let truncated = messages.len() > fits;
+        messages.truncate(fits);
+        Ok((messages, truncated))
+    }
+
     fn cached_context(
         &self,
         call: &SessionCall,

@@ -689,6 +689,31 @@ impl SessionStore for SqlStore {
         Ok(messages)
     }
 
+    async fn read_context_page(
+        &self,
+        session_id: SessionId,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<ContextMessage>> {
+        let id = session_id.as_bytes().to_vec();
+        let rows = sqlx::query(
+            "SELECT seq, role, content, name, created_at_us FROM messages \
+             WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(id)
+        .bind(i64::try_from(after_seq).unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let messages: Vec<ContextMessage> =
+            rows.iter().map(message_from_row).collect::<Result<_>>()?;
+        if messages.is_empty() && self.get_session(session_id).await?.is_none() {
+            return Err(StoreError::SessionNotFound(session_id));
+        }
+        Ok(messages)
+    }
+
     async fn touch_session(
         &self,
         fence: &Fence,
