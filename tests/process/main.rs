@@ -10,3 +10,4 @@ mod durability;
 mod harness;
 mod placement;
 mod readme;
+mod security;
