@@ -9,5 +9,6 @@ mod cluster;
 mod durability;
 mod harness;
 mod placement;
+mod pressure;
 mod readme;
 mod security;

@@ -10,10 +10,12 @@
 //! by bytes actually received.
 
 use std::convert::Infallible;
+use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -169,37 +171,82 @@ where
                 Err(status) => return Box::pin(std::future::ready(Ok(status.into_http()))),
             }
         };
-        let permit = match class {
-            CallClass::Control => None,
-            CallClass::Work => match shared.in_flight.clone().try_acquire_owned() {
-                Ok(permit) => Some(permit),
-                Err(_) => {
-                    let status = Status::resource_exhausted(format!(
-                        "server busy: {} calls in flight; retry with backoff",
-                        shared.limits.max_in_flight
-                    ));
-                    return Box::pin(std::future::ready(Ok(status.into_http())));
-                }
-            },
-        };
-        let body = Body::new(WholeMessages {
+        let body = WholeMessages {
             inner: body,
             buffer: BytesMut::new(),
             charged: 0,
             budget: shared.budget.clone(),
             max_message_bytes: shared.limits.max_message_bytes,
             finished: false,
-        });
-        let request = http::Request::from_parts(parts, body);
-        let call = self.inner.call(request);
+        };
+        if class == CallClass::Control {
+            let request = http::Request::from_parts(parts, Body::new(body));
+            return Box::pin(self.inner.call(request));
+        }
+        // Work is admitted once its request message has arrived whole: until then a call
+        // holds only the bytes charged to the budget, so streams that never finish their
+        // request cannot take the in-flight places of calls that did.
+        let shared = shared.clone();
+        let mut inner = self.inner.clone();
+        std::mem::swap(&mut self.inner, &mut inner);
         Box::pin(async move {
-            let response = call.await?;
-            Ok(match permit {
-                // Held until the response body (a stream's last event) is done.
-                Some(permit) => response.map(|body| Body::new(HoldingPermit { body, permit })),
-                None => response,
-            })
+            let mut body = body;
+            let first = match tokio::time::timeout(
+                REQUEST_ARRIVAL_TIMEOUT,
+                poll_fn(|context| Pin::new(&mut body).poll_frame(context)),
+            )
+            .await
+            {
+                Err(_) => {
+                    return Ok(Status::deadline_exceeded(format!(
+                        "the request did not arrive within {REQUEST_ARRIVAL_TIMEOUT:?}"
+                    ))
+                    .into_http());
+                }
+                Ok(Some(Err(status))) => return Ok(status.into_http()),
+                Ok(Some(Ok(frame))) => Some(frame),
+                Ok(None) => None,
+            };
+            let Ok(permit) = shared.in_flight.clone().try_acquire_owned() else {
+                let status = Status::resource_exhausted(format!(
+                    "server busy: {} calls in flight; retry with backoff",
+                    shared.limits.max_in_flight
+                ));
+                return Ok(status.into_http());
+            };
+            let body = Body::new(Prepended { first, rest: body });
+            let response = inner.call(http::Request::from_parts(parts, body)).await?;
+            // The permit is held until the response body (a stream's last event) is done.
+            Ok(response.map(|body| Body::new(HoldingPermit { body, permit })))
         })
+    }
+}
+
+/// How long a call's request message may take to arrive whole.
+const REQUEST_ARRIVAL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A body whose first frame was read ahead, then the rest.
+struct Prepended {
+    first: Option<Frame<Bytes>>,
+    rest: WholeMessages,
+}
+
+impl HttpBody for Prepended {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if let Some(frame) = self.first.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        Pin::new(&mut self.rest).poll_frame(context)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_end_stream()
     }
 }
 
