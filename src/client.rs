@@ -26,6 +26,11 @@ pub enum ClientError {
     },
     #[error("the API key holds characters that cannot be sent in metadata")]
     InvalidApiKey,
+    #[error("TLS for {endpoint}: {source}")]
+    Tls {
+        endpoint: String,
+        source: crate::tls::TlsError,
+    },
 }
 
 /// A reply collected from a `SendMessage` stream.
@@ -63,6 +68,29 @@ impl SwitchyardClient {
             .connect()
             .await
             .map_err(|source| ClientError::Connect { endpoint, source })?;
+        Ok(Self::new(channel))
+    }
+
+    /// Connects to a coordinator that serves TLS (`https://HOST:PORT`), trusting the CA
+    /// certificate in `ca_file` (PEM), for example `switchyard-data/tls/ca.pem` of
+    /// `switchyard dev --tls`. The connection is made at the first call.
+    pub async fn connect_tls(
+        endpoint: impl Into<String>,
+        ca_file: impl AsRef<std::path::Path>,
+    ) -> Result<Self, ClientError> {
+        let endpoint = endpoint.into();
+        let tls_error = |source| ClientError::Tls {
+            endpoint: endpoint.clone(),
+            source,
+        };
+        let tls = crate::tls::ClientTlsFiles {
+            ca: ca_file.as_ref().to_path_buf(),
+            identity: None,
+        }
+        .load()
+        .map_err(tls_error)?;
+        let channel = crate::tls::lazy_channel(&endpoint, Some(tls), |endpoint| endpoint)
+            .map_err(tls_error)?;
         Ok(Self::new(channel))
     }
 

@@ -22,6 +22,7 @@ pub mod codec;
 pub mod conversions;
 pub mod metadata;
 pub mod status;
+pub mod tls;
 
 /// The generated messages, clients and servers of `switchyard.v1`.
 pub mod pb {

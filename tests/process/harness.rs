@@ -95,29 +95,34 @@ impl Drop for Process {
     }
 }
 
-/// A free loopback port, never the same twice in one test process (the OS may hand a port
-/// just released to the next caller, and two servers of one test would then collide).
-/// Another process could still take it before it is used; that is rare enough here, and
-/// the failure would be a clear bind error. Workers need none: they listen on port 0 and
-/// advertise the port they got.
+/// A free loopback port, never the same twice in one test process. Ports come from below
+/// the kernel's ephemeral range (32768 and up here), which is where every server of these
+/// tests that listens on port 0 (workers, say) gets its port: a port handed out here
+/// cannot be taken by one of them between this check and its use.
 pub fn free_address() -> SocketAddr {
     use std::collections::HashSet;
     use std::sync::Mutex;
 
+    const FIRST: u16 = 20_000;
+    const LAST: u16 = 32_000;
     static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
-    loop {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
-        let address = listener.local_addr().expect("local addr");
-        let mut handed_out = HANDED_OUT
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if handed_out
-            .get_or_insert_with(HashSet::new)
-            .insert(address.port())
-        {
-            return address;
+    let mut handed_out = HANDED_OUT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let handed_out = handed_out.get_or_insert_with(HashSet::new);
+    // Start somewhere else in each test process, so two of them rarely meet.
+    let offset = (std::process::id() as u16).wrapping_mul(7919) % (LAST - FIRST);
+    for step in 0..(LAST - FIRST) {
+        let port = FIRST + (offset + step) % (LAST - FIRST);
+        if handed_out.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            handed_out.insert(port);
+            return SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         }
     }
+    panic!("no free loopback port between {FIRST} and {LAST}");
 }
 
 /// A fresh directory for one test's files.
@@ -180,9 +185,15 @@ pub async fn wait_for_workers(coordinator: &str, expected: u32) {
 
     let started = Instant::now();
     loop {
-        if let Ok(mut admin) = AdminServiceClient::connect(coordinator.to_string()).await
-            && let Ok(status) = admin.cluster_status(pb::ClusterStatusRequest {}).await
-        {
+        // Bounded, so that a port answered by something else fails the test, not hangs it.
+        let asked = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut admin = AdminServiceClient::connect(coordinator.to_string())
+                .await
+                .ok()?;
+            admin.cluster_status(pb::ClusterStatusRequest {}).await.ok()
+        })
+        .await;
+        if let Ok(Some(status)) = asked {
             let status = status.into_inner();
             if status.serving && status.live_workers == expected {
                 return;

@@ -12,3 +12,4 @@ mod placement;
 mod pressure;
 mod readme;
 mod security;
+mod tls;

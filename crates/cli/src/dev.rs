@@ -5,10 +5,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use switchyard::tls::{ClientTlsFiles, TlsError};
 use switchyard_agents::AgentCatalog;
 use switchyard_coordinator::{CallerAuth, CoordinatorConfig, CoordinatorHandle};
 use switchyard_core::{ClusterKey, DEFAULT_SLOT_COUNT, Limits, TokenKey, WorkerId};
-use switchyard_server::ServerLimits;
+use switchyard_server::{ClientCertificates, ServerLimits, ServerTlsFiles};
+
+use crate::tls::DevTlsFiles;
 use switchyard_store::SessionStore;
 use switchyard_worker::{WorkerConfig, WorkerHandle};
 use tokio_util::sync::CancellationToken;
@@ -23,6 +26,8 @@ pub enum DevError {
     Coordinator(#[from] switchyard_coordinator::StartError),
     #[error(transparent)]
     Keys(crate::keys::KeyError),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
     #[error("worker {worker_id} failed to start: {source}")]
     Worker {
         worker_id: String,
@@ -44,6 +49,8 @@ pub struct DevClusterConfig {
     /// In-flight, receive-budget and HTTP/2 limits of every node's server.
     pub server_limits: ServerLimits,
     pub reflection: bool,
+    /// TLS on the coordinator's listener and mutual TLS between the nodes.
+    pub tls: Option<DevTlsFiles>,
     pub slot_count: u32,
     pub heartbeat_interval: Duration,
     pub lease: Duration,
@@ -82,6 +89,7 @@ impl DevClusterConfig {
             limits: Limits::default(),
             server_limits: ServerLimits::default(),
             reflection: true,
+            tls: None,
             slot_count: DEFAULT_SLOT_COUNT,
             heartbeat_interval: Duration::from_millis(500),
             lease: Duration::from_secs(2),
@@ -89,6 +97,14 @@ impl DevClusterConfig {
             epsilon: switchyard_core::bounded::DEFAULT_EPSILON,
             agents: AgentCatalog::with_builtin(),
         })
+    }
+}
+
+/// A node's TLS as a client of another: the dev CA, and the node certificate.
+fn node_client_tls(tls: &DevTlsFiles) -> ClientTlsFiles {
+    ClientTlsFiles {
+        ca: tls.ca.clone(),
+        identity: Some((tls.node_cert.clone(), tls.node_key.clone())),
     }
 }
 
@@ -119,6 +135,17 @@ impl DevCluster {
         );
         coordinator_config.server_limits = server_limits(&config);
         coordinator_config.reflection = config.reflection;
+        if let Some(tls) = &config.tls {
+            coordinator_config.tls = Some(
+                ServerTlsFiles {
+                    cert: tls.coordinator_cert.clone(),
+                    key: tls.coordinator_key.clone(),
+                    clients: ClientCertificates::Optional(tls.ca.clone()),
+                }
+                .load()?,
+            );
+            coordinator_config.worker_tls = Some(node_client_tls(tls).load()?);
+        }
         coordinator_config.slot_count = config.slot_count;
         coordinator_config.heartbeat_interval = config.heartbeat_interval;
         coordinator_config.lease = config.lease;
@@ -147,8 +174,19 @@ impl DevCluster {
         self.coordinator.address
     }
 
+    /// The certificates the cluster serves TLS with, if it does.
+    pub fn tls_files(&self) -> Option<&DevTlsFiles> {
+        self.config.tls.as_ref()
+    }
+
+    /// `https://…` when the cluster serves TLS.
     pub fn coordinator_url(&self) -> String {
-        format!("http://{}", self.coordinator.address)
+        let scheme = if self.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.coordinator.address)
     }
 
     /// Starts one more worker, named `dev-worker-N`, on a free loopback port.
@@ -168,6 +206,21 @@ impl DevCluster {
             agents: self.config.agents.clone(),
             server_limits: server_limits(&self.config),
             reflection: self.config.reflection,
+            tls: match &self.config.tls {
+                Some(tls) => Some(
+                    ServerTlsFiles {
+                        cert: tls.node_cert.clone(),
+                        key: tls.node_key.clone(),
+                        clients: ClientCertificates::Required(tls.ca.clone()),
+                    }
+                    .load()?,
+                ),
+                None => None,
+            },
+            coordinator_tls: match &self.config.tls {
+                Some(tls) => Some(node_client_tls(tls).load()?),
+                None => None,
+            },
         };
         let handle = switchyard_worker::start(
             config,

@@ -5,5 +5,6 @@ pub mod bench;
 pub mod dev;
 pub mod keys;
 pub mod store;
+pub mod tls;
 
 pub use dev::{DevCluster, DevClusterConfig};

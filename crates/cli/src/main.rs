@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use switchyard::tls::ClientTlsFiles;
 use switchyard_cli::{DevCluster, DevClusterConfig, keys, store};
 use switchyard_coordinator::{ApiKeyRegistry, CallerAuth};
 use switchyard_core::{DEFAULT_SLOT_COUNT, Limits, WorkerId};
-use switchyard_server::ServerLimits;
+use switchyard_server::{ClientCertificates, ServerLimits, ServerTlsFiles};
 use switchyard_store::SessionStore;
 use switchyard_worker::WorkerConfig;
 use tokio_util::sync::CancellationToken;
@@ -84,6 +85,9 @@ struct DrainArgs {
     /// An API key of scope `admin`, when the coordinator asks for keys.
     #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// CA (PEM) that signed the coordinator's certificate, for an https:// --coordinator.
+    #[arg(long, env = "SWITCHYARD_TLS_CA")]
+    tls_ca: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -123,6 +127,45 @@ impl KeyArgs {
             self.cluster_secret_file.as_deref(),
             self.cluster_secret.as_deref(),
         )
+    }
+}
+
+#[derive(Args)]
+struct PublicTlsArgs {
+    /// Certificate chain (PEM) to serve TLS with on the listener; re-read when it changes.
+    #[arg(long, env = "SWITCHYARD_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "SWITCHYARD_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ClusterTlsArgs {
+    /// The cluster CA (PEM). With it, nodes talk over mutual TLS: each presents
+    /// --cluster-cert and verifies the other's certificate against this CA.
+    #[arg(long, env = "SWITCHYARD_CLUSTER_CA", requires_all = ["cluster_cert", "cluster_key"])]
+    cluster_ca: Option<PathBuf>,
+    /// This node's certificate (PEM), signed by the cluster CA; re-read when it changes.
+    #[arg(long, env = "SWITCHYARD_CLUSTER_CERT", requires = "cluster_ca")]
+    cluster_cert: Option<PathBuf>,
+    /// The private key (PEM) of --cluster-cert.
+    #[arg(long, env = "SWITCHYARD_CLUSTER_KEY", requires = "cluster_ca")]
+    cluster_key: Option<PathBuf>,
+}
+
+impl ClusterTlsArgs {
+    /// This node as a client of another: the cluster CA and its own certificate.
+    fn client(&self) -> Option<ClientTlsFiles> {
+        let (Some(ca), Some(cert), Some(key)) =
+            (&self.cluster_ca, &self.cluster_cert, &self.cluster_key)
+        else {
+            return None;
+        };
+        Some(ClientTlsFiles {
+            ca: ca.clone(),
+            identity: Some((cert.clone(), key.clone())),
+        })
     }
 }
 
@@ -300,6 +343,10 @@ struct CoordinatorArgs {
     #[command(flatten)]
     server: ServerArgs,
     #[command(flatten)]
+    tls: PublicTlsArgs,
+    #[command(flatten)]
+    cluster_tls: ClusterTlsArgs,
+    #[command(flatten)]
     store: StoreArgs,
     #[command(flatten)]
     timing: ClusterTimingArgs,
@@ -316,8 +363,15 @@ struct WorkerArgs {
     #[arg(long, env = "SWITCHYARD_WORKER_ID")]
     id: String,
     /// host:port the coordinator reaches this worker at; defaults to the listen address.
+    /// With --cluster-ca, the worker's certificate must name this host.
     #[arg(long, env = "SWITCHYARD_ADVERTISE")]
     advertise: Option<String>,
+    /// CA (PEM) that signed the coordinator's certificate, for an https:// --coordinator;
+    /// the cluster CA when not given.
+    #[arg(long, env = "SWITCHYARD_COORDINATOR_CA")]
+    coordinator_ca: Option<PathBuf>,
+    #[command(flatten)]
+    cluster_tls: ClusterTlsArgs,
     #[command(flatten)]
     keys: KeyArgs,
     #[command(flatten)]
@@ -351,6 +405,10 @@ struct DevArgs {
     server: ServerArgs,
     #[command(flatten)]
     callers: CallerArgs,
+    /// Serve TLS on the listener and mutual TLS between the nodes, with a throw-away CA
+    /// and certificates made in DATA_DIR/tls/ (clients trust DATA_DIR/tls/ca.pem).
+    #[arg(long)]
+    tls: bool,
     #[command(flatten)]
     agents: AgentArgs,
     #[command(flatten)]
@@ -414,6 +472,27 @@ async fn run_coordinator(args: CoordinatorArgs) -> Result<(), BoxError> {
         switchyard_coordinator::CoordinatorConfig::new(token_key, cluster_key, callers);
     config.server_limits = args.server.server_limits();
     config.reflection = args.server.reflection;
+    config.tls = match (&args.tls.tls_cert, &args.tls.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            ServerTlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                clients: match &args.cluster_tls.cluster_ca {
+                    Some(ca) => ClientCertificates::Optional(ca.clone()),
+                    None => ClientCertificates::NotAsked,
+                },
+            }
+            .load()?,
+        ),
+        _ => None,
+    };
+    if args.cluster_tls.cluster_ca.is_some() && config.tls.is_none() {
+        return Err("--cluster-ca needs --tls-cert and --tls-key: workers reach the coordinator's listener over TLS".into());
+    }
+    config.worker_tls = match args.cluster_tls.client() {
+        Some(files) => Some(files.load()?),
+        None => None,
+    };
     config.slot_count = args.timing.slot_count;
     config.heartbeat_interval = args.timing.heartbeat_interval;
     config.lease = args.timing.lease;
@@ -433,6 +512,36 @@ async fn run_worker(args: WorkerArgs) -> Result<(), BoxError> {
     let shutdown = CancellationToken::new();
     switchyard_server::cancel_on_signal(shutdown.clone());
     let listener = switchyard_server::bind(args.listen).await?;
+    let coordinator_is_https = args.coordinator.starts_with("https://");
+    if args.cluster_tls.cluster_ca.is_some() && !coordinator_is_https {
+        return Err("with --cluster-ca, --coordinator must be an https:// URL: membership goes over TLS too".into());
+    }
+    let tls = match (
+        &args.cluster_tls.cluster_cert,
+        &args.cluster_tls.cluster_key,
+        &args.cluster_tls.cluster_ca,
+    ) {
+        (Some(cert), Some(key), Some(ca)) => Some(
+            ServerTlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                clients: ClientCertificates::Required(ca.clone()),
+            }
+            .load()?,
+        ),
+        _ => None,
+    };
+    let coordinator_tls = if coordinator_is_https {
+        let ca = args
+            .coordinator_ca
+            .clone()
+            .or_else(|| args.cluster_tls.cluster_ca.clone())
+            .ok_or("an https:// --coordinator needs --coordinator-ca (or --cluster-ca)")?;
+        let identity = args.cluster_tls.client().and_then(|files| files.identity);
+        Some(ClientTlsFiles { ca, identity }.load()?)
+    } else {
+        None
+    };
     let config = WorkerConfig {
         worker_id,
         coordinator_url: args.coordinator,
@@ -443,6 +552,8 @@ async fn run_worker(args: WorkerArgs) -> Result<(), BoxError> {
         agents: switchyard_cli::agents::load(args.agents.agents.as_deref())?,
         server_limits: args.server.server_limits(),
         reflection: args.server.reflection,
+        tls,
+        coordinator_tls,
     };
     let store = args.store.open().await?;
     let worker = switchyard_worker::start(config, listener, store, shutdown.clone()).await?;
@@ -455,17 +566,20 @@ async fn run_drain(args: DrainArgs) -> Result<(), BoxError> {
     use switchyard::pb;
     use switchyard::pb::admin_service_client::AdminServiceClient;
 
-    let channel = tonic::transport::Endpoint::from_shared(args.coordinator.clone())
-        .map_err(|error| format!("--coordinator {:?}: {error}", args.coordinator))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|error| {
-            format!(
-                "cannot reach the coordinator at {}: {error}",
-                args.coordinator
-            )
-        })?;
+    let tls = match &args.tls_ca {
+        Some(ca) => Some(
+            ClientTlsFiles {
+                ca: ca.clone(),
+                identity: None,
+            }
+            .load()?,
+        ),
+        None => None,
+    };
+    let channel = switchyard::tls::lazy_channel(&args.coordinator, tls, |endpoint| {
+        endpoint.connect_timeout(Duration::from_secs(5))
+    })
+    .map_err(|error| format!("--coordinator {:?}: {error}", args.coordinator))?;
     let mut request = tonic::Request::new(pb::DrainWorkerRequest {
         worker_id: args.id.clone(),
         wait: true,
@@ -482,7 +596,14 @@ async fn run_drain(args: DrainArgs) -> Result<(), BoxError> {
     let reply = AdminServiceClient::new(channel)
         .drain_worker(request)
         .await
-        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?
+        .map_err(|status| {
+            format!(
+                "{}: {:?}: {}",
+                args.coordinator,
+                status.code(),
+                status.message()
+            )
+        })?
         .into_inner();
     if !reply.left {
         return Err(format!(
@@ -528,6 +649,12 @@ async fn run_dev(args: DevArgs) -> Result<(), BoxError> {
     config.lease = args.timing.lease;
     config.handoff_grace = args.timing.handoff_grace;
     config.epsilon = args.timing.placement_epsilon;
+    if args.tls {
+        config.tls = Some(switchyard_cli::tls::load_or_create(
+            &args.store.data_dir,
+            args.listen.ip(),
+        )?);
+    }
     let cluster = DevCluster::start(config).await?;
     print_banner(&cluster, &args.store, keys_in_use);
     shutdown.cancelled().await;
@@ -609,9 +736,20 @@ fn print_banner(cluster: &DevCluster, store: &StoreArgs, keys_in_use: bool) {
     for worker in cluster.live_workers() {
         banner += &format!("  worker       {}  {}\n", worker.address, worker.worker_id);
     }
+    // The grpcurl flags that reach this listener: its CA for TLS, or plaintext.
+    let transport = match cluster.tls_files() {
+        Some(tls) => format!("-cacert {}", tls.ca.display()),
+        None => "-plaintext".to_string(),
+    };
+    if let Some(tls) = cluster.tls_files() {
+        banner += &format!(
+            "  tls          on the listener, and mutual TLS between nodes; CA {}\n",
+            tls.ca.display()
+        );
+    }
     banner += &format!(
-        "  data dir     {}\n  store        {}\n\ntry:\n  grpcurl -plaintext {address} list\n  \
-         grpcurl -plaintext -d '{{\"user_id\": \"alice\"}}' {address} switchyard.v1.SessionService/CreateSession\n\n\
+        "  data dir     {}\n  store        {}\n\ntry:\n  grpcurl {transport} {address} list\n  \
+         grpcurl {transport} -d '{{\"user_id\": \"alice\"}}' {address} switchyard.v1.SessionService/CreateSession\n\n\
          Ctrl-C stops it.\n",
         store.data_dir.display(),
         switchyard_cli::store::describe(store.store.as_deref(), &store.data_dir)

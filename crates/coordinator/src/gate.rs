@@ -12,7 +12,7 @@ use switchyard::auth::verify_node_credential;
 use switchyard::metadata::{AUTHORIZATION, NODE_CREDENTIAL};
 use switchyard::status::status_from;
 use switchyard_core::{ApiKey, ApiKeyError, ClusterKey, NodeRole, Scope};
-use switchyard_server::{CallClass, Gate};
+use switchyard_server::{CallClass, Gate, TlsConnectInfo};
 use tonic::Status;
 
 use crate::api_keys::ApiKeyRegistry;
@@ -49,13 +49,16 @@ impl Caller {
 pub struct CoordinatorGate {
     cluster_key: ClusterKey,
     callers: CallerAuth,
+    /// Membership calls must come over TLS with a client certificate of the cluster CA.
+    member_certificates: bool,
 }
 
 impl CoordinatorGate {
-    pub fn new(cluster_key: ClusterKey, callers: CallerAuth) -> Self {
+    pub fn new(cluster_key: ClusterKey, callers: CallerAuth, member_certificates: bool) -> Self {
         CoordinatorGate {
             cluster_key,
             callers,
+            member_certificates,
         }
     }
 }
@@ -80,6 +83,15 @@ impl Gate for CoordinatorGate {
         extensions: &mut http::Extensions,
     ) -> Result<CallClass, Status> {
         if path.starts_with(MEMBERSHIP) {
+            // The listener verified any certificate sent against the cluster CA; here one
+            // must have been sent.
+            let certified = extensions
+                .get::<TlsConnectInfo>()
+                .is_some_and(|info| info.peer_certificates.is_some());
+            if self.member_certificates && !certified {
+                tracing::debug!(%path, "membership call refused: no cluster client certificate");
+                return Err(status_from(&switchyard_core::NodeCredentialError::Missing));
+            }
             let claims =
                 verify_node_credential(&self.cluster_key, headers, NodeRole::Worker, path)?;
             extensions.insert(claims);
@@ -143,6 +155,7 @@ mod tests {
         CoordinatorGate::new(
             ClusterKey::from_secret(&[5; 32]).unwrap(),
             CallerAuth::ApiKeys(ApiKeyRegistry::fixed(keys)),
+            false,
         )
     }
 

@@ -14,9 +14,10 @@ use std::time::Duration;
 
 use switchyard::pb::admin_service_server::AdminServiceServer;
 use switchyard::pb::membership_service_server::MembershipServiceServer;
+use switchyard::tls::ClientTls;
 use switchyard_core::bounded::DEFAULT_EPSILON;
 use switchyard_core::{ClusterKey, DEFAULT_SLOT_COUNT, TokenKey};
-use switchyard_server::{GrpcServer, ServerLimits};
+use switchyard_server::{GrpcServer, ServerLimits, ServerTls};
 use switchyard_store::SessionStore;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -45,6 +46,12 @@ pub struct CoordinatorConfig {
     pub server_limits: ServerLimits,
     /// Serve server reflection (grpcurl list/describe).
     pub reflection: bool,
+    /// TLS on the listener (callers and workers), re-read when its files change.
+    pub tls: Option<Arc<ServerTls>>,
+    /// Mutual TLS towards the workers (the cluster CA and this node's certificate). When
+    /// set, membership calls must also come over a connection with a verified client
+    /// certificate.
+    pub worker_tls: Option<Arc<ClientTls>>,
     pub slot_count: u32,
     pub heartbeat_interval: Duration,
     pub lease: Duration,
@@ -63,6 +70,8 @@ impl CoordinatorConfig {
             callers,
             server_limits: ServerLimits::default(),
             reflection: true,
+            tls: None,
+            worker_tls: None,
             slot_count: DEFAULT_SLOT_COUNT,
             heartbeat_interval: Duration::from_millis(500),
             lease: Duration::from_secs(2),
@@ -135,7 +144,9 @@ pub async fn start(
         .with_gate(Arc::new(Gate::new(
             config.cluster_key.clone(),
             config.callers.clone(),
+            config.worker_tls.is_some(),
         )))
+        .with_tls(config.tls.clone())
         .with_limits(config.server_limits)
         .with_reflection(config.reflection)
         .add_service(SessionProxy::new(Router::new(
@@ -143,6 +154,7 @@ pub async fn start(
             config.token_key.clone(),
             config.cluster_key.clone(),
             max_message_bytes,
+            config.worker_tls.clone(),
         )))
         .add_service(AdminServiceServer::new(Admin::new(membership.clone())))
         .add_service(MembershipServiceServer::new(MembershipGrpc::new(
@@ -168,7 +180,12 @@ pub async fn start(
             tracing::warn!(%address, "no API keys: anyone who reaches this address acts as every user and as an operator");
         }
     }
-    tracing::info!(%address, slot_count = config.slot_count, "coordinator serving");
+    if let Some(worker_tls) = &config.worker_tls {
+        tasks.push(tokio::spawn(
+            worker_tls.clone().watch(shutdown.clone().cancelled_owned()),
+        ));
+    }
+    tracing::info!(%address, slot_count = config.slot_count, tls = config.tls.is_some(), "coordinator serving");
     Ok(CoordinatorHandle {
         address,
         membership,

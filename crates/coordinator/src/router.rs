@@ -19,12 +19,13 @@ use switchyard::metadata::{
     KNOWN_EPOCH, NODE_CREDENTIAL, PLACEMENT_EPOCH, SESSION_TOKEN, deadline_of,
 };
 use switchyard::status::invalid_argument;
+use switchyard::tls::{ClientTls, lazy_channel};
 use switchyard_core::{ClusterKey, NodeRole, SessionId, Slot, TokenKey, UserId, WorkerId, slot_of};
 use tonic::body::Body;
 use tonic::codegen::BoxFuture;
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::server::{Grpc, NamedService, ServerStreamingService, UnaryService};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::error::CoordinatorError;
@@ -104,6 +105,8 @@ pub struct Router {
     /// Signs the credential that marks every forwarded call.
     cluster_key: ClusterKey,
     max_message_bytes: usize,
+    /// Mutual TLS towards the workers, when the cluster uses it.
+    worker_tls: Option<Arc<ClientTls>>,
     /// Read on every call, written only when a worker appears or moves.
     channels: RwLock<HashMap<WorkerId, (String, Channel)>>,
 }
@@ -121,12 +124,14 @@ impl Router {
         token_key: TokenKey,
         cluster_key: ClusterKey,
         max_message_bytes: usize,
+        worker_tls: Option<Arc<ClientTls>>,
     ) -> Self {
         Router {
             membership,
             token_key,
             cluster_key,
             max_message_bytes,
+            worker_tls,
             channels: RwLock::new(HashMap::new()),
         }
     }
@@ -191,17 +196,27 @@ impl Router {
                 return Ok(channel.clone());
             }
         }
-        let channel = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|error| {
-                Status::internal(format!(
-                    "worker {worker_id} has an invalid address {address:?}: {error}"
-                ))
-            })?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+        let scheme = if self.worker_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let channel = lazy_channel(
+            &format!("{scheme}://{address}"),
+            self.worker_tls.clone(),
+            |endpoint| {
+                endpoint
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(30))
+                    .keep_alive_while_idle(true)
+            },
+        )
+        .map_err(|error| {
+            Status::internal(format!(
+                "worker {worker_id} has an invalid address {address:?}: {error}"
+            ))
+        })?;
         self.channels
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -1,11 +1,15 @@
 //! The shared gRPC server builder and shutdown handling.
 
 mod admission;
+pub mod tls;
 
 pub use admission::{CallClass, Gate, OpenGate, ServerLimits};
+pub use tls::{ClientCertificates, ServerTls, ServerTlsFiles, TlsConnectInfo};
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +46,7 @@ pub struct GrpcServer {
     gate: Arc<dyn Gate>,
     limits: ServerLimits,
     reflection: bool,
+    tls: Option<Arc<ServerTls>>,
 }
 
 impl Default for GrpcServer {
@@ -59,7 +64,14 @@ impl GrpcServer {
             gate: Arc::new(OpenGate),
             limits: ServerLimits::default(),
             reflection: true,
+            tls: None,
         }
+    }
+
+    /// Serves TLS with `tls` (re-read when its files change), or plaintext with `None`.
+    pub fn with_tls(mut self, tls: Option<Arc<ServerTls>>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Decides who may call the services added here; health and reflection stay open.
@@ -155,11 +167,6 @@ impl GrpcServer {
                 .add_service(reflection().build_v1alpha()?);
         }
 
-        let incoming = TcpListenerStream::new(listener).map(|stream| {
-            let stream = stream?;
-            stream.set_nodelay(true)?;
-            Ok::<_, std::io::Error>(stream)
-        });
         let stopping = {
             let shutdown = shutdown.clone();
             let health = health.clone();
@@ -170,7 +177,7 @@ impl GrpcServer {
             }
         };
         let limits = self.limits;
-        let serving = Server::builder()
+        let router = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             // One connection cannot hold more than its share: streams, headers, and
@@ -182,8 +189,23 @@ impl GrpcServer {
             .initial_connection_window_size(Some(4 * 1024 * 1024))
             .layer(admission::AdmissionLayer::new(self.gate.clone(), limits))
             .trace_fn(|request| tracing::debug_span!("grpc", path = %request.uri().path()))
-            .add_routes(routes.routes())
-            .serve_with_incoming_shutdown(incoming, stopping);
+            .add_routes(routes.routes());
+        let serving: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+            match self.tls {
+                Some(tls) => {
+                    tokio::spawn(tls.clone().watch(shutdown.clone().cancelled_owned()));
+                    let incoming = tls::incoming(listener, tls, shutdown.clone());
+                    Box::pin(router.serve_with_incoming_shutdown(incoming, stopping))
+                }
+                None => {
+                    let incoming = TcpListenerStream::new(listener).map(|stream| {
+                        let stream = stream?;
+                        stream.set_nodelay(true)?;
+                        Ok::<_, std::io::Error>(stream)
+                    });
+                    Box::pin(router.serve_with_incoming_shutdown(incoming, stopping))
+                }
+            };
         // A client that never closes its connection must not hold the process up forever.
         let grace_over = async {
             shutdown.cancelled().await;

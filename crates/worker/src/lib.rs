@@ -15,9 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use switchyard::pb::session_service_server::SessionServiceServer;
+use switchyard::tls::ClientTls;
 use switchyard_agents::AgentCatalog;
 use switchyard_core::{ClusterKey, Limits, Slot, TokenKey, WorkerId};
-use switchyard_server::{GrpcServer, ServerLimits};
+use switchyard_server::{GrpcServer, ServerLimits, ServerTls};
 use switchyard_store::{Fence, SessionStore, SlotLease};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -49,6 +50,11 @@ pub struct WorkerConfig {
     pub server_limits: ServerLimits,
     /// Serve server reflection.
     pub reflection: bool,
+    /// TLS on the listener; with the cluster CA it asks every client (the coordinator) for
+    /// a certificate: mutual TLS.
+    pub tls: Option<Arc<ServerTls>>,
+    /// TLS towards the coordinator (an `https://` coordinator URL).
+    pub coordinator_tls: Option<Arc<ClientTls>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,12 +113,9 @@ pub async fn start(
         slot_count_unknown_yet,
     ));
     let membership = MembershipClient::new(
-        &config.coordinator_url,
-        worker_id.clone(),
+        &config,
         advertise,
-        config.token_key.id(),
         store.cluster_id().await?,
-        config.cluster_key.clone(),
         placement.clone(),
     )?;
     let registration = membership.register(&shutdown).await?;
@@ -148,12 +151,14 @@ pub async fn start(
         let cluster_key = config.cluster_key.clone();
         let server_limits = config.server_limits;
         let reflection = config.reflection;
+        let tls = config.tls.clone();
         tokio::spawn(async move {
             let max_message_bytes = server_limits.max_message_bytes;
             let server = GrpcServer::new()
                 .with_gate(Arc::new(gate::WorkerGate::new(cluster_key)))
                 .with_limits(server_limits)
                 .with_reflection(reflection)
+                .with_tls(tls)
                 .add_service(
                     SessionServiceServer::new(service)
                         .max_decoding_message_size(max_message_bytes)
@@ -165,6 +170,13 @@ pub async fn start(
         })
     };
     let upkeep_task = tokio::spawn(upkeep(placement, sessions, store, shutdown.clone()));
+    if let Some(coordinator_tls) = &config.coordinator_tls {
+        tokio::spawn(
+            coordinator_tls
+                .clone()
+                .watch(shutdown.clone().cancelled_owned()),
+        );
+    }
     let agents_task = {
         let agents = config.agents.clone();
         let shutdown = shutdown.clone();

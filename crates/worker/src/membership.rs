@@ -8,11 +8,13 @@ use switchyard::conversions::placement_from_wire;
 use switchyard::metadata::NODE_CREDENTIAL;
 use switchyard::pb;
 use switchyard::pb::membership_service_client::MembershipServiceClient;
+use switchyard::tls::lazy_channel;
 use switchyard_core::{ClusterKey, NodeRole, WorkerId};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
+use crate::WorkerConfig;
 use crate::placement::PlacementView;
 use crate::sessions::SessionManager;
 
@@ -29,7 +31,7 @@ pub enum MembershipError {
     #[error("invalid coordinator URL {url:?}: {source}")]
     InvalidUrl {
         url: String,
-        source: tonic::transport::Error,
+        source: switchyard::tls::TlsError,
     },
     #[error("the coordinator refused registration: {0}")]
     Refused(String),
@@ -60,29 +62,31 @@ pub struct MembershipClient {
 }
 
 impl MembershipClient {
+    /// The membership client of the worker `config` describes, advertising `address`, with
+    /// a store of cluster `cluster_id`.
     pub fn new(
-        coordinator_url: &str,
-        worker_id: WorkerId,
+        config: &WorkerConfig,
         address: String,
-        token_key_id: String,
         cluster_id: String,
-        cluster_key: ClusterKey,
         placement: Arc<PlacementView>,
     ) -> Result<Self, MembershipError> {
-        let channel = Endpoint::from_shared(coordinator_url.to_string())
-            .map_err(|source| MembershipError::InvalidUrl {
-                url: coordinator_url.to_string(),
-                source,
-            })?
-            .connect_timeout(CALL_TIMEOUT)
-            .connect_lazy();
+        let coordinator_url = config.coordinator_url.as_str();
+        let channel = lazy_channel(
+            coordinator_url,
+            config.coordinator_tls.clone(),
+            |endpoint| endpoint.connect_timeout(CALL_TIMEOUT),
+        )
+        .map_err(|source| MembershipError::InvalidUrl {
+            url: coordinator_url.to_string(),
+            source,
+        })?;
         Ok(MembershipClient {
             client: MembershipServiceClient::new(channel),
-            worker_id,
+            worker_id: config.worker_id.clone(),
             address,
-            token_key_id,
+            token_key_id: config.token_key.id(),
             cluster_id,
-            cluster_key,
+            cluster_key: config.cluster_key.clone(),
             incarnation_id: uuid::Uuid::new_v4().to_string(),
             placement,
         })

@@ -61,6 +61,9 @@ pub struct BenchArgs {
     /// The API key to call --target with (a key of scope `sessions`).
     #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// CA (PEM) that signed the certificate of an https:// --target.
+    #[arg(long, env = "SWITCHYARD_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     /// Calls in flight at once (the most in flight with --rate).
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub concurrency: u32,
@@ -148,7 +151,10 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
             (cluster.coordinator_url(), Some(cluster), data_dir)
         }
     };
-    let mut client = SwitchyardClient::new(connect(&url).await?);
+    let mut client = match &args.tls_ca {
+        Some(ca) => SwitchyardClient::connect_tls(url.clone(), ca).await?,
+        None => SwitchyardClient::new(connect(&url).await?),
+    };
     if let Some(key) = &args.api_key {
         client = client.with_api_key(key)?;
     }
