@@ -54,10 +54,14 @@ impl<U: Message + Default> Decoder for ValidatingDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        U::decode(buf)
-            .map(Some)
-            .map_err(|error| undecodable(&error.to_string()))
+        decode_message(buf).map(Some)
     }
+}
+
+/// Decodes a message as every server does: INVALID_ARGUMENT naming the field when it
+/// cannot.
+pub fn decode_message<U: Message + Default>(bytes: impl prost::bytes::Buf) -> Result<U, Status> {
+    U::decode(bytes).map_err(|error| undecodable(&error.to_string()))
 }
 
 /// INVALID_ARGUMENT for a message prost could not decode, naming the field from prost's

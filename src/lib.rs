@@ -20,6 +20,8 @@ pub mod auth;
 pub mod client;
 pub mod codec;
 pub mod conversions;
+#[cfg(test)]
+mod fuzz;
 pub mod metadata;
 pub mod status;
 pub mod tls;

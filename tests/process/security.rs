@@ -15,8 +15,8 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::harness::{
-    BINARY, CLUSTER_SECRET, Process, TOKEN_KEY, grpcurl, run_grpcurl, spawn_coordinator,
-    spawn_worker, temp_dir, wait_for_workers,
+    BINARY, CLUSTER_SECRET, Process, TOKEN_KEY, free_address, grpcurl, run_grpcurl,
+    spawn_coordinator, spawn_worker, start_dev, temp_dir, wait_for_workers,
 };
 
 const REGISTER: &str = "/switchyard.v1.MembershipService/Register";
@@ -96,6 +96,33 @@ async fn callers_need_keys_of_the_right_scope_and_tenant() {
     let status = refused.wait_exit(Duration::from_secs(20));
     assert!(!status.success());
     assert!(refused.log().contains("--api-keys"), "{}", refused.log());
+    // Nor does dev, off loopback.
+    let mut exposed = Process::spawn(
+        "exposed-dev",
+        &["dev", "--listen", "0.0.0.0:0", "--data-dir", "exposed"],
+        &dir,
+    );
+    assert!(!exposed.wait_exit(Duration::from_secs(20)).success());
+    assert!(
+        exposed.log().contains("--insecure-no-auth"),
+        "{}",
+        exposed.log()
+    );
+
+    // Reflection can be turned off; health stays.
+    if let Some(grpcurl) = grpcurl() {
+        let address = free_address().to_string();
+        let _quiet = start_dev(&dir, &address, &["--reflection=false"]);
+        let listed = std::process::Command::new(grpcurl)
+            .args(["-plaintext", &address, "list"])
+            .output()
+            .unwrap();
+        assert!(!listed.status.success(), "reflection answered: {listed:?}");
+        assert!(
+            String::from_utf8_lossy(&listed.stderr).contains("reflection"),
+            "{listed:?}"
+        );
+    }
 
     let (app_key, app) = new_key("acme-app", &["sessions"], Some("acme:"));
     let (globex_key, globex) = new_key("globex-app", &["sessions"], Some("globex:"));

@@ -919,6 +919,45 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Whatever epochs nodes report, the coordinator refuses exactly those above every
+        /// epoch it has kept, and its own epoch only grows, never wrapping.
+        #[test]
+        fn reported_epochs_never_move_placement_backwards_or_past_what_was_kept(
+            reports in proptest::collection::vec(
+                proptest::prop_oneof![0u64..8, proptest::prelude::any::<u64>(), (u64::MAX - 2)..=u64::MAX],
+                1..12,
+            )
+        ) {
+            let membership = membership(Duration::from_secs(60));
+            let (a, _) = register(&membership, "a", 1, 0);
+            let mut last = membership.routing().placement.epoch();
+            for (index, reported) in reports.into_iter().enumerate() {
+                let highest = {
+                    let state = membership.state();
+                    membership.highest_epoch(&state)
+                };
+                let heartbeat = membership.heartbeat(&worker("a"), &a, Epoch(reported), 0, &[]);
+                proptest::prop_assert_eq!(heartbeat.is_err(), Epoch(reported) > highest);
+                let joined = membership.register(
+                    worker(&format!("w{index}")),
+                    format!("127.0.0.1:{}", 10 + index),
+                    "key",
+                    "cluster",
+                    Epoch(reported),
+                    "incarnation",
+                );
+                proptest::prop_assert_eq!(joined.is_err(), Epoch(reported) > highest);
+                let now = membership.routing().placement.epoch();
+                proptest::prop_assert!(now >= last);
+                proptest::prop_assert!(now <= Epoch::MAX);
+                last = now;
+            }
+        }
+    }
+
     #[test]
     fn a_live_workers_id_cannot_be_taken_by_another_instance() {
         let lease = Duration::from_millis(200);
