@@ -4,6 +4,7 @@
 
 mod baseline;
 mod load;
+mod security;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -98,6 +99,14 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Measure the first scenario on three dev clusters (no keys and plaintext, API keys,
+    /// API keys and TLS), --rounds times each in turn, and report medians and ratios to the
+    /// first. Not with --target.
+    #[arg(long, conflicts_with = "target")]
+    pub security: bool,
+    /// Rounds of --security.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub rounds: u32,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -128,6 +137,9 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
         progress: !args.json,
     };
 
+    if args.security {
+        return security::run(&args, shape).await;
+    }
     let baseline = if args.no_baseline {
         None
     } else {
@@ -181,6 +193,14 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
 }
 
 async fn start_cluster(args: &BenchArgs) -> Result<(DevCluster, Option<PathBuf>), BoxError> {
+    start_cluster_with(args, |_| Ok(())).await
+}
+
+/// A dev cluster for the benchmark, with `adjust` applied to its configuration.
+async fn start_cluster_with(
+    args: &BenchArgs,
+    adjust: impl FnOnce(&mut DevClusterConfig) -> Result<(), BoxError>,
+) -> Result<(DevCluster, Option<PathBuf>), BoxError> {
     let mut secret = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
         .map_err(|_| "the system random source failed")?;
@@ -211,6 +231,7 @@ async fn start_cluster(args: &BenchArgs) -> Result<(DevCluster, Option<PathBuf>)
         passivate_after: Duration::from_secs(24 * 3600),
         ..Limits::default()
     };
+    adjust(&mut config)?;
     let cluster = DevCluster::start(config).await?;
     Ok((cluster, data_dir))
 }
