@@ -309,6 +309,18 @@ struct InputLimitArgs {
     /// Bytes of one agent reply; a longer reply ends its turn with an error.
     #[arg(long, env = "SWITCHYARD_MAX_REPLY_BYTES", default_value_t = Limits::default().max_reply_bytes)]
     max_reply_bytes: usize,
+    /// Metadata entries of one session.
+    #[arg(long, env = "SWITCHYARD_MAX_METADATA_ENTRIES", default_value_t = Limits::default().max_metadata_entries)]
+    max_metadata_entries: usize,
+    /// Bytes of one metadata key.
+    #[arg(long, env = "SWITCHYARD_MAX_METADATA_KEY_BYTES", default_value_t = Limits::default().max_metadata_key_bytes)]
+    max_metadata_key_bytes: usize,
+    /// Bytes of one metadata value.
+    #[arg(long, env = "SWITCHYARD_MAX_METADATA_VALUE_BYTES", default_value_t = Limits::default().max_metadata_value_bytes)]
+    max_metadata_value_bytes: usize,
+    /// Bytes of an agent type's name.
+    #[arg(long, env = "SWITCHYARD_MAX_AGENT_TYPE_BYTES", default_value_t = Limits::default().max_agent_type_bytes)]
+    max_agent_type_bytes: usize,
 }
 
 impl SessionArgs {
@@ -324,6 +336,10 @@ impl SessionArgs {
             max_page_messages: inputs.max_page_messages,
             max_page_bytes: inputs.max_page_bytes,
             max_reply_bytes: inputs.max_reply_bytes,
+            max_metadata_entries: inputs.max_metadata_entries,
+            max_metadata_key_bytes: inputs.max_metadata_key_bytes,
+            max_metadata_value_bytes: inputs.max_metadata_value_bytes,
+            max_agent_type_bytes: inputs.max_agent_type_bytes,
             max_grpc_message_bytes: server.max_grpc_message_bytes,
             ..Limits::default()
         };

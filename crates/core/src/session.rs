@@ -298,6 +298,8 @@ impl Limits {
             ("max_page_messages", self.max_page_messages),
             ("max_page_bytes", self.max_page_bytes),
             ("max_reply_bytes", self.max_reply_bytes),
+            ("max_metadata_key_bytes", self.max_metadata_key_bytes),
+            ("max_agent_type_bytes", self.max_agent_type_bytes),
             ("max_grpc_message_bytes", self.max_grpc_message_bytes),
         ] {
             if value == 0 {

@@ -54,10 +54,7 @@ async fn measure_variant(
     scenario: super::Scenario,
     variant: Variant,
 ) -> Result<Outcome, BoxError> {
-    let tls_dir = std::env::temp_dir().join(format!(
-        "switchyard-bench-tls-{}",
-        std::process::id()
-    ));
+    let tls_dir = std::env::temp_dir().join(format!("switchyard-bench-tls-{}", std::process::id()));
     let tls = match variant {
         Variant::KeysAndTls => Some(crate::tls::load_or_create(
             &tls_dir,
@@ -109,8 +106,18 @@ fn report(args: &BenchArgs, scenario: &str, outcomes: &[Vec<Outcome>]) {
         .map(|rounds| {
             (
                 median(rounds.iter().map(Outcome::throughput).collect()),
-                median(rounds.iter().map(|outcome| outcome.quantile_us(0.5)).collect()),
-                median(rounds.iter().map(|outcome| outcome.quantile_us(0.99)).collect()),
+                median(
+                    rounds
+                        .iter()
+                        .map(|outcome| outcome.quantile_us(0.5))
+                        .collect(),
+                ),
+                median(
+                    rounds
+                        .iter()
+                        .map(|outcome| outcome.quantile_us(0.99))
+                        .collect(),
+                ),
                 rounds
                     .iter()
                     .map(|outcome| outcome.errors.values().sum::<u64>())
