@@ -11,6 +11,7 @@ use tonic::{Request, Status, Streaming};
 use crate::metadata::{AUTHORIZATION, SESSION_TOKEN};
 use crate::pb;
 use crate::pb::session_service_client::SessionServiceClient;
+use crate::retry::RetryPolicy;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -54,6 +55,7 @@ pub struct SwitchyardClient {
     timeout: Option<Duration>,
     /// `Bearer <key>`, sent on every call.
     authorization: Option<AsciiMetadataValue>,
+    retry: RetryPolicy,
 }
 
 impl SwitchyardClient {
@@ -102,7 +104,15 @@ impl SwitchyardClient {
             tokens: Arc::default(),
             timeout: None,
             authorization: None,
+            retry: RetryPolicy::default(),
         }
+    }
+
+    /// How calls that are safe to repeat are retried after UNAVAILABLE (see
+    /// [`RetryPolicy`]); `RetryPolicy::never()` turns retries off.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
     }
 
     /// Sends `key` as `authorization: Bearer <key>` on every call (a coordinator with API
@@ -214,8 +224,12 @@ impl SwitchyardClient {
         let message = pb::GetSessionRequest {
             session_id: session_id.to_string(),
         };
-        let request = self.session_request(session_id, message);
-        Ok(self.inner.clone().get_session(request).await?.into_inner())
+        self.retry
+            .run(|| async {
+                let request = self.session_request(session_id, message.clone());
+                Ok(self.inner.clone().get_session(request).await?.into_inner())
+            })
+            .await
     }
 
     /// Every live session of a user, oldest first (following the pages).
@@ -230,11 +244,16 @@ impl SwitchyardClient {
                     .unwrap_or_default(),
             };
             let page = self
-                .inner
-                .clone()
-                .list_sessions(self.request(message))
-                .await?
-                .into_inner();
+                .retry
+                .run(|| async {
+                    Ok(self
+                        .inner
+                        .clone()
+                        .list_sessions(self.request(message.clone()))
+                        .await?
+                        .into_inner())
+                })
+                .await?;
             let empty = page.sessions.is_empty();
             sessions.extend(page.sessions);
             if !page.truncated || empty {
@@ -248,14 +267,19 @@ impl SwitchyardClient {
         let message = pb::EndSessionRequest {
             session_id: session_id.to_string(),
         };
-        let request = self.session_request(session_id, message);
         let ended = self
-            .inner
-            .clone()
-            .end_session(request)
-            .await?
-            .into_inner()
-            .ended;
+            .retry
+            .run(|| async {
+                let request = self.session_request(session_id, message.clone());
+                Ok(self
+                    .inner
+                    .clone()
+                    .end_session(request)
+                    .await?
+                    .into_inner()
+                    .ended)
+            })
+            .await?;
         self.forget_token(session_id);
         Ok(ended)
     }
@@ -266,18 +290,38 @@ impl SwitchyardClient {
         session_id: &str,
         messages: Vec<pb::Message>,
     ) -> Result<u64, Status> {
+        let request_id = new_request_id();
+        self.append_context_with_id(session_id, messages, Some(&request_id))
+            .await
+    }
+
+    /// Appends with the caller's request id (retried after UNAVAILABLE with the same id,
+    /// so it lands once), or with none (sent once, never retried: a retry could land twice).
+    pub async fn append_context_with_id(
+        &self,
+        session_id: &str,
+        messages: Vec<pb::Message>,
+        request_id: Option<&str>,
+    ) -> Result<u64, Status> {
         let message = pb::AppendContextRequest {
             session_id: session_id.to_string(),
             messages,
+            request_id: request_id.unwrap_or_default().to_string(),
         };
-        let request = self.session_request(session_id, message);
-        Ok(self
-            .inner
-            .clone()
-            .append_context(request)
-            .await?
-            .into_inner()
-            .last_seq)
+        let append = || async {
+            let request = self.session_request(session_id, message.clone());
+            Ok(self
+                .inner
+                .clone()
+                .append_context(request)
+                .await?
+                .into_inner()
+                .last_seq)
+        };
+        match request_id {
+            Some(_) => self.retry.run(append).await,
+            None => append().await,
+        }
     }
 
     /// Reads the context: the last `last_n` messages after `after_seq` (0 and 0 for all),
@@ -315,34 +359,83 @@ impl SwitchyardClient {
             last_n,
             after_seq,
         };
-        let request = self.session_request(session_id, message);
-        Ok(self.inner.clone().get_context(request).await?.into_inner())
+        self.retry
+            .run(|| async {
+                let request = self.session_request(session_id, message.clone());
+                Ok(self.inner.clone().get_context(request).await?.into_inner())
+            })
+            .await
     }
 
     /// Starts a turn and returns the stream of its events.
+    /// Starts a turn with a new request id (the call that starts it is retried after
+    /// UNAVAILABLE with that id) and returns the stream of its events.
     pub async fn send_message(
         &self,
         session_id: &str,
         agent_type: &str,
         content: &str,
     ) -> Result<Streaming<pb::TurnEvent>, Status> {
+        let request_id = new_request_id();
+        self.send_message_with_id(session_id, agent_type, content, Some(&request_id))
+            .await
+    }
+
+    /// Starts a turn with the caller's request id (retried after UNAVAILABLE), or with
+    /// none (sent once).
+    pub async fn send_message_with_id(
+        &self,
+        session_id: &str,
+        agent_type: &str,
+        content: &str,
+        request_id: Option<&str>,
+    ) -> Result<Streaming<pb::TurnEvent>, Status> {
         let message = pb::SendMessageRequest {
             session_id: session_id.to_string(),
             agent_type: agent_type.to_string(),
             content: content.to_string(),
+            request_id: request_id.unwrap_or_default().to_string(),
         };
-        let request = self.session_request(session_id, message);
-        Ok(self.inner.clone().send_message(request).await?.into_inner())
+        let start = || async {
+            let request = self.session_request(session_id, message.clone());
+            Ok(self.inner.clone().send_message(request).await?.into_inner())
+        };
+        match request_id {
+            Some(_) => self.retry.run(start).await,
+            None => start().await,
+        }
     }
 
-    /// Runs a turn and waits for the whole reply.
+    /// Runs a turn and waits for the whole reply. A turn whose stream fails with
+    /// UNAVAILABLE is sent again with the same request id: the reply it had committed is
+    /// replayed whole, or it runs again if it had not.
     pub async fn send_message_collect(
         &self,
         session_id: &str,
         agent_type: &str,
         content: &str,
     ) -> Result<TurnReply, Status> {
-        let mut stream = self.send_message(session_id, agent_type, content).await?;
+        let request_id = new_request_id();
+        self.retry
+            .run(|| self.collect_turn(session_id, agent_type, content, &request_id))
+            .await
+    }
+
+    async fn collect_turn(
+        &self,
+        session_id: &str,
+        agent_type: &str,
+        content: &str,
+        request_id: &str,
+    ) -> Result<TurnReply, Status> {
+        let message = pb::SendMessageRequest {
+            session_id: session_id.to_string(),
+            agent_type: agent_type.to_string(),
+            content: content.to_string(),
+            request_id: request_id.to_string(),
+        };
+        let request = self.session_request(session_id, message);
+        let mut stream = self.inner.clone().send_message(request).await?.into_inner();
         let mut text = String::new();
         let mut delta_count = 0;
         while let Some(event) = stream.message().await? {
@@ -365,4 +458,9 @@ impl SwitchyardClient {
             "the turn's stream ended before its final event",
         ))
     }
+}
+
+/// A new request id: a random UUID.
+pub fn new_request_id() -> String {
+    uuid::Uuid::new_v4().to_string()
 }

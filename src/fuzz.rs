@@ -78,6 +78,7 @@ proptest! {
         let request = pb::AppendContextRequest {
             session_id: user_id,
             messages: vec![pb::Message { role, content, name: key }],
+            request_id: String::new(),
         };
         validate_request(&request.encode_to_vec());
     }
@@ -113,6 +114,7 @@ fn the_fuzz_targets_refuse_what_they_should() {
         session_id: SessionId::new_random().to_string(),
         agent_type: "echo".into(),
         content: "x".repeat(Limits::default().max_message_bytes + 1),
+        request_id: String::new(),
     };
     let decoded: pb::SendMessageRequest = decode(&too_long.encode_to_vec()).unwrap();
     assert!(

@@ -23,6 +23,7 @@ pub mod conversions;
 #[cfg(test)]
 mod fuzz;
 pub mod metadata;
+pub mod retry;
 pub mod status;
 pub mod tls;
 

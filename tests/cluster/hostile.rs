@@ -148,6 +148,7 @@ fn append(session_id: &str, messages: Vec<pb::Message>) -> pb::AppendContextRequ
     pb::AppendContextRequest {
         session_id: session_id.to_string(),
         messages,
+        request_id: String::new(),
     }
 }
 
@@ -156,6 +157,7 @@ fn send(session_id: &str, agent_type: &str, content: &str) -> pb::SendMessageReq
         session_id: session_id.to_string(),
         agent_type: agent_type.to_string(),
         content: content.to_string(),
+        request_id: String::new(),
     }
 }
 

@@ -12,4 +12,5 @@ mod isolation;
 mod lifecycle;
 mod placement;
 mod reflection;
+mod retries;
 mod turns;

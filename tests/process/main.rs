@@ -7,6 +7,7 @@ mod agents;
 mod bench;
 mod cluster;
 mod durability;
+mod exactly_once;
 mod harness;
 mod placement;
 mod pressure;

@@ -23,12 +23,12 @@ use crate::harness::{
 /// Sessions driven by the load, one user each.
 const SESSIONS: usize = 18;
 
-struct Cluster {
+pub(crate) struct Cluster {
     dir: PathBuf,
     _database: TestDatabase,
     store: String,
     listen: String,
-    url: String,
+    pub(crate) url: String,
     timing: Vec<String>,
     coordinator: Process,
     workers: HashMap<String, Process>,
@@ -36,7 +36,7 @@ struct Cluster {
 
 impl Cluster {
     /// A coordinator and `workers` on a fresh database, or `None` without PostgreSQL.
-    async fn start(test: &str, workers: &[&str], timing: &[&str]) -> Option<Cluster> {
+    pub(crate) async fn start(test: &str, workers: &[&str], timing: &[&str]) -> Option<Cluster> {
         let database = TestDatabase::create(&format!("process::{test}")).await?;
         let dir = temp_dir(test);
         let listen = free_address().to_string();
@@ -65,7 +65,7 @@ impl Cluster {
         self.workers.insert(id.to_string(), worker);
     }
 
-    fn worker(&mut self, id: &str) -> &mut Process {
+    pub(crate) fn worker(&mut self, id: &str) -> &mut Process {
         self.workers.get_mut(id).expect("a started worker")
     }
 

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -21,12 +22,13 @@ use switchyard::metadata::{
 use switchyard::status::invalid_argument;
 use switchyard::tls::{ClientTls, lazy_channel};
 use switchyard_core::{ClusterKey, NodeRole, SessionId, Slot, TokenKey, UserId, WorkerId, slot_of};
+use tokio_stream::{Stream, StreamExt};
 use tonic::body::Body;
 use tonic::codegen::BoxFuture;
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::server::{Grpc, NamedService, ServerStreamingService, UnaryService};
 use tonic::transport::Channel;
-use tonic::{Code, Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status};
 
 use crate::error::CoordinatorError;
 use crate::gate::Caller;
@@ -236,7 +238,7 @@ impl Router {
             Request<RawMessage>,
             PathAndQuery,
         ) -> Result<Response<R>, Status>,
-    ) -> Result<Response<R>, Status> {
+    ) -> Result<(Response<R>, WorkerId), Status> {
         let mut retried = false;
         loop {
             let routing = self.membership.routing();
@@ -284,7 +286,8 @@ impl Router {
                     tracing::debug!(slot = forwarding.slot, worker_id = %owner, "worker is not the slot's owner, retrying with the current table");
                     retried = true;
                 }
-                result => return result,
+                Err(status) => return Err(broken_forward(owner, status)),
+                Ok(response) => return Ok((response, owner.clone())),
             }
         }
     }
@@ -303,6 +306,7 @@ impl Router {
             async |mut grpc, request, path| grpc.unary(request, path, RawCodec).await,
         )
         .await
+        .map(|(response, _)| response)
     }
 
     /// The worker's stream is handed to the caller as it is: events flow through as the
@@ -311,17 +315,42 @@ impl Router {
         &self,
         method: Method,
         request: Request<RawMessage>,
-    ) -> Result<Response<Streaming<RawMessage>>, Status> {
+    ) -> Result<Response<EventStream>, Status> {
         let (metadata, extensions, message) = request.into_parts();
         let forwarding = self.route(method, &metadata, extensions.get::<Caller>(), &message)?;
-        self.forward(
-            method,
-            forwarding,
-            message,
-            async |mut grpc, request, path| grpc.server_streaming(request, path, RawCodec).await,
-        )
-        .await
+        let (response, worker) = self
+            .forward(
+                method,
+                forwarding,
+                message,
+                async |mut grpc, request, path| {
+                    grpc.server_streaming(request, path, RawCodec).await
+                },
+            )
+            .await?;
+        // A stream broken midway (the worker died) ends with UNAVAILABLE too.
+        Ok(response.map(|stream| {
+            Box::pin(
+                stream.map(move |event| event.map_err(|status| broken_forward(&worker, status))),
+            ) as EventStream
+        }))
     }
+}
+
+/// The events of a forwarded stream.
+type EventStream = Pin<Box<dyn Stream<Item = Result<RawMessage, Status>> + Send>>;
+
+/// A failure to reach or hear from `worker` (connect error, reset, HTTP/2 error) is
+/// UNAVAILABLE naming it, which every retry policy retries; the worker's own statuses
+/// (which carry no transport error as their source) pass unchanged.
+fn broken_forward(worker: &WorkerId, status: Status) -> Status {
+    if std::error::Error::source(&status).is_none() {
+        return status;
+    }
+    Status::unavailable(format!(
+        "the call to worker {worker} failed: {}; retry",
+        status.message()
+    ))
 }
 
 fn is_not_owner(status: &Status) -> bool {
@@ -369,8 +398,8 @@ struct StreamingCall {
 
 impl ServerStreamingService<RawMessage> for StreamingCall {
     type Response = RawMessage;
-    type ResponseStream = Streaming<RawMessage>;
-    type Future = BoxFuture<Response<Streaming<RawMessage>>, Status>;
+    type ResponseStream = EventStream;
+    type Future = BoxFuture<Response<EventStream>, Status>;
 
     fn call(&mut self, request: Request<RawMessage>) -> Self::Future {
         let router = self.router.clone();

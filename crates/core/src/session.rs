@@ -153,6 +153,9 @@ pub struct Limits {
     pub max_grpc_message_bytes: usize,
 }
 
+/// Longest accepted request id, in bytes.
+pub const MAX_REQUEST_ID_BYTES: usize = 64;
+
 /// The default for [`Limits::max_grpc_message_bytes`]: room for a full append (100 messages
 /// of 64 KiB) and a full GetContext page (4 MiB), with their framing.
 pub const MAX_GRPC_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
@@ -284,6 +287,27 @@ impl Limits {
             return Err(Error::invalid(
                 "agent_type",
                 format!("is longer than {} bytes", self.max_agent_type_bytes),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks a caller's request id: empty (none), or 1 to [`MAX_REQUEST_ID_BYTES`] bytes
+    /// of printable text.
+    pub fn validate_request_id(&self, request_id: &str) -> Result<(), Error> {
+        if request_id.len() > MAX_REQUEST_ID_BYTES {
+            return Err(Error::invalid(
+                "request_id",
+                format!(
+                    "is {} bytes long, the limit is {MAX_REQUEST_ID_BYTES}",
+                    request_id.len()
+                ),
+            ));
+        }
+        if !request_id.chars().all(crate::ids::is_printable) {
+            return Err(Error::invalid(
+                "request_id",
+                "must be printable text: no control, NUL or bidi-override characters",
             ));
         }
         Ok(())

@@ -34,6 +34,9 @@ pub enum StoreError {
     Unavailable(String),
     #[error("session store holds invalid data: {0}")]
     Corrupt(String),
+    /// A request id sent with another kind of call than the one that first used it.
+    #[error("request_id: {request_id:?} was used on this session by a call of another kind")]
+    RequestIdReused { request_id: String },
 }
 
 impl ServiceError for StoreError {
@@ -42,8 +45,59 @@ impl ServiceError for StoreError {
             StoreError::SessionNotFound(_) => ErrorCode::NotFound,
             StoreError::SessionExists(_) | StoreError::Corrupt(_) => ErrorCode::Internal,
             StoreError::Fenced { .. } | StoreError::Unavailable(_) => ErrorCode::Unavailable,
+            StoreError::RequestIdReused { .. } => ErrorCode::InvalidArgument,
         }
     }
+
+    fn field_violation(&self) -> Option<(&str, &str)> {
+        match self {
+            StoreError::RequestIdReused { .. } => Some((
+                "request_id",
+                "was used on this session by a call of another kind",
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// What a turn consumed, as kept with its request id so that a retry can answer with it.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct TurnUsage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub compute_seconds: f64,
+}
+
+/// How a caller's request id makes an append happen once.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AppendKey {
+    /// Every call appends.
+    None,
+    /// The first append with `id` on the session writes; a repeat writes nothing and is
+    /// answered with the first's last seq. `turn` marks a turn's user message.
+    Request { id: String, turn: bool },
+    /// A turn's reply: its seq and usage are kept with the turn's request id, in the same
+    /// transaction as the reply.
+    Reply { id: String, usage: TurnUsage },
+}
+
+/// The outcome of an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub last_seq: u64,
+    /// False when an earlier append with the same request id had written it.
+    pub written: bool,
+}
+
+/// What the store keeps of a request id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestRecord {
+    /// A SendMessage (true) or an AppendContext.
+    pub turn: bool,
+    /// The last seq the call appended: a turn's user message.
+    pub last_seq: u64,
+    /// A turn's committed reply: its seq and usage.
+    pub reply: Option<(u64, TurnUsage)>,
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -127,7 +181,31 @@ pub trait SessionStore: Send + Sync + 'static {
         session_id: SessionId,
         messages: &[Message],
         at: SystemTime,
-    ) -> Result<u64>;
+    ) -> Result<u64> {
+        Ok(self
+            .append_keyed(fence, session_id, messages, at, &AppendKey::None)
+            .await?
+            .last_seq)
+    }
+
+    /// Appends as [`SessionStore::append_messages`] does, once per request id: the id is
+    /// kept in the same transaction as the messages, and a repeat writes nothing.
+    async fn append_keyed(
+        &self,
+        fence: &Fence,
+        session_id: SessionId,
+        messages: &[Message],
+        at: SystemTime,
+        key: &AppendKey,
+    ) -> Result<Appended>;
+
+    /// What the store keeps of a request id of the session, if it has seen it (nothing for a
+    /// session that does not exist).
+    async fn request_record(
+        &self,
+        session_id: SessionId,
+        request_id: &str,
+    ) -> Result<Option<RequestRecord>>;
 
     /// Messages with `seq > after_seq`, only the last `last_n` of them when it is positive.
     async fn read_context(

@@ -7,7 +7,10 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use switchyard_core::{ContextMessage, Epoch, Message, Session, SessionId, Slot, UserId, WorkerId};
 
-use crate::{Fence, IdleSession, Result, SessionStore, SlotLease, StoreError, StoredPlacement};
+use crate::{
+    AppendKey, Appended, Fence, IdleSession, RequestRecord, Result, SessionStore, SlotLease,
+    StoreError, StoredPlacement,
+};
 
 /// Everything in process memory: nothing survives the process. `switchyard dev --store
 /// memory` and tests use it; its fencing is the same as the SQL stores'.
@@ -50,6 +53,8 @@ impl Inner {
 struct StoredSession {
     session: Session,
     messages: Vec<ContextMessage>,
+    /// Request ids seen on the session, kept as long as it lives.
+    requests: HashMap<String, RequestRecord>,
 }
 
 impl MemoryStore {
@@ -173,6 +178,7 @@ impl SessionStore for MemoryStore {
             StoredSession {
                 session: session.clone(),
                 messages: Vec::new(),
+                requests: HashMap::new(),
             },
         );
         Ok(())
@@ -214,19 +220,33 @@ impl SessionStore for MemoryStore {
         Ok(true)
     }
 
-    async fn append_messages(
+    async fn append_keyed(
         &self,
         fence: &Fence,
         session_id: SessionId,
         messages: &[Message],
         at: SystemTime,
-    ) -> Result<u64> {
+        key: &AppendKey,
+    ) -> Result<Appended> {
         let mut inner = self.lock();
         inner.check(fence)?;
         let stored = inner
             .sessions
             .get_mut(&session_id)
             .ok_or(StoreError::SessionNotFound(session_id))?;
+        if let AppendKey::Request { id, turn } = key
+            && let Some(record) = stored.requests.get(id)
+        {
+            if record.turn != *turn {
+                return Err(StoreError::RequestIdReused {
+                    request_id: id.clone(),
+                });
+            }
+            return Ok(Appended {
+                last_seq: record.last_seq,
+                written: false,
+            });
+        }
         for message in messages {
             let seq = stored.messages.len() as u64 + 1;
             stored.messages.push(ContextMessage {
@@ -239,7 +259,41 @@ impl SessionStore for MemoryStore {
         }
         stored.session.message_count = stored.messages.len() as u64;
         stored.session.last_activity_at = at;
-        Ok(stored.session.message_count)
+        let last_seq = stored.session.message_count;
+        match key {
+            AppendKey::None => {}
+            AppendKey::Request { id, turn } => {
+                stored.requests.insert(
+                    id.clone(),
+                    RequestRecord {
+                        turn: *turn,
+                        last_seq,
+                        reply: None,
+                    },
+                );
+            }
+            AppendKey::Reply { id, usage } => {
+                if let Some(record) = stored.requests.get_mut(id) {
+                    record.reply = Some((last_seq, *usage));
+                }
+            }
+        }
+        Ok(Appended {
+            last_seq,
+            written: true,
+        })
+    }
+
+    async fn request_record(
+        &self,
+        session_id: SessionId,
+        request_id: &str,
+    ) -> Result<Option<RequestRecord>> {
+        Ok(self
+            .lock()
+            .sessions
+            .get(&session_id)
+            .and_then(|stored| stored.requests.get(request_id).cloned()))
     }
 
     async fn read_context(

@@ -9,7 +9,10 @@ use std::time::{Duration, SystemTime};
 
 use switchyard_core::{ContextMessage, Epoch, Message, Role, Session, SessionId, UserId, WorkerId};
 use switchyard_store::testing::TestDatabase;
-use switchyard_store::{Fence, MemoryStore, SessionStore, SqlStore, SqlStoreOptions, StoreError};
+use switchyard_store::{
+    AppendKey, Appended, Fence, MemoryStore, RequestRecord, SessionStore, SqlStore,
+    SqlStoreOptions, StoreError, TurnUsage,
+};
 
 const SLOT: u32 = 3;
 
@@ -490,6 +493,157 @@ async fn context_pages(store: Arc<dyn SessionStore>) {
     ));
 }
 
+/// A request id makes an append happen once: a repeat, alone or in the same batch, writes
+/// nothing and answers with the first's seqs; a turn's reply completes its record; ids live
+/// as long as the session.
+async fn request_ids_make_appends_happen_once(store: Arc<dyn SessionStore>) {
+    let fence = own_slot(&*store).await;
+    let session = session("retrier");
+    store.create_session(&fence, &session).await.unwrap();
+    let key = |id: &str, turn: bool| AppendKey::Request {
+        id: id.to_string(),
+        turn,
+    };
+    let first = store
+        .append_keyed(
+            &fence,
+            session.id,
+            &[text("a"), text("b")],
+            SystemTime::now(),
+            &key("r1", false),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        first,
+        Appended {
+            last_seq: 2,
+            written: true
+        }
+    );
+    let again = store
+        .append_keyed(
+            &fence,
+            session.id,
+            &[text("a"), text("b")],
+            SystemTime::now(),
+            &key("r1", false),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        Appended {
+            last_seq: 2,
+            written: false
+        }
+    );
+
+    // Concurrent repeats, which group commit puts in one batch.
+    let repeats = (0..8).map(|_| {
+        let store = store.clone();
+        let fence = fence.clone();
+        async move {
+            store
+                .append_keyed(
+                    &fence,
+                    session.id,
+                    &[text("c")],
+                    SystemTime::now(),
+                    &AppendKey::Request {
+                        id: "r2".into(),
+                        turn: false,
+                    },
+                )
+                .await
+                .unwrap()
+        }
+    });
+    let outcomes = futures::future::join_all(repeats).await;
+    assert_eq!(outcomes.iter().filter(|outcome| outcome.written).count(), 1);
+    assert!(
+        outcomes.iter().all(|outcome| outcome.last_seq == 3),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        seqs(&store.read_context(session.id, 0, 0).await.unwrap()),
+        [1, 2, 3]
+    );
+
+    // A turn: its user message, then its reply with usage.
+    let user = store
+        .append_keyed(
+            &fence,
+            session.id,
+            &[text("question")],
+            SystemTime::now(),
+            &key("t1", true),
+        )
+        .await
+        .unwrap();
+    assert_eq!(user.last_seq, 4);
+    let record = store
+        .request_record(session.id, "t1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        record,
+        RequestRecord {
+            turn: true,
+            last_seq: 4,
+            reply: None
+        }
+    );
+    let usage = TurnUsage {
+        prompt_tokens: 3,
+        completion_tokens: 5,
+        compute_seconds: 0.25,
+    };
+    let reply = store
+        .append_keyed(
+            &fence,
+            session.id,
+            &[text("answer")],
+            SystemTime::now(),
+            &AppendKey::Reply {
+                id: "t1".into(),
+                usage,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.last_seq, 5);
+    let record = store
+        .request_record(session.id, "t1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.reply, Some((5, usage)));
+
+    // One id, two kinds of call: refused.
+    assert!(matches!(
+        store
+            .append_keyed(
+                &fence,
+                session.id,
+                &[text("x")],
+                SystemTime::now(),
+                &key("t1", false)
+            )
+            .await,
+        Err(StoreError::RequestIdReused { .. })
+    ));
+    assert_eq!(
+        store.request_record(session.id, "unknown").await.unwrap(),
+        None
+    );
+
+    // Ending the session forgets its ids.
+    assert!(store.delete_session(&fence, session.id).await.unwrap());
+    assert_eq!(store.request_record(session.id, "r1").await.unwrap(), None);
+}
+
 /// An append the database refuses (NUL, which PostgreSQL text cannot hold) fails alone:
 /// the appends that shared its group-commit batch are committed.
 async fn a_refused_row_fails_only_its_own_append(store: Arc<dyn SessionStore>) {
@@ -566,6 +720,7 @@ conformance!(
     the_newest_placement_is_kept,
     a_refused_row_fails_only_its_own_append,
     context_pages,
+    request_ids_make_appends_happen_once,
 );
 
 fn temp_dir(test: &str) -> PathBuf {

@@ -33,6 +33,10 @@ pub enum WorkerError {
     DeadlineExceeded,
     #[error("a turn is already running on session {0} and its double_text policy is reject")]
     TurnInProgress(SessionId),
+    #[error(
+        "request_id: the turn {0:?} is in flight; its result comes on the call that started it"
+    )]
+    TurnInFlight(String),
     #[error("{queued} turns already wait on session {session_id}; retry later")]
     TurnQueueFull {
         session_id: SessionId,
@@ -61,7 +65,9 @@ impl ServiceError for WorkerError {
             | WorkerError::LeaseNotHeld(_)
             | WorkerError::HandedOver(_) => ErrorCode::Unavailable,
             WorkerError::DeadlineExceeded => ErrorCode::DeadlineExceeded,
-            WorkerError::TurnInProgress(_) | WorkerError::Interrupted => ErrorCode::Aborted,
+            WorkerError::TurnInProgress(_)
+            | WorkerError::TurnInFlight(_)
+            | WorkerError::Interrupted => ErrorCode::Aborted,
             WorkerError::TurnQueueFull { .. } => ErrorCode::ResourceExhausted,
             WorkerError::InvalidMetadata(_) => ErrorCode::InvalidArgument,
         }

@@ -12,6 +12,7 @@ use switchyard::pb;
 use switchyard::pb::session_service_server::SessionService;
 use switchyard_agents::AgentCatalog;
 use switchyard_core::{DoubleText, Epoch, Error, SessionId, TokenKey, UserId, WorkerId, slot_of};
+use switchyard_store::AppendKey;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
@@ -19,7 +20,7 @@ use tonic::{Request, Response, Status};
 use crate::error::{Result, WorkerError};
 use crate::placement::PlacementView;
 use crate::sessions::{SessionCall, SessionManager};
-use crate::turn::start_turn;
+use crate::turn::{TurnInput, start_turn};
 
 pub struct WorkerSessionService {
     worker_id: WorkerId,
@@ -186,12 +187,25 @@ impl SessionService for WorkerSessionService {
             .await?;
         let messages =
             messages_from_wire(message.messages, "messages").map_err(WorkerError::from)?;
-        self.sessions
-            .limits()
+        let limits = self.sessions.limits();
+        limits
             .validate_messages(&messages, "messages")
             .map_err(WorkerError::from)?;
-        let last_seq = self.sessions.append(&call, &messages).await?;
-        Ok(Response::new(pb::AppendContextResponse { last_seq }))
+        limits
+            .validate_request_id(&message.request_id)
+            .map_err(WorkerError::from)?;
+        let key = if message.request_id.is_empty() {
+            AppendKey::None
+        } else {
+            AppendKey::Request {
+                id: message.request_id,
+                turn: false,
+            }
+        };
+        let appended = self.sessions.append_keyed(&call, &messages, &key).await?;
+        Ok(Response::new(pb::AppendContextResponse {
+            last_seq: appended.last_seq,
+        }))
     }
 
     async fn get_context(
@@ -232,17 +246,32 @@ impl SessionService for WorkerSessionService {
         limits
             .validate_content(&message.content, "content")
             .map_err(WorkerError::from)?;
+        limits
+            .validate_request_id(&message.request_id)
+            .map_err(WorkerError::from)?;
         let pool = self
             .agents
             .pool(&message.agent_type)
             .map_err(WorkerError::from)?
             .clone();
+        let request = if message.request_id.is_empty() {
+            None
+        } else {
+            Some(
+                call.session
+                    .begin_turn_request(&message.request_id)
+                    .ok_or_else(|| WorkerError::TurnInFlight(message.request_id.clone()))?,
+            )
+        };
         let events = start_turn(
             self.sessions.clone(),
             call,
             pool,
-            message.agent_type,
-            message.content,
+            TurnInput {
+                agent_type: message.agent_type,
+                content: message.content,
+                request,
+            },
             deadline_of(&metadata),
         );
         Ok(Response::new(ReceiverStream::new(events)))

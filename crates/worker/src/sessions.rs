@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use switchyard_core::{
     ContextMessage, DoubleText, Epoch, Limits, Message, Session, SessionId, Slot, UserId, slot_of,
 };
-use switchyard_store::{Fence, SessionStore, StoreError};
+use switchyard_store::{AppendKey, Appended, Fence, RequestRecord, SessionStore, StoreError};
 use tokio_util::sync::CancellationToken;
 
 use crate::context_cache::{self, ContextCache};
@@ -22,6 +22,28 @@ use crate::placement::{CANCEL_WAIT, PlacementView};
 
 /// How often a handoff checks whether the calls on its slots have finished.
 const HANDOVER_POLL: Duration = Duration::from_millis(10);
+
+/// A turn's request id, in flight on this worker while this lives.
+pub struct TurnRequest {
+    session: Arc<HotSession>,
+    pub request_id: String,
+}
+
+impl TurnRequest {
+    /// No longer in flight: its result is committed, and a repeat now replays it.
+    pub fn finish(&self) {
+        self.session
+            .activity()
+            .turn_requests
+            .remove(&self.request_id);
+    }
+}
+
+impl Drop for TurnRequest {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
 
 /// A session this worker has in memory.
 pub struct HotSession {
@@ -46,6 +68,8 @@ struct Activity {
     running: Option<CancellationToken>,
     /// The session's slot is being handed to another worker: no turn starts any more.
     handing_over: bool,
+    /// Request ids of the turns running or queued here: a repeat of one is refused.
+    turn_requests: HashSet<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -78,6 +102,7 @@ impl HotSession {
                 queued: 0,
                 running: None,
                 handing_over: false,
+                turn_requests: HashSet::new(),
             }),
             turn: tokio::sync::Mutex::new(()),
         }
@@ -95,6 +120,18 @@ impl HotSession {
 
     pub fn last_activity_at(&self) -> SystemTime {
         self.activity().last_activity_at
+    }
+
+    /// Marks the turn of `request_id` as in flight on this worker until the guard drops;
+    /// `None` when a turn with that id already is.
+    pub fn begin_turn_request(self: &Arc<Self>, request_id: &str) -> Option<TurnRequest> {
+        if !self.activity().turn_requests.insert(request_id.to_string()) {
+            return None;
+        }
+        Some(TurnRequest {
+            session: self.clone(),
+            request_id: request_id.to_string(),
+        })
     }
 
     /// Takes the session's turn according to its double-text policy: at once if no turn
@@ -459,17 +496,34 @@ impl SessionManager {
 
     /// Appends messages to a session's context and returns the last seq.
     pub async fn append(&self, call: &SessionCall, messages: &[Message]) -> Result<u64> {
+        Ok(self
+            .append_keyed(call, messages, &AppendKey::None)
+            .await?
+            .last_seq)
+    }
+
+    /// Appends once per request id (see [`AppendKey`]); a repeat writes nothing.
+    pub async fn append_keyed(
+        &self,
+        call: &SessionCall,
+        messages: &[Message],
+        key: &AppendKey,
+    ) -> Result<Appended> {
         let slot = call.session.slot;
         let current = call.session.message_count();
         self.limits
             .check_context_room(current, messages.len() as u64)?;
         let fence = self.call_fence(call)?;
         let at = SystemTime::now();
-        let last_seq = self
+        let appended = self
             .store
-            .append_messages(&fence, call.session.session_id, messages, at)
+            .append_keyed(&fence, call.session.session_id, messages, at, key)
             .await
             .map_err(|error| self.store_error(slot, error))?;
+        if !appended.written {
+            return Ok(appended);
+        }
+        let last_seq = appended.last_seq;
         let mut activity = call.session.activity();
         activity.message_count = activity.message_count.max(last_seq);
         let first_seq = last_seq + 1 - messages.len() as u64;
@@ -479,7 +533,28 @@ impl SessionManager {
             // Another append committed in between: reload on the next read.
             activity.cache = None;
         }
-        Ok(last_seq)
+        Ok(appended)
+    }
+
+    /// The message at `seq` of the call's session, if it is still stored.
+    pub async fn message_at(&self, call: &SessionCall, seq: u64) -> Result<Option<ContextMessage>> {
+        let page = self
+            .store
+            .read_context_page(call.session.session_id, seq.saturating_sub(1), 1)
+            .await?;
+        Ok(page.into_iter().find(|message| message.seq == seq))
+    }
+
+    /// What the store keeps of a request id of the call's session.
+    pub async fn request_record(
+        &self,
+        call: &SessionCall,
+        request_id: &str,
+    ) -> Result<Option<RequestRecord>> {
+        Ok(self
+            .store
+            .request_record(call.session.session_id, request_id)
+            .await?)
     }
 
     /// Reads a context: from memory when the cached tail covers the request, otherwise

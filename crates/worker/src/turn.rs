@@ -6,16 +6,25 @@ use std::time::Instant;
 use switchyard::pb;
 use switchyard_agents::{AgentError, AgentPool, Usage};
 use switchyard_core::{Message, Role};
+use switchyard_store::{AppendKey, RequestRecord, StoreError, TurnUsage};
 use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::error::{Result, WorkerError};
-use crate::sessions::{SessionCall, SessionManager};
+use crate::sessions::{SessionCall, SessionManager, TurnRequest};
 
 /// Events buffered between the turn and a slow caller before the agent is held back.
 const EVENT_BUFFER: usize = 32;
 
 pub type TurnEvents = mpsc::Receiver<Result<pb::TurnEvent, Status>>;
+
+/// What a SendMessage asks for.
+pub struct TurnInput {
+    pub agent_type: String,
+    pub content: String,
+    /// The caller's request id, marked in flight on this worker for the turn's life.
+    pub request: Option<TurnRequest>,
+}
 
 /// Starts a turn in the background and returns its events. The turn waits for any turn
 /// already running on the session; a caller that goes away cancels it.
@@ -26,14 +35,13 @@ pub fn start_turn(
     sessions: Arc<SessionManager>,
     call: SessionCall,
     pool: AgentPool,
-    agent_type: String,
-    content: String,
+    input: TurnInput,
     deadline: Option<Instant>,
 ) -> TurnEvents {
     let (events, receiver) = mpsc::channel(EVENT_BUFFER);
     tokio::spawn(async move {
         let session_id = call.session.session_id;
-        let turn = run_turn(&sessions, &call, pool, &agent_type, content, &events);
+        let turn = run_turn(&sessions, &call, pool, &input, &events);
         let result = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline.into(), turn)
                 .await
@@ -54,24 +62,100 @@ pub fn start_turn(
     receiver
 }
 
+/// Sends a committed turn again: its reply as one delta, then its TurnDone.
+async fn replay(
+    sessions: &SessionManager,
+    call: &SessionCall,
+    user_seq: u64,
+    (reply_seq, usage): (u64, TurnUsage),
+    events: &mpsc::Sender<Result<pb::TurnEvent, Status>>,
+) -> Result<()> {
+    let reply = sessions.message_at(call, reply_seq).await?;
+    let delta = pb::TurnEvent {
+        event: Some(pb::turn_event::Event::Delta(pb::TextDelta {
+            text: reply.map(|message| message.content).unwrap_or_default(),
+        })),
+    };
+    if events.send(Ok(delta)).await.is_err() {
+        return Err(AgentError::Cancelled.into());
+    }
+    let _ = events
+        .send(Ok(done_event(user_seq, reply_seq, usage)))
+        .await;
+    Ok(())
+}
+
+fn done_event(user_seq: u64, reply_seq: u64, usage: TurnUsage) -> pb::TurnEvent {
+    pb::TurnEvent {
+        event: Some(pb::turn_event::Event::Done(pb::TurnDone {
+            user_seq,
+            reply_seq,
+            usage: Some(pb::Usage {
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+                compute_seconds: usage.compute_seconds,
+            }),
+        })),
+    }
+}
+
 async fn run_turn(
     sessions: &SessionManager,
     call: &SessionCall,
     pool: AgentPool,
-    agent_type: &str,
-    content: String,
+    input: &TurnInput,
     events: &mpsc::Sender<Result<pb::TurnEvent, Status>>,
 ) -> Result<()> {
+    let agent_type = input.agent_type.as_str();
     let (_turn, interrupted) = tokio::select! {
         taken = call.session.take_turn(sessions.limits().max_queued_turns) => taken?,
         _ = events.closed() => return Err(AgentError::Cancelled.into()),
     };
-    let user_message = Message {
-        role: Role::User,
-        content,
-        name: String::new(),
+    let request_id = input
+        .request
+        .as_ref()
+        .map(|request| request.request_id.as_str());
+    // A repeated request id: a committed turn is replayed; one whose user message landed
+    // but whose reply did not (it was cancelled, or its worker died) runs again on it.
+    let mut landed = None;
+    if let Some(id) = request_id {
+        match sessions.request_record(call, id).await? {
+            None => {}
+            Some(RequestRecord { turn: false, .. }) => {
+                return Err(StoreError::RequestIdReused {
+                    request_id: id.to_string(),
+                }
+                .into());
+            }
+            Some(RequestRecord {
+                last_seq,
+                reply: Some(reply),
+                ..
+            }) => return replay(sessions, call, last_seq, reply, events).await,
+            Some(RequestRecord { last_seq, .. }) => landed = Some(last_seq),
+        }
+    }
+    let user_seq = match landed {
+        Some(user_seq) => user_seq,
+        None => {
+            let user_message = Message {
+                role: Role::User,
+                content: input.content.clone(),
+                name: String::new(),
+            };
+            let key = match request_id {
+                Some(id) => AppendKey::Request {
+                    id: id.to_string(),
+                    turn: true,
+                },
+                None => AppendKey::None,
+            };
+            sessions
+                .append_keyed(call, &[user_message], &key)
+                .await?
+                .last_seq
+        }
     };
-    let user_seq = sessions.append(call, &[user_message]).await?;
     let context = sessions.context(call, 0, 0).await?;
     // Waits, first come first served, when every instance of the type is busy.
     let mut agent = tokio::select! {
@@ -140,18 +224,28 @@ async fn run_turn(
         content: reply,
         name: agent_type.to_string(),
     };
-    let reply_seq = sessions.append(call, &[reply_message]).await?;
-    let done = pb::TurnEvent {
-        event: Some(pb::turn_event::Event::Done(pb::TurnDone {
-            user_seq,
-            reply_seq,
-            usage: Some(pb::Usage {
-                prompt_tokens: usage.prompt_tokens,
-                completion_tokens: usage.completion_tokens,
-                compute_seconds: usage.compute_seconds,
-            }),
-        })),
+    let usage = TurnUsage {
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.completion_tokens,
+        // To the microsecond, as it is kept: a replayed TurnDone is the same as the first.
+        compute_seconds: (usage.compute_seconds * 1e6).round() / 1e6,
     };
-    let _ = events.send(Ok(done)).await;
+    let key = match request_id {
+        Some(id) => AppendKey::Reply {
+            id: id.to_string(),
+            usage,
+        },
+        None => AppendKey::None,
+    };
+    let reply_seq = sessions
+        .append_keyed(call, &[reply_message], &key)
+        .await?
+        .last_seq;
+    if let Some(request) = &input.request {
+        request.finish();
+    }
+    let _ = events
+        .send(Ok(done_event(user_seq, reply_seq, usage)))
+        .await;
     Ok(())
 }

@@ -7,8 +7,8 @@ use sqlx::{AnyPool, Row};
 use switchyard_core::{Message, SessionId};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Backend, micros, unavailable};
-use crate::{Fence, Result, StoreError};
+use super::{Backend, micros, requests, unavailable};
+use crate::{AppendKey, Appended, Fence, Result, StoreError};
 
 /// Queued appends per lane before callers wait for room.
 const QUEUE_DEPTH: usize = 4096;
@@ -18,7 +18,8 @@ struct AppendRequest {
     session_id: SessionId,
     messages: Vec<Message>,
     at: SystemTime,
-    reply: oneshot::Sender<Result<u64>>,
+    key: AppendKey,
+    reply: oneshot::Sender<Result<Appended>>,
 }
 
 pub(super) struct Appender {
@@ -44,7 +45,8 @@ impl Appender {
         session_id: SessionId,
         messages: Vec<Message>,
         at: SystemTime,
-    ) -> Result<u64> {
+        key: AppendKey,
+    ) -> Result<Appended> {
         // One slot always goes to one lane, so a session's appends commit in order.
         let lane = &self.lanes[fence.slot as usize % self.lanes.len()];
         let (reply, answer) = oneshot::channel();
@@ -53,6 +55,7 @@ impl Appender {
             session_id,
             messages,
             at,
+            key,
             reply,
         };
         lane.send(request)
@@ -128,7 +131,7 @@ async fn commit_batch(
     pool: &AnyPool,
     backend: Backend,
     requests: &[AppendRequest],
-) -> Result<Vec<Result<u64>>, BatchError> {
+) -> Result<Vec<Result<Appended>>, BatchError> {
     let mut transaction = pool
         .begin_with(backend.begin_write())
         .await
@@ -143,20 +146,36 @@ async fn commit_batch(
     Ok(outcomes)
 }
 
-/// The statements of [`commit_batch`] before its commit.
+/// Whether a request repeats one whose request id is already known.
+#[derive(Clone, Copy)]
+enum Repeat {
+    /// New: it writes.
+    No,
+    /// Its id is kept in the store: (a turn, last seq).
+    Kept(bool, u64),
+    /// An earlier request of this batch has its id.
+    InBatch(usize),
+}
+
+/// The statements of [`commit_batch`] before its commit. Without request ids that is
+/// three statements whatever the batch size; with them, up to three more.
 async fn stage_batch(
     transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
     backend: Backend,
     requests: &[AppendRequest],
-) -> Result<Vec<Result<u64>>> {
+) -> Result<Vec<Result<Appended>>> {
     let holding = holding_fences(transaction, backend, requests).await?;
+    let repeats = find_repeats(transaction, backend, requests).await?;
 
     // New messages per session, in arrival order within the batch.
+    let writes = |index: usize| {
+        holding.contains(&requests[index].fence) && matches!(repeats[index], Repeat::No)
+    };
     let mut per_session: HashMap<SessionId, (u64, SystemTime)> = HashMap::new();
-    for request in requests
-        .iter()
-        .filter(|request| holding.contains(&request.fence))
-    {
+    for (index, request) in requests.iter().enumerate() {
+        if !writes(index) {
+            continue;
+        }
         let entry = per_session
             .entry(request.session_id)
             .or_insert((0, request.at));
@@ -170,14 +189,42 @@ async fn stage_batch(
         .iter()
         .map(|(session_id, last_seq)| (*session_id, last_seq - per_session[session_id].0 + 1))
         .collect();
-    let mut outcomes = Vec::with_capacity(requests.len());
+    let mut outcomes: Vec<Result<Appended>> = Vec::with_capacity(requests.len());
     let mut rows: Vec<(&AppendRequest, u64)> = Vec::with_capacity(requests.len());
-    for request in requests {
+    let mut kept = Vec::new();
+    let mut replies = Vec::new();
+    for (index, request) in requests.iter().enumerate() {
         if !holding.contains(&request.fence) {
             outcomes.push(Err(StoreError::Fenced {
                 slot: request.fence.slot,
                 epoch: request.fence.epoch,
             }));
+            continue;
+        }
+        let repeated = match repeats[index] {
+            Repeat::No => None,
+            Repeat::Kept(turn, last_seq) => Some((turn, Ok(last_seq))),
+            Repeat::InBatch(first) => {
+                let turn = matches!(requests[first].key, AppendKey::Request { turn: true, .. });
+                Some((
+                    turn,
+                    outcomes[first].clone().map(|appended| appended.last_seq),
+                ))
+            }
+        };
+        if let (Some((turn, first)), AppendKey::Request { id, turn: wanted }) =
+            (repeated, &request.key)
+        {
+            outcomes.push(if turn != *wanted {
+                Err(StoreError::RequestIdReused {
+                    request_id: id.clone(),
+                })
+            } else {
+                first.map(|last_seq| Appended {
+                    last_seq,
+                    written: false,
+                })
+            });
             continue;
         }
         let Some(next) = next_seq.get_mut(&request.session_id) else {
@@ -186,12 +233,66 @@ async fn stage_batch(
         };
         let last_seq = *next + request.messages.len() as u64 - 1;
         *next = last_seq + 1;
-        outcomes.push(Ok(last_seq));
+        outcomes.push(Ok(Appended {
+            last_seq,
+            written: true,
+        }));
         rows.push((request, last_seq));
+        match &request.key {
+            AppendKey::None => {}
+            AppendKey::Request { id, turn } => {
+                kept.push((request.session_id, id.as_str(), *turn, last_seq))
+            }
+            AppendKey::Reply { id, usage } => {
+                replies.push((request.session_id, id.as_str(), last_seq, *usage))
+            }
+        }
     }
 
     insert_messages(transaction, backend, &rows).await?;
+    requests::insert(transaction, backend, &kept).await?;
+    requests::record_replies(transaction, backend, &replies).await?;
     Ok(outcomes)
+}
+
+/// Which requests of the batch repeat a request id already kept, or one earlier in the
+/// batch: one statement, only when some request carries an id.
+async fn find_repeats(
+    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    backend: Backend,
+    requests: &[AppendRequest],
+) -> Result<Vec<Repeat>> {
+    let keyed: Vec<(SessionId, &str)> = requests
+        .iter()
+        .filter_map(|request| match &request.key {
+            AppendKey::Request { id, .. } => Some((request.session_id, id.as_str())),
+            _ => None,
+        })
+        .collect();
+    if keyed.is_empty() {
+        return Ok(vec![Repeat::No; requests.len()]);
+    }
+    let known = requests::known(transaction, backend, &keyed).await?;
+    let mut first_in_batch: HashMap<(SessionId, &str), usize> = HashMap::new();
+    Ok(requests
+        .iter()
+        .enumerate()
+        .map(|(index, request)| {
+            let AppendKey::Request { id, .. } = &request.key else {
+                return Repeat::No;
+            };
+            if let Some((turn, last_seq)) = known.get(&(request.session_id, id.clone())) {
+                return Repeat::Kept(*turn, *last_seq);
+            }
+            match first_in_batch.entry((request.session_id, id.as_str())) {
+                std::collections::hash_map::Entry::Occupied(first) => Repeat::InBatch(*first.get()),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(index);
+                    Repeat::No
+                }
+            }
+        })
+        .collect())
 }
 
 /// The fences of `requests` that hold, checked in one statement.
@@ -267,7 +368,7 @@ async fn count_messages(
     Ok(counts)
 }
 
-fn hex(session_id: &SessionId) -> String {
+pub(super) fn hex(session_id: &SessionId) -> String {
     session_id
         .as_bytes()
         .iter()
@@ -275,7 +376,7 @@ fn hex(session_id: &SessionId) -> String {
         .collect()
 }
 
-fn parse_hex_id(text: &str) -> Option<SessionId> {
+pub(super) fn parse_hex_id(text: &str) -> Option<SessionId> {
     if text.len() != 32 {
         return None;
     }

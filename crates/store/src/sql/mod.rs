@@ -6,6 +6,7 @@
 //! rather than one per call. Every write checks its fence in the same transaction.
 
 mod appender;
+mod requests;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -21,7 +22,10 @@ use switchyard_core::{
 };
 
 use self::appender::Appender;
-use crate::{Fence, IdleSession, Result, SessionStore, SlotLease, StoreError, StoredPlacement};
+use crate::{
+    AppendKey, Appended, Fence, IdleSession, RequestRecord, Result, SessionStore, SlotLease,
+    StoreError, StoredPlacement,
+};
 
 /// Which SQL engine a store runs on; the few statements that differ are picked by it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,6 +164,10 @@ impl Backend {
                     "handoff and placement",
                     include_str!("../../migrations/sqlite/0003_handoff_and_placement.sql"),
                 ),
+                (
+                    "request ids",
+                    include_str!("../../migrations/sqlite/0004_request_ids.sql"),
+                ),
             ],
             Backend::Postgres => &[
                 (
@@ -173,6 +181,10 @@ impl Backend {
                 (
                     "handoff and placement",
                     include_str!("../../migrations/postgres/0003_handoff_and_placement.sql"),
+                ),
+                (
+                    "request ids",
+                    include_str!("../../migrations/postgres/0004_request_ids.sql"),
                 ),
             ],
         }
@@ -623,11 +635,16 @@ impl SessionStore for SqlStore {
     async fn delete_session(&self, fence: &Fence, session_id: SessionId) -> Result<bool> {
         let mut transaction = self.begin_fenced(fence).await?;
         let id = session_id.as_bytes().to_vec();
-        sqlx::query("DELETE FROM messages WHERE session_id = $1")
-            .bind(id.clone())
-            .execute(&mut *transaction)
-            .await
-            .map_err(unavailable)?;
+        for statement in [
+            "DELETE FROM messages WHERE session_id = $1",
+            "DELETE FROM request_ids WHERE session_id = $1",
+        ] {
+            sqlx::query(statement)
+                .bind(id.clone())
+                .execute(&mut *transaction)
+                .await
+                .map_err(unavailable)?;
+        }
         let deleted = sqlx::query("DELETE FROM sessions WHERE session_id = $1")
             .bind(id)
             .execute(&mut *transaction)
@@ -637,16 +654,31 @@ impl SessionStore for SqlStore {
         Ok(deleted.rows_affected() > 0)
     }
 
-    async fn append_messages(
+    async fn append_keyed(
         &self,
         fence: &Fence,
         session_id: SessionId,
         messages: &[Message],
         at: SystemTime,
-    ) -> Result<u64> {
+        key: &AppendKey,
+    ) -> Result<Appended> {
         self.appender
-            .append(fence.clone(), session_id, messages.to_vec(), at)
+            .append(
+                fence.clone(),
+                session_id,
+                messages.to_vec(),
+                at,
+                key.clone(),
+            )
             .await
+    }
+
+    async fn request_record(
+        &self,
+        session_id: SessionId,
+        request_id: &str,
+    ) -> Result<Option<RequestRecord>> {
+        requests::record(&self.pool, session_id, request_id).await
     }
 
     async fn read_context(
