@@ -27,8 +27,10 @@ pub enum Scenario {
     /// CreateSession, cycling over --users users of its own (past the per-user limit each
     /// create evicts).
     Create,
-    /// AppendContext of one message per call.
+    /// AppendContext of one message per call, without a request id.
     Append,
+    /// AppendContext of one message per call, each with a new request id (exactly once).
+    AppendOnce,
     /// GetContext of the last --context-messages messages.
     GetContext,
     /// SendMessage to the echo agent, timed until its final event.
@@ -42,6 +44,7 @@ impl Scenario {
         match self {
             Scenario::Create => "create",
             Scenario::Append => "append",
+            Scenario::AppendOnce => "append-once",
             Scenario::GetContext => "get-context",
             Scenario::SendMessage => "send-message",
             Scenario::Mixed => "mixed",
@@ -313,6 +316,10 @@ async fn measure(
                         .map(|_| ())
                 }
                 Scenario::Append => client
+                    .append_context_with_id(session, vec![message(size)], None)
+                    .await
+                    .map(|_| ()),
+                Scenario::AppendOnce => client
                     .append_context(session, vec![message(size)])
                     .await
                     .map(|_| ()),

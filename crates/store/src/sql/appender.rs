@@ -132,18 +132,29 @@ async fn commit_batch(
     backend: Backend,
     requests: &[AppendRequest],
 ) -> Result<Vec<Result<Appended>>, BatchError> {
-    let mut transaction = pool
-        .begin_with(backend.begin_write())
-        .await
-        .map_err(|error| BatchError::Statement(unavailable(error)))?;
-    let outcomes = stage_batch(&mut transaction, backend, requests)
-        .await
-        .map_err(BatchError::Statement)?;
-    transaction
-        .commit()
-        .await
-        .map_err(|error| BatchError::Commit(unavailable(error)))?;
-    Ok(outcomes)
+    // Repeated request ids are rare (a retry after a failure): first assume there are none
+    // in the store, which the insert of the ids confirms; if one was, start again looking.
+    for look_up_ids in [false, true] {
+        let mut transaction = pool
+            .begin_with(backend.begin_write())
+            .await
+            .map_err(|error| BatchError::Statement(unavailable(error)))?;
+        let Some(outcomes) = stage_batch(&mut transaction, backend, requests, look_up_ids)
+            .await
+            .map_err(BatchError::Statement)?
+        else {
+            // Dropped, the transaction rolls back.
+            continue;
+        };
+        transaction
+            .commit()
+            .await
+            .map_err(|error| BatchError::Commit(unavailable(error)))?;
+        return Ok(outcomes);
+    }
+    Err(BatchError::Statement(StoreError::Unavailable(
+        "a request id was kept by another writer during the batch".into(),
+    )))
 }
 
 /// Whether a request repeats one whose request id is already known.
@@ -157,15 +168,18 @@ enum Repeat {
     InBatch(usize),
 }
 
-/// The statements of [`commit_batch`] before its commit. Without request ids that is
-/// three statements whatever the batch size; with them, up to three more.
+/// The statements of [`commit_batch`] before its commit: three whatever the batch size,
+/// and one or two more for request ids. Without `look_up_ids`, the ids are assumed new in
+/// the store (repeats within the batch are still found); `None` says one was not, and the
+/// batch must be staged again looking them up.
 async fn stage_batch(
     transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
     backend: Backend,
     requests: &[AppendRequest],
-) -> Result<Vec<Result<Appended>>> {
+    look_up_ids: bool,
+) -> Result<Option<Vec<Result<Appended>>>> {
     let holding = holding_fences(transaction, backend, requests).await?;
-    let repeats = find_repeats(transaction, backend, requests).await?;
+    let repeats = find_repeats(transaction, backend, requests, look_up_ids).await?;
 
     // New messages per session, in arrival order within the batch.
     let writes = |index: usize| {
@@ -250,9 +264,12 @@ async fn stage_batch(
     }
 
     insert_messages(transaction, backend, &rows).await?;
-    requests::insert(transaction, backend, &kept).await?;
+    let inserted = requests::insert(transaction, backend, &kept).await?;
+    if inserted < kept.len() {
+        return Ok(None);
+    }
     requests::record_replies(transaction, backend, &replies).await?;
-    Ok(outcomes)
+    Ok(Some(outcomes))
 }
 
 /// Which requests of the batch repeat a request id already kept, or one earlier in the
@@ -261,6 +278,7 @@ async fn find_repeats(
     transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
     backend: Backend,
     requests: &[AppendRequest],
+    look_up_ids: bool,
 ) -> Result<Vec<Repeat>> {
     let keyed: Vec<(SessionId, &str)> = requests
         .iter()
@@ -272,7 +290,11 @@ async fn find_repeats(
     if keyed.is_empty() {
         return Ok(vec![Repeat::No; requests.len()]);
     }
-    let known = requests::known(transaction, backend, &keyed).await?;
+    let known = if look_up_ids {
+        requests::known(transaction, backend, &keyed).await?
+    } else {
+        HashMap::new()
+    };
     let mut first_in_batch: HashMap<(SessionId, &str), usize> = HashMap::new();
     Ok(requests
         .iter()

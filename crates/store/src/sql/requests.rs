@@ -107,14 +107,15 @@ pub(super) async fn known(
     Ok(known)
 }
 
-/// Keeps new request ids: (session, id, is a turn, last seq).
+/// Keeps new request ids: (session, id, is a turn, last seq). An id already kept is left
+/// as it is; returns how many were new.
 pub(super) async fn insert(
     transaction: &mut Transaction,
     backend: Backend,
     rows: &[(SessionId, &str, bool, u64)],
-) -> Result<()> {
+) -> Result<usize> {
     if rows.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let rows: Vec<serde_json::Value> = rows
         .iter()
@@ -127,20 +128,21 @@ pub(super) async fn insert(
             "INSERT INTO request_ids (session_id, request_id, turn, last_seq) \
              SELECT unhex(json_extract(value, '$.s')), json_extract(value, '$.r'), \
                     json_extract(value, '$.k'), json_extract(value, '$.l') \
-             FROM json_each($1)"
+             FROM json_each($1) WHERE true ON CONFLICT DO NOTHING"
         }
         Backend::Postgres => {
             "INSERT INTO request_ids (session_id, request_id, turn, last_seq) \
              SELECT decode(j.s, 'hex'), j.r, j.k, j.l \
-             FROM json_to_recordset($1::json) AS j(s text, r text, k bigint, l bigint)"
+             FROM json_to_recordset($1::json) AS j(s text, r text, k bigint, l bigint) \
+             ON CONFLICT DO NOTHING"
         }
     };
-    sqlx::query(query)
+    let inserted = sqlx::query(query)
         .bind(encode(&rows)?)
         .execute(&mut **transaction)
         .await
         .map_err(unavailable)?;
-    Ok(())
+    Ok(usize::try_from(inserted.rows_affected()).unwrap_or(usize::MAX))
 }
 
 /// Completes turns' request ids with their replies: (session, id, reply seq, usage).
