@@ -122,22 +122,20 @@ impl AdminService for Admin {
         &self,
         _request: Request<pb::RebalanceRequest>,
     ) -> Result<Response<pb::RebalanceResponse>, Status> {
+        // From the loads of now: every worker heartbeats once more first.
+        let lease = self.membership.config().lease;
+        if !self.membership.wait_for_fresh_loads(lease).await {
+            tracing::warn!(
+                "rebalancing with loads older than this call: a worker did not heartbeat within a lease"
+            );
+        }
         let rebalanced = self.membership.rebalance_now();
         // Answer with the table as everyone sees it: published once kept in the store.
         self.membership.wait_until_published(PUBLISH_WAIT).await;
-        let loads = self.membership.worker_loads();
-        let total: u64 = loads.values().sum();
-        let most = loads.values().copied().max().unwrap_or(0);
-        let workers = self.membership.placeable_workers().max(1);
-        let max_over_average_load = if total == 0 {
-            0.0
-        } else {
-            most as f64 / (total as f64 / workers as f64)
-        };
         Ok(Response::new(pb::RebalanceResponse {
             epoch: self.membership.routing().placement.epoch().0,
             slots_moved: rebalanced.slots_moved,
-            max_over_average_load,
+            max_over_average_load: rebalanced.max_over_average_load,
         }))
     }
 

@@ -117,6 +117,9 @@ impl RoutingTable {
 pub struct Rebalanced {
     pub epoch: Epoch,
     pub slots_moved: u32,
+    /// The most loaded placeable worker over the average, by the loads the placement was
+    /// computed from.
+    pub max_over_average_load: f64,
 }
 
 pub struct Membership {
@@ -129,6 +132,8 @@ pub struct Membership {
     routing: watch::Sender<Arc<RoutingTable>>,
     /// Without a store (unit tests) tables are published as computed.
     kept_in_store: bool,
+    /// Woken by every heartbeat, for those waiting on fresh loads.
+    heartbeat_seen: tokio::sync::Notify,
 }
 
 struct MembershipState {
@@ -211,6 +216,7 @@ impl Membership {
             computed: watch::channel(nothing_yet.clone()).0,
             routing: watch::channel(nothing_yet).0,
             kept_in_store,
+            heartbeat_seen: tokio::sync::Notify::new(),
         };
         membership.publish(&mut membership.state());
         membership
@@ -399,6 +405,7 @@ impl Membership {
         record.last_heartbeat = Instant::now();
         record.last_heartbeat_at = SystemTime::now();
         record.session_count = session_count;
+        self.heartbeat_seen.notify_waiters();
         if record.state == WorkerState::Joining {
             record.state = WorkerState::Active;
             tracing::info!(%worker_id, "worker active");
@@ -448,6 +455,7 @@ impl Membership {
                 return Ok(Rebalanced {
                     epoch: state.placement.epoch(),
                     slots_moved: 0,
+                    max_over_average_load: max_over_average(&state),
                 });
             }
             WorkerState::Joining | WorkerState::Active => {}
@@ -512,6 +520,33 @@ impl Membership {
         Rebalanced {
             epoch: state.placement.epoch(),
             slots_moved,
+            max_over_average_load: max_over_average(state),
+        }
+    }
+
+    /// Waits until every placeable worker has heartbeated since the call began, so that a
+    /// placement computed next uses the loads of now, not of a heartbeat ago; gives up after
+    /// `patience` (a worker that does not heartbeat is declared dead at its lease anyway).
+    pub async fn wait_for_fresh_loads(&self, patience: Duration) -> bool {
+        let asked = Instant::now();
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let heartbeat = self.heartbeat_seen.notified();
+            tokio::pin!(heartbeat);
+            heartbeat.as_mut().enable();
+            let fresh = self
+                .state()
+                .workers
+                .values()
+                .filter(|record| record.state.is_placeable())
+                .all(|record| record.last_heartbeat >= asked);
+            if fresh {
+                return true;
+            }
+            tokio::select! {
+                () = heartbeat => {}
+                () = tokio::time::sleep_until(deadline) => return false,
+            }
         }
     }
 
@@ -640,6 +675,28 @@ impl Membership {
 
 /// Whether the store already holds exactly `placement`: a save that committed although its
 /// reply was lost.
+/// The most loaded placeable worker's load over the average, in the current table.
+fn max_over_average(state: &MembershipState) -> f64 {
+    let mut loads: HashMap<&WorkerId, u64> = HashMap::new();
+    for slot in 0..state.placement.slot_count() {
+        if let Some(owner) = state.placement.owner(slot) {
+            *loads.entry(owner).or_default() += state.loads[slot as usize].max(1);
+        }
+    }
+    let placeable = state
+        .workers
+        .values()
+        .filter(|record| record.state.is_placeable())
+        .count()
+        .max(1);
+    let total: u64 = loads.values().sum();
+    if total == 0 {
+        return 0.0;
+    }
+    let most = loads.values().copied().max().unwrap_or(0);
+    most as f64 / (total as f64 / placeable as f64)
+}
+
 async fn kept_already(store: &dyn SessionStore, placement: &StoredPlacement) -> bool {
     match store.load_placement().await {
         Ok(Some(kept)) => {
