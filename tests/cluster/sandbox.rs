@@ -19,6 +19,27 @@ use tonic::transport::Channel;
 pub const SLOW_AGENT: &str = "slow-echo";
 /// Like SLOW_AGENT, with one instance per worker and 200 ms of patience for it.
 pub const SCARCE_AGENT: &str = "scarce-echo";
+/// A process agent (python3) that never answers a turn whose message is "hang", with a
+/// turn timeout of 10 s, one instance, and 500 ms of patience for it.
+pub const SILENT_AGENT: &str = "silent";
+/// The same program with a turn timeout of 1 s.
+pub const HANGING_AGENT: &str = "hanging";
+const SILENT_AGENT_PROGRAM: &str = r#"
+import json, sys, time
+def send(message):
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+send({"type": "ready"})
+for line in sys.stdin:
+    message = json.loads(line)
+    if message["type"] == "reset":
+        send({"type": "ready"})
+    elif message["type"] == "turn":
+        if message["context"][-1]["content"] == "hang":
+            time.sleep(3600)
+        send({"type": "delta", "id": message["id"], "text": "awake"})
+        send({"type": "done", "id": message["id"]})
+"#;
 /// A process agent (python3) whose every reply holds a NUL character.
 pub const NUL_AGENT: &str = "nul-replier";
 const NUL_AGENT_PROGRAM: &str = r#"
@@ -112,6 +133,27 @@ impl Sandbox {
             }),
             PoolConfig::default(),
         );
+        for (name, turn_timeout) in [
+            (SILENT_AGENT, Duration::from_secs(10)),
+            (HANGING_AGENT, Duration::from_secs(1)),
+        ] {
+            agents.register(
+                name,
+                Arc::new(ProcessConfig {
+                    agent_type: name.to_string(),
+                    program: "python3".to_string(),
+                    args: vec!["-c".to_string(), SILENT_AGENT_PROGRAM.to_string()],
+                    env: Vec::new(),
+                    ready_timeout: Duration::from_secs(10),
+                }),
+                PoolConfig {
+                    max: 1,
+                    acquire_timeout: Duration::from_millis(500),
+                    turn_timeout,
+                    ..PoolConfig::default()
+                },
+            );
+        }
         // The real default: an embedded SQLite store that every node shares.
         let data_dir = temp_dir();
         let store = SqlStore::open(SqlStoreOptions::sqlite_file(

@@ -377,3 +377,100 @@ async fn a_caller_that_goes_away_cancels_its_turn_and_frees_the_agent() {
     assert_eq!(context.len(), 1, "{context:?}");
     sandbox.stop().await;
 }
+
+#[tokio::test]
+async fn a_turn_past_its_agents_turn_timeout_ends_and_frees_the_instance() {
+    let sandbox = Sandbox::start().await;
+    let client = sandbox.client().await;
+    let session = create(&client, "tess").await;
+    let id = session.session_id.as_str();
+    for attempt in 0..2 {
+        let started = std::time::Instant::now();
+        let status = client
+            .send_message_collect(id, crate::sandbox::HANGING_AGENT, "hang")
+            .await
+            .unwrap_err();
+        // Not RESOURCE_EXHAUSTED on the second: the hung instance was stopped and replaced.
+        assert_eq!(
+            status.code(),
+            tonic::Code::DeadlineExceeded,
+            "attempt {attempt}: {status:?}"
+        );
+        assert!(
+            status.message().contains("turn_timeout"),
+            "{}",
+            status.message()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    // Each kept its user message and committed no reply.
+    let context = client.get_context(id, 0, 0).await.unwrap();
+    assert_eq!(context.len(), 2, "{context:?}");
+    assert!(context.iter().all(|message| message.role == "user"));
+    let reply = client
+        .send_message_collect(id, crate::sandbox::HANGING_AGENT, "wake up")
+        .await
+        .unwrap();
+    assert_eq!(reply.text, "awake");
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn a_caller_that_leaves_a_silent_agent_frees_it() {
+    let sandbox = Sandbox::start().await;
+    let client = sandbox.client().await;
+    // One user: both sessions share a worker and its one instance (500 ms of patience).
+    let leaving = create(&client, "sid").await;
+    let next = create(&client, "sid").await;
+    let stream = client
+        .send_message(&leaving.session_id, crate::sandbox::SILENT_AGENT, "hang")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(stream);
+    // The agent never sends again; it is stopped within a second of the caller leaving,
+    // long before its 10 s turn timeout.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let reply = client
+        .send_message_collect(&next.session_id, crate::sandbox::SILENT_AGENT, "hi")
+        .await
+        .unwrap();
+    assert_eq!(reply.text, "awake");
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn ending_a_session_ends_its_running_turn() {
+    let sandbox = Sandbox::start().await;
+    let client = sandbox.client().await;
+    let session = create(&client, "eve").await;
+    let mut stream = client
+        .send_message(&session.session_id, SLOW_AGENT, "a long story to tell")
+        .await
+        .unwrap();
+    assert!(
+        stream.message().await.unwrap().is_some(),
+        "the turn started"
+    );
+    assert!(client.end_session(&session.session_id).await.unwrap());
+    let ended = std::time::Instant::now();
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the turn finished although its session ended"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    assert!(status.message().contains("ended"), "{}", status.message());
+    assert!(
+        ended.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        ended.elapsed()
+    );
+    sandbox.stop().await;
+}

@@ -53,6 +53,13 @@ pub struct AgentTypeConfig {
     pub openai: Option<OpenAiSettings>,
     #[serde(default)]
     pub pool: PoolSettings,
+    /// How long one turn may run before its instance is stopped (default 5m).
+    #[serde(default = "default_turn_timeout", deserialize_with = "duration")]
+    pub turn_timeout: Duration,
+}
+
+fn default_turn_timeout() -> Duration {
+    PoolConfig::default().turn_timeout
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -182,6 +189,7 @@ impl AgentsConfig {
                 max: agent.pool.max,
                 idle_timeout: agent.pool.idle_timeout,
                 acquire_timeout: agent.pool.acquire_timeout,
+                turn_timeout: agent.turn_timeout,
             };
             pool.validate(name)?;
             match agent.backend {

@@ -29,6 +29,9 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
     /// How long an acquire waits for an instance when the pool is at `max`.
     pub acquire_timeout: Duration,
+    /// How long one turn may run; past it the instance is stopped and replaced, and the
+    /// turn ends DEADLINE_EXCEEDED.
+    pub turn_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -38,6 +41,7 @@ impl Default for PoolConfig {
             max: 16,
             idle_timeout: Duration::from_secs(300),
             acquire_timeout: Duration::from_secs(10),
+            turn_timeout: Duration::from_secs(5 * 60),
         }
     }
 }
@@ -53,6 +57,11 @@ impl PoolConfig {
             return Err(format!(
                 "agent type {agent_type}: pool min ({}) is above max ({})",
                 self.min, self.max
+            ));
+        }
+        if self.turn_timeout.is_zero() {
+            return Err(format!(
+                "agent type {agent_type}: turn_timeout must be longer than 0"
             ));
         }
         Ok(())
@@ -379,6 +388,7 @@ mod tests {
             max,
             idle_timeout: Duration::from_secs(60),
             acquire_timeout: Duration::from_secs(5),
+            ..PoolConfig::default()
         };
         (AgentPool::new("test", factory.clone(), config), factory)
     }

@@ -37,6 +37,15 @@ pub enum WorkerError {
         "request_id: the turn {0:?} is in flight; its result comes on the call that started it"
     )]
     TurnInFlight(String),
+    #[error(
+        "agent {agent_type} did not finish the turn within its turn_timeout of {timeout:?}: it was stopped and will be replaced; the user message is kept, no reply was committed"
+    )]
+    TurnTimedOut {
+        agent_type: String,
+        timeout: std::time::Duration,
+    },
+    #[error("session {0} was ended while its turn ran; the turn committed no reply")]
+    EndedDuringTurn(SessionId),
     #[error("{queued} turns already wait on session {session_id}; retry later")]
     TurnQueueFull {
         session_id: SessionId,
@@ -64,7 +73,10 @@ impl ServiceError for WorkerError {
             | WorkerError::LeaseExpired
             | WorkerError::LeaseNotHeld(_)
             | WorkerError::HandedOver(_) => ErrorCode::Unavailable,
-            WorkerError::DeadlineExceeded => ErrorCode::DeadlineExceeded,
+            WorkerError::DeadlineExceeded | WorkerError::TurnTimedOut { .. } => {
+                ErrorCode::DeadlineExceeded
+            }
+            WorkerError::EndedDuringTurn(_) => ErrorCode::NotFound,
             WorkerError::TurnInProgress(_)
             | WorkerError::TurnInFlight(_)
             | WorkerError::Interrupted => ErrorCode::Aborted,

@@ -179,6 +179,11 @@ impl HotSession {
     }
 
     /// Whether the running turn was cancelled because the session's slot is moving.
+    /// The session was ended (EndSession, eviction or expiry) while this entry was held.
+    pub fn is_ended(&self) -> bool {
+        self.activity().state == EntryState::Ended
+    }
+
     pub fn is_handing_over(&self) -> bool {
         self.activity().handing_over
     }
@@ -487,7 +492,12 @@ impl SessionManager {
                     DoubleText::default(),
                 ))
             });
-            entry.activity().state = EntryState::Ended;
+            let mut activity = entry.activity();
+            activity.state = EntryState::Ended;
+            // A running turn ends now and commits nothing.
+            if let Some(running) = &activity.running {
+                running.cancel();
+            }
         }
         let deleted = self.store.delete_session(&fence, session_id).await;
         self.hot().remove(&session_id);

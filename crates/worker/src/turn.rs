@@ -15,6 +15,8 @@ use crate::sessions::{SessionCall, SessionManager, TurnRequest};
 
 /// Events buffered between the turn and a slow caller before the agent is held back.
 const EVENT_BUFFER: usize = 32;
+/// How long an agent whose caller left may take to notice before it is stopped.
+const CALLER_GONE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub type TurnEvents = mpsc::Receiver<Result<pb::TurnEvent, Status>>;
 
@@ -157,6 +159,7 @@ async fn run_turn(
         }
     };
     let context = sessions.context(call, 0, 0).await?;
+    let turn_timeout = pool.config().turn_timeout;
     // Waits, first come first served, when every instance of the type is busy.
     let mut agent = tokio::select! {
         agent = pool.acquire() => agent?,
@@ -202,15 +205,34 @@ async fn run_turn(
         }
         Ok(Some(reply))
     };
-    // A newer message on an interrupt-policy session, or a handoff past its grace, cancels
-    // the turn here: the user message stays committed, the reply is not.
+    // A newer message on an interrupt-policy session, a handoff past its grace, or the
+    // session's end cancels the turn here: the user message stays committed, the reply is
+    // not. So do a caller that leaves and an agent past its turn timeout.
+    let turn_timeout = turn_timeout;
+    let both = async { tokio::join!(run, forward) };
+    tokio::pin!(both);
     let (usage, reply) = tokio::select! {
-        done = async { tokio::join!(run, forward) } => done,
+        done = &mut both => done,
         () = interrupted.cancelled() => {
-            return Err(if call.session.is_handing_over() {
+            return Err(if call.session.is_ended() {
+                WorkerError::EndedDuringTurn(call.session.session_id)
+            } else if call.session.is_handing_over() {
                 WorkerError::HandedOver(call.session.session_id)
             } else {
                 WorkerError::Interrupted
+            });
+        }
+        () = events.closed() => {
+            // The caller left. An agent that sends another delta learns it at once and is
+            // reset for reuse; one that stays silent is stopped after a moment, and its
+            // instance is discarded (the pool makes another).
+            let _ = tokio::time::timeout(CALLER_GONE_GRACE, &mut both).await;
+            return Err(AgentError::Cancelled.into());
+        }
+        () = tokio::time::sleep(turn_timeout) => {
+            return Err(WorkerError::TurnTimedOut {
+                agent_type: agent_type.to_string(),
+                timeout: turn_timeout,
             });
         }
     };
