@@ -208,7 +208,6 @@ async fn run_turn(
     // A newer message on an interrupt-policy session, a handoff past its grace, or the
     // session's end cancels the turn here: the user message stays committed, the reply is
     // not. So do a caller that leaves and an agent past its turn timeout.
-    let turn_timeout = turn_timeout;
     let both = async { tokio::join!(run, forward) };
     tokio::pin!(both);
     let (usage, reply) = tokio::select! {
