@@ -11,7 +11,7 @@ use tonic::{Request, Status, Streaming};
 use crate::metadata::{AUTHORIZATION, SESSION_TOKEN};
 use crate::pb;
 use crate::pb::session_service_client::SessionServiceClient;
-use crate::retry::RetryPolicy;
+use crate::retry::{RetryPolicy, run};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -224,12 +224,11 @@ impl SwitchyardClient {
         let message = pb::GetSessionRequest {
             session_id: session_id.to_string(),
         };
-        self.retry
-            .run(|| async {
-                let request = self.session_request(session_id, message.clone());
-                Ok(self.inner.clone().get_session(request).await?.into_inner())
-            })
-            .await
+        run(&self.retry, || async {
+            let request = self.session_request(session_id, message.clone());
+            Ok(self.inner.clone().get_session(request).await?.into_inner())
+        })
+        .await
     }
 
     /// Every live session of a user, oldest first (following the pages).
@@ -243,17 +242,15 @@ impl SwitchyardClient {
                     .map(|session| session.session_id.clone())
                     .unwrap_or_default(),
             };
-            let page = self
-                .retry
-                .run(|| async {
-                    Ok(self
-                        .inner
-                        .clone()
-                        .list_sessions(self.request(message.clone()))
-                        .await?
-                        .into_inner())
-                })
-                .await?;
+            let page = run(&self.retry, || async {
+                Ok(self
+                    .inner
+                    .clone()
+                    .list_sessions(self.request(message.clone()))
+                    .await?
+                    .into_inner())
+            })
+            .await?;
             let empty = page.sessions.is_empty();
             sessions.extend(page.sessions);
             if !page.truncated || empty {
@@ -267,19 +264,17 @@ impl SwitchyardClient {
         let message = pb::EndSessionRequest {
             session_id: session_id.to_string(),
         };
-        let ended = self
-            .retry
-            .run(|| async {
-                let request = self.session_request(session_id, message.clone());
-                Ok(self
-                    .inner
-                    .clone()
-                    .end_session(request)
-                    .await?
-                    .into_inner()
-                    .ended)
-            })
-            .await?;
+        let ended = run(&self.retry, || async {
+            let request = self.session_request(session_id, message.clone());
+            Ok(self
+                .inner
+                .clone()
+                .end_session(request)
+                .await?
+                .into_inner()
+                .ended)
+        })
+        .await?;
         self.forget_token(session_id);
         Ok(ended)
     }
@@ -319,7 +314,7 @@ impl SwitchyardClient {
                 .last_seq)
         };
         match request_id {
-            Some(_) => self.retry.run(append).await,
+            Some(_) => run(&self.retry, append).await,
             None => append().await,
         }
     }
@@ -359,12 +354,11 @@ impl SwitchyardClient {
             last_n,
             after_seq,
         };
-        self.retry
-            .run(|| async {
-                let request = self.session_request(session_id, message.clone());
-                Ok(self.inner.clone().get_context(request).await?.into_inner())
-            })
-            .await
+        run(&self.retry, || async {
+            let request = self.session_request(session_id, message.clone());
+            Ok(self.inner.clone().get_context(request).await?.into_inner())
+        })
+        .await
     }
 
     /// Starts a turn and returns the stream of its events.
@@ -401,7 +395,7 @@ impl SwitchyardClient {
             Ok(self.inner.clone().send_message(request).await?.into_inner())
         };
         match request_id {
-            Some(_) => self.retry.run(start).await,
+            Some(_) => run(&self.retry, start).await,
             None => start().await,
         }
     }
@@ -416,9 +410,10 @@ impl SwitchyardClient {
         content: &str,
     ) -> Result<TurnReply, Status> {
         let request_id = new_request_id();
-        self.retry
-            .run(|| self.collect_turn(session_id, agent_type, content, &request_id))
-            .await
+        run(&self.retry, || {
+            self.collect_turn(session_id, agent_type, content, &request_id)
+        })
+        .await
     }
 
     async fn collect_turn(

@@ -10,12 +10,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures::StreamExt;
+use bytes::Bytes;
+use eventsource_stream::Eventsource;
+use futures::{Stream, StreamExt};
 use serde_json::{Value, json};
 use switchyard_core::ContextMessage;
+use switchyard_core::RetryPolicy;
 use tokio::sync::mpsc;
 
 use crate::{Agent, AgentError, AgentFactory, Usage};
+
+/// The longest wait between two attempts, whatever `Retry-After` says.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct OpenAiConfig {
@@ -139,8 +145,7 @@ impl OpenAiAgent {
                         .headers()
                         .get(reqwest::header::RETRY_AFTER)
                         .and_then(|value| value.to_str().ok())
-                        .and_then(|value| value.parse::<u64>().ok())
-                        .map(Duration::from_secs);
+                        .and_then(retry_after);
                     let message = provider_message(response).await;
                     let retryable = status.as_u16() == 429 || status.is_server_error();
                     let error = if status.as_u16() == 429 {
@@ -161,18 +166,70 @@ impl OpenAiAgent {
                     None,
                 ),
             };
-            if attempt >= self.config.max_retries {
+            let policy = RetryPolicy {
+                attempts: self.config.max_retries.saturating_add(1),
+                first_backoff: self.config.backoff,
+                max_backoff: MAX_BACKOFF,
+            };
+            if !policy.allows(attempt) {
                 return Err(failure.0);
             }
+            // The server's word when it gave one, else the policy's jittered backoff.
             let backoff = failure
                 .1
-                .unwrap_or(self.config.backoff * 2u32.saturating_pow(attempt))
-                .min(Duration::from_secs(30));
+                .unwrap_or_else(|| policy.backoff(attempt))
+                .min(MAX_BACKOFF);
             tracing::debug!(agent_type = %self.config.agent_type, attempt, ?backoff, error = %failure.0, "retrying the model call");
             tokio::time::sleep(backoff).await;
             attempt += 1;
         }
     }
+}
+
+/// The longest line of the model's event stream; a longer one ends the turn (a server
+/// that never sends a newline cannot make the worker buffer without bound).
+const MAX_SSE_LINE_BYTES: usize = 1024 * 1024;
+
+/// Why the model's byte stream stopped.
+#[derive(Debug, thiserror::Error)]
+enum ByteStreamError {
+    #[error("{0}")]
+    Transport(#[from] reqwest::Error),
+    #[error("a line of the event stream is over {0} bytes")]
+    LineTooLong(usize),
+}
+
+/// `bytes`, failing once more than `limit` bytes come without a newline.
+fn capped_lines(
+    bytes: impl Stream<Item = Result<Bytes, reqwest::Error>>,
+    limit: usize,
+) -> impl Stream<Item = Result<Bytes, ByteStreamError>> {
+    bytes.scan(0usize, move |since_newline, chunk| {
+        let chunk = chunk.map_err(ByteStreamError::from).and_then(|chunk| {
+            *since_newline = match chunk.iter().rposition(|byte| *byte == b'\n') {
+                Some(last) => chunk.len() - last - 1,
+                None => since_newline.saturating_add(chunk.len()),
+            };
+            if *since_newline > limit {
+                return Err(ByteStreamError::LineTooLong(limit));
+            }
+            Ok(chunk)
+        });
+        std::future::ready(Some(chunk))
+    })
+}
+
+/// When a `Retry-After` header says to retry: seconds, or an HTTP date.
+fn retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 /// The `error.message` of an OpenAI-style error body, or the body itself, shortened.
@@ -195,20 +252,13 @@ impl Agent for OpenAiAgent {
         let started = Instant::now();
         let response = self.send(&self.body(context)).await?;
         let mut usage = Usage::default();
-        let mut buffer: Vec<u8> = Vec::new();
-        let mut body = response.bytes_stream();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|error| {
+        let mut events = capped_lines(response.bytes_stream(), MAX_SSE_LINE_BYTES).eventsource();
+        while let Some(event) = events.next().await {
+            let event = event.map_err(|error| {
                 AgentError::Failed(format!("the model's stream broke off: {error}"))
             })?;
-            buffer.extend_from_slice(&chunk);
-            while let Some(end) = buffer.iter().position(|byte| *byte == b'\n') {
-                let line: Vec<u8> = buffer.drain(..=end).collect();
-                let line = String::from_utf8_lossy(&line);
-                let Some(data) = line.trim_end().strip_prefix("data:") else {
-                    continue;
-                };
-                let data = data.trim();
+            {
+                let data = event.data.trim();
                 if data == "[DONE]" {
                     usage.compute_seconds = started.elapsed().as_secs_f64();
                     return Ok(usage);

@@ -99,12 +99,7 @@ impl AgentFactory for ProcessConfig {
         };
         let agent_type = self.agent_type.clone();
         let pid = child.id().unwrap_or_default();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                tracing::info!(agent_type = %agent_type, pid, "{line}");
-            }
-        });
+        tokio::spawn(log_stderr(stderr, agent_type, pid));
         let mut agent = ProcessAgent {
             agent_type: self.agent_type.clone(),
             child,
@@ -260,5 +255,40 @@ impl Agent for ProcessAgent {
 
     fn is_broken(&self) -> bool {
         self.broken.is_some()
+    }
+}
+
+/// The longest stderr line logged; the rest of a longer one is dropped.
+const MAX_STDERR_LINE_BYTES: usize = 8 * 1024;
+
+/// Logs the agent's stderr a line at a time, each at most [`MAX_STDERR_LINE_BYTES`], so a
+/// program that writes without newlines cannot make the worker buffer without bound.
+async fn log_stderr(stderr: tokio::process::ChildStderr, agent_type: String, pid: u32) {
+    let mut reader = BufReader::new(stderr);
+    let mut line = Vec::with_capacity(256);
+    let limit = MAX_STDERR_LINE_BYTES as u64 + 1;
+    loop {
+        line.clear();
+        match (&mut reader).take(limit).read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let ended = line.last() == Some(&b'\n');
+        let shown = String::from_utf8_lossy(&line[..line.len().min(MAX_STDERR_LINE_BYTES)]);
+        let shown = shown.trim_end();
+        if ended || line.len() <= MAX_STDERR_LINE_BYTES {
+            tracing::info!(agent_type = %agent_type, pid, "{shown}");
+            continue;
+        }
+        tracing::info!(agent_type = %agent_type, pid, "{shown} … (line cut at {MAX_STDERR_LINE_BYTES} bytes)");
+        // Skip the rest of the line, a bounded piece at a time.
+        loop {
+            line.clear();
+            match (&mut reader).take(limit).read_until(b'\n', &mut line).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) if line.last() == Some(&b'\n') => break,
+                Ok(_) => {}
+            }
+        }
     }
 }

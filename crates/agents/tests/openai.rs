@@ -14,8 +14,15 @@ use tokio::sync::mpsc;
 
 #[derive(Clone)]
 enum Reply {
-    Error { status: u16, message: &'static str },
+    Error {
+        status: u16,
+        message: &'static str,
+    },
+    /// 429 with this Retry-After.
+    Limited(String),
     Stream(Vec<&'static str>),
+    /// 200 with this event-stream body as it is.
+    Raw(String),
 }
 
 struct FakeServer {
@@ -64,6 +71,21 @@ async fn serve(script: Vec<Reply>) -> FakeServer {
                         body.len()
                     );
                     socket.write_all(response.as_bytes()).await.unwrap();
+                }
+                Reply::Limited(retry_after) => {
+                    let body = r#"{"error": {"message": "slow down"}}"#;
+                    let response = format!(
+                        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: {retry_after}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    socket.write_all(response.as_bytes()).await.unwrap();
+                }
+                Reply::Raw(body) => {
+                    socket
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
+                        .await
+                        .unwrap();
+                    let _ = socket.write_all(body.as_bytes()).await;
                 }
                 Reply::Stream(events) => {
                     socket
@@ -246,4 +268,35 @@ async fn a_client_error_is_not_retried_and_a_missing_key_is_named() {
         message.contains("SWITCHYARD_TEST_MISSING_KEY_VARIABLE"),
         "{message}"
     );
+}
+
+#[tokio::test]
+async fn a_retry_after_given_as_an_http_date_is_honoured() {
+    let at = SystemTime::now() + Duration::from_secs(2);
+    let server = serve(vec![
+        Reply::Limited(httpdate::fmt_http_date(at)),
+        Reply::Stream(HELLO.to_vec()),
+    ])
+    .await;
+    let started = std::time::Instant::now();
+    let (usage, text) = turn(&config(&server.url)).await;
+    usage.unwrap();
+    assert_eq!(text, "Hello!");
+    // The date has a resolution of a second: the retry waited at least until the second
+    // before it, far beyond the 10 ms backoff of the configuration.
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(server.requests.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn an_event_stream_line_without_end_ends_the_turn() {
+    let endless = format!("data: {}", "x".repeat(1024 * 1024 + 10));
+    let server = serve(vec![Reply::Raw(endless)]).await;
+    let (result, _) = turn(&config(&server.url)).await;
+    let error = result.unwrap_err().to_string();
+    assert!(error.contains("bytes"), "{error}");
 }
