@@ -154,6 +154,20 @@ impl SwitchyardClient {
             .remove(session_id);
     }
 
+    /// Forgets the token of a session the server no longer has (ended, evicted or expired)
+    /// or whose token has expired, so the map holds only sessions that can still be used.
+    fn forget_if_gone<T>(&self, session_id: &str, result: Result<T, Status>) -> Result<T, Status> {
+        if let Err(status) = &result {
+            let gone = status.code() == tonic::Code::NotFound
+                || (status.code() == tonic::Code::Unauthenticated
+                    && status.message().contains("expired"));
+            if gone {
+                self.forget_token(session_id);
+            }
+        }
+        result
+    }
+
     fn request<T>(&self, message: T) -> Request<T> {
         let mut request = Request::new(message);
         if let Some(timeout) = self.timeout {
@@ -224,11 +238,12 @@ impl SwitchyardClient {
         let message = pb::GetSessionRequest {
             session_id: session_id.to_string(),
         };
-        run(&self.retry, || async {
+        let result = run(&self.retry, || async {
             let request = self.session_request(session_id, message.clone());
             Ok(self.inner.clone().get_session(request).await?.into_inner())
         })
-        .await
+        .await;
+        self.forget_if_gone(session_id, result)
     }
 
     /// Every live session of a user, oldest first (following the pages).
@@ -313,10 +328,11 @@ impl SwitchyardClient {
                 .into_inner()
                 .last_seq)
         };
-        match request_id {
+        let result = match request_id {
             Some(_) => run(&self.retry, append).await,
             None => append().await,
-        }
+        };
+        self.forget_if_gone(session_id, result)
     }
 
     /// Reads the context: the last `last_n` messages after `after_seq` (0 and 0 for all),
@@ -354,14 +370,14 @@ impl SwitchyardClient {
             last_n,
             after_seq,
         };
-        run(&self.retry, || async {
+        let result = run(&self.retry, || async {
             let request = self.session_request(session_id, message.clone());
             Ok(self.inner.clone().get_context(request).await?.into_inner())
         })
-        .await
+        .await;
+        self.forget_if_gone(session_id, result)
     }
 
-    /// Starts a turn and returns the stream of its events.
     /// Starts a turn with a new request id (the call that starts it is retried after
     /// UNAVAILABLE with that id) and returns the stream of its events.
     pub async fn send_message(
@@ -394,10 +410,11 @@ impl SwitchyardClient {
             let request = self.session_request(session_id, message.clone());
             Ok(self.inner.clone().send_message(request).await?.into_inner())
         };
-        match request_id {
+        let result = match request_id {
             Some(_) => run(&self.retry, start).await,
             None => start().await,
-        }
+        };
+        self.forget_if_gone(session_id, result)
     }
 
     /// Runs a turn and waits for the whole reply. A turn whose stream fails with
@@ -410,10 +427,11 @@ impl SwitchyardClient {
         content: &str,
     ) -> Result<TurnReply, Status> {
         let request_id = new_request_id();
-        run(&self.retry, || {
+        let result = run(&self.retry, || {
             self.collect_turn(session_id, agent_type, content, &request_id)
         })
-        .await
+        .await;
+        self.forget_if_gone(session_id, result)
     }
 
     async fn collect_turn(

@@ -265,3 +265,22 @@ async fn idle_sessions_leave_memory_and_come_back_on_their_next_call() {
     .await;
     sandbox.stop().await;
 }
+
+#[tokio::test]
+async fn the_client_forgets_the_tokens_of_sessions_that_are_gone() {
+    let sandbox = Sandbox::start().await;
+    let holder = sandbox.client().await;
+    let session = crate::sandbox::create(&holder, "gina").await;
+    let id = session.session_id.clone();
+    assert!(holder.token(&id).is_some());
+    // Ended by another client that was handed the token.
+    let other = sandbox.client().await;
+    other.set_token(id.clone(), holder.token(&id).unwrap());
+    assert!(other.end_session(&id).await.unwrap());
+    assert!(other.token(&id).is_none());
+    // The holder learns it at its next call and forgets the token.
+    let status = holder.get_context(&id, 0, 0).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    assert!(holder.token(&id).is_none());
+    sandbox.stop().await;
+}

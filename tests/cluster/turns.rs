@@ -474,3 +474,29 @@ async fn ending_a_session_ends_its_running_turn() {
     );
     sandbox.stop().await;
 }
+
+#[tokio::test]
+async fn of_several_interrupting_messages_only_the_newest_runs() {
+    let sandbox = Sandbox::start().await;
+    let client = sandbox.client().await;
+    let id = create_with_policy(&client, "ines", "interrupt").await;
+    let collect = |content: &'static str| {
+        let client = client.clone();
+        let id = id.clone();
+        async move { client.send_message_collect(&id, SLOW_AGENT, content).await }
+    };
+    let first = tokio::spawn(collect("first"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = tokio::spawn(collect("second"));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let third = tokio::spawn(collect("third"));
+    let (first, second, third) = (
+        first.await.unwrap(),
+        second.await.unwrap(),
+        third.await.unwrap(),
+    );
+    assert_eq!(first.unwrap_err().code(), tonic::Code::Aborted);
+    assert_eq!(second.unwrap_err().code(), tonic::Code::Aborted);
+    assert_eq!(third.unwrap().text, "echo: third");
+    sandbox.stop().await;
+}

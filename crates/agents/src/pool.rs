@@ -216,11 +216,18 @@ impl AgentPool {
         };
         match tokio::time::timeout(self.inner.config.acquire_timeout, receiver).await {
             Ok(Ok(agent)) => Ok(self.lend(agent)),
-            _ => Err(AgentError::PoolExhausted {
-                agent_type: self.inner.agent_type.clone(),
-                waited: started.elapsed(),
-                max: self.inner.config.max,
-            }),
+            _ => {
+                // Out of the queue at once, not when an instance is next released.
+                self.inner
+                    .state()
+                    .waiters
+                    .retain(|waiter| !waiter.is_closed());
+                Err(AgentError::PoolExhausted {
+                    agent_type: self.inner.agent_type.clone(),
+                    waited: started.elapsed(),
+                    max: self.inner.config.max,
+                })
+            }
         }
     }
 
@@ -541,5 +548,27 @@ mod tests {
         let dropped = pool.acquire().await.unwrap();
         drop(dropped);
         assert_eq!(pool.stats().live, 0);
+    }
+
+    #[tokio::test]
+    async fn waiters_that_time_out_leave_the_queue_at_once() {
+        let pool = AgentPool::new(
+            "test",
+            Arc::new(Counting::default()),
+            PoolConfig {
+                max: 1,
+                acquire_timeout: Duration::from_millis(20),
+                ..PoolConfig::default()
+            },
+        );
+        let held = pool.acquire().await.unwrap();
+        for _ in 0..3 {
+            assert!(matches!(
+                pool.acquire().await,
+                Err(AgentError::PoolExhausted { .. })
+            ));
+        }
+        assert_eq!(pool.inner.state().waiters.len(), 0);
+        held.release().await;
     }
 }

@@ -186,7 +186,14 @@ impl Router {
         }
     }
 
-    fn channel(&self, worker_id: &WorkerId, address: &str) -> Result<Channel, Status> {
+    /// The channel to a worker, made when it first appears or moves. Channels of workers no
+    /// longer in `members` are dropped then, so the map holds at most the cluster.
+    fn channel(
+        &self,
+        worker_id: &WorkerId,
+        address: &str,
+        members: &HashMap<WorkerId, String>,
+    ) -> Result<Channel, Status> {
         {
             let channels = self
                 .channels
@@ -219,11 +226,22 @@ impl Router {
                 "worker {worker_id} has an invalid address {address:?}: {error}"
             ))
         })?;
-        self.channels
+        let mut channels = self
+            .channels
             .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(worker_id.clone(), (address.to_string(), channel.clone()));
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        channels.retain(|worker, _| members.contains_key(worker));
+        channels.insert(worker_id.clone(), (address.to_string(), channel.clone()));
         Ok(channel)
+    }
+
+    /// Workers this router holds a channel to.
+    #[cfg(test)]
+    fn channel_count(&self) -> usize {
+        self.channels
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .len()
     }
 
     /// Sends `message` to the owner of the slot, stamped with the epoch, the token and the
@@ -250,9 +268,10 @@ impl Router {
                 .addresses
                 .get(owner)
                 .ok_or(CoordinatorError::NoOwner(forwarding.slot))?;
-            let mut grpc = tonic::client::Grpc::new(self.channel(owner, address)?)
-                .max_decoding_message_size(self.max_message_bytes)
-                .max_encoding_message_size(self.max_message_bytes);
+            let mut grpc =
+                tonic::client::Grpc::new(self.channel(owner, address, &routing.addresses)?)
+                    .max_decoding_message_size(self.max_message_bytes)
+                    .max_encoding_message_size(self.max_message_bytes);
 
             let mut request = Request::new(message.clone());
             let metadata = request.metadata_mut();
@@ -442,5 +461,55 @@ impl tower_service::Service<http::Request<Body>> for SessionProxy {
                 Ok(grpc.unary(UnaryCall { router, method }, request).await)
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::MembershipConfig;
+
+    #[tokio::test]
+    async fn channels_of_workers_that_left_are_dropped() {
+        let membership = Arc::new(Membership::new(
+            MembershipConfig {
+                slot_count: 8,
+                heartbeat_interval: Duration::from_millis(10),
+                lease: Duration::from_secs(60),
+                handoff_grace: Duration::from_secs(1),
+                epsilon: 0.25,
+                token_key_id: "key".into(),
+                cluster_id: "cluster".into(),
+                epoch_floor: switchyard_core::Epoch(0),
+            },
+            None,
+            false,
+        ));
+        let router = Router::new(
+            membership,
+            TokenKey::from_secret(&[1; 32]).unwrap(),
+            ClusterKey::from_secret(&[2; 32]).unwrap(),
+            1024,
+            None,
+        );
+        let worker = |id: &str| WorkerId::parse(id).unwrap();
+        let members = |ids: &[&str]| -> HashMap<WorkerId, String> {
+            ids.iter()
+                .map(|id| (worker(id), format!("127.0.0.1:{}", id.len())))
+                .collect()
+        };
+        let all = members(&["a", "bb", "ccc"]);
+        for id in ["a", "bb", "ccc"] {
+            router
+                .channel(&worker(id), &all[&worker(id)], &all)
+                .unwrap();
+        }
+        assert_eq!(router.channel_count(), 3);
+        // "a" and "bb" left; "dddd" joined.
+        let now = members(&["ccc", "dddd"]);
+        router
+            .channel(&worker("dddd"), &now[&worker("dddd")], &now)
+            .unwrap();
+        assert_eq!(router.channel_count(), 2);
     }
 }

@@ -70,6 +70,8 @@ struct Activity {
     handing_over: bool,
     /// Request ids of the turns running or queued here: a repeat of one is refused.
     turn_requests: HashSet<String>,
+    /// Interrupting messages so far; a waiting one that is no longer the newest gives up.
+    interrupts: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -103,6 +105,7 @@ impl HotSession {
                 running: None,
                 handing_over: false,
                 turn_requests: HashSet::new(),
+                interrupts: 0,
             }),
             turn: tokio::sync::Mutex::new(()),
         }
@@ -162,10 +165,29 @@ impl HotSession {
                     self.turn.lock().await
                 }
                 DoubleText::Interrupt => {
-                    if let Some(running) = &self.activity().running {
-                        running.cancel();
+                    let generation = {
+                        let mut activity = self.activity();
+                        // Bounded like the enqueue policy's queue.
+                        if usize::from(activity.queued) >= max_queued {
+                            return Err(WorkerError::TurnQueueFull {
+                                session_id: self.session_id,
+                                queued: max_queued,
+                            });
+                        }
+                        activity.queued += 1;
+                        if let Some(running) = &activity.running {
+                            running.cancel();
+                        }
+                        activity.interrupts += 1;
+                        activity.interrupts
+                    };
+                    let _leave = scopeguard(|| self.activity().queued -= 1);
+                    let guard = self.turn.lock().await;
+                    // A newer message interrupted while this one waited: only the newest runs.
+                    if self.activity().interrupts != generation {
+                        return Err(WorkerError::Interrupted);
                     }
-                    self.turn.lock().await
+                    guard
                 }
             },
         };
@@ -178,12 +200,12 @@ impl HotSession {
         Ok((guard, token))
     }
 
-    /// Whether the running turn was cancelled because the session's slot is moving.
     /// The session was ended (EndSession, eviction or expiry) while this entry was held.
     pub fn is_ended(&self) -> bool {
         self.activity().state == EntryState::Ended
     }
 
+    /// Whether the running turn was cancelled because the session's slot is moving.
     pub fn is_handing_over(&self) -> bool {
         self.activity().handing_over
     }
