@@ -1,6 +1,6 @@
 //! The coordinator's placement table as the store keeps it.
 
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 use switchyard_core::{Epoch, PlacementTable, WorkerId};
 
 use crate::{Result, StoreError};
@@ -17,74 +17,67 @@ pub struct StoredPlacement {
     pub draining: Vec<WorkerId>,
 }
 
+/// The JSON the store keeps (the same shape since the table was first stored).
+#[derive(Serialize, Deserialize)]
+struct PlacementRecord {
+    epoch: u64,
+    workers: Vec<String>,
+    /// `owners[slot]` indexes `workers`; `null` for a slot with no live owner.
+    owners: Vec<Option<u32>>,
+    members: Vec<String>,
+    /// `[worker, address]` pairs.
+    addresses: Vec<(String, String)>,
+    #[serde(default)]
+    draining: Vec<String>,
+}
+
 impl StoredPlacement {
     pub(crate) fn to_json(&self) -> String {
-        let owners: Vec<Value> = self
-            .table
-            .owner_indexes()
-            .iter()
-            .map(|owner| owner.map_or(Value::Null, Value::from))
-            .collect();
-        json!({
-            "epoch": self.epoch.0,
-            "workers": self.table.workers().iter().map(|worker| worker.as_str()).collect::<Vec<_>>(),
-            "owners": owners,
-            "members": self.table.members().iter().map(|worker| worker.as_str()).collect::<Vec<_>>(),
-            "addresses": self.addresses.iter().map(|(worker, address)| json!([worker.as_str(), address])).collect::<Vec<_>>(),
-            "draining": self.draining.iter().map(|worker| worker.as_str()).collect::<Vec<_>>(),
-        })
-        .to_string()
+        let names = |workers: &[WorkerId]| -> Vec<String> {
+            workers.iter().map(ToString::to_string).collect()
+        };
+        let record = PlacementRecord {
+            epoch: self.epoch.0,
+            workers: names(self.table.workers()),
+            owners: self.table.owner_indexes().to_vec(),
+            members: names(self.table.members()),
+            addresses: self
+                .addresses
+                .iter()
+                .map(|(worker, address)| (worker.to_string(), address.clone()))
+                .collect(),
+            draining: names(&self.draining),
+        };
+        // A struct of strings and numbers always serializes.
+        serde_json::to_string(&record).unwrap_or_default()
     }
 
     pub(crate) fn from_json(text: &str) -> Result<StoredPlacement> {
         let bad = |what: &str| StoreError::Corrupt(format!("stored placement: {what}"));
-        let value: Value = serde_json::from_str(text).map_err(|error| bad(&error.to_string()))?;
-        let epoch = Epoch(value["epoch"].as_u64().ok_or_else(|| bad("no epoch"))?);
-        let ids = |field: &str| -> Result<Vec<WorkerId>> {
-            value[field]
-                .as_array()
-                .ok_or_else(|| bad(&format!("no {field}")))?
-                .iter()
-                .map(|id| {
-                    id.as_str()
-                        .and_then(|id| WorkerId::parse(id).ok())
-                        .ok_or_else(|| bad(&format!("invalid worker id in {field}")))
+        let record: PlacementRecord =
+            serde_json::from_str(text).map_err(|error| bad(&error.to_string()))?;
+        let ids = |field: &str, names: Vec<String>| -> Result<Vec<WorkerId>> {
+            names
+                .into_iter()
+                .map(|name| {
+                    WorkerId::parse(name).map_err(|_| bad(&format!("invalid worker id in {field}")))
                 })
                 .collect()
         };
-        let workers = ids("workers")?;
-        let members = ids("members")?;
-        let draining = if value.get("draining").is_some() {
-            ids("draining")?
-        } else {
-            Vec::new()
-        };
-        let owners = value["owners"]
-            .as_array()
-            .ok_or_else(|| bad("no owners"))?
-            .iter()
-            .map(|owner| match owner {
-                Value::Null => Ok(None),
-                other => other
-                    .as_u64()
-                    .and_then(|index| u32::try_from(index).ok())
-                    .map(Some)
-                    .ok_or_else(|| bad("invalid owner index")),
+        let epoch = Epoch(record.epoch);
+        let workers = ids("workers", record.workers)?;
+        let members = ids("members", record.members)?;
+        let draining = ids("draining", record.draining)?;
+        let addresses = record
+            .addresses
+            .into_iter()
+            .map(|(worker, address)| {
+                WorkerId::parse(worker)
+                    .map(|worker| (worker, address))
+                    .map_err(|_| bad("invalid address entry"))
             })
             .collect::<Result<Vec<_>>>()?;
-        let addresses = value["addresses"]
-            .as_array()
-            .ok_or_else(|| bad("no addresses"))?
-            .iter()
-            .map(|pair| {
-                let worker = pair[0].as_str().and_then(|id| WorkerId::parse(id).ok());
-                let address = pair[1].as_str().map(str::to_string);
-                worker
-                    .zip(address)
-                    .ok_or_else(|| bad("invalid address entry"))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let table = PlacementTable::from_parts(epoch, workers, owners, members)
+        let table = PlacementTable::from_parts(epoch, workers, record.owners, members)
             .map_err(|error| bad(&error.to_string()))?;
         Ok(StoredPlacement {
             epoch,
@@ -123,5 +116,19 @@ mod tests {
             stored
         );
         assert!(StoredPlacement::from_json("{\"epoch\": 1}").is_err());
+    }
+
+    #[test]
+    fn tables_kept_by_earlier_versions_still_load() {
+        // As written before the record was a serde struct, without `draining`.
+        let kept = r#"{"epoch":3,"workers":["a","b"],"owners":[0,1,null,0],"members":["a","b"],"addresses":[["a","h:1"],["b","h:2"]]}"#;
+        let stored = StoredPlacement::from_json(kept).unwrap();
+        assert_eq!(stored.epoch, Epoch(3));
+        assert_eq!(stored.table.slot_count(), 4);
+        assert_eq!(stored.table.owner(2), None);
+        assert!(stored.draining.is_empty());
+        assert!(
+            StoredPlacement::from_json(&kept.replace("\"a\",\"h:1\"", "\"a b\",\"h:1\"")).is_err()
+        );
     }
 }

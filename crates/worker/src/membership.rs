@@ -9,7 +9,7 @@ use switchyard::metadata::NODE_CREDENTIAL;
 use switchyard::pb;
 use switchyard::pb::membership_service_client::MembershipServiceClient;
 use switchyard::tls::lazy_channel;
-use switchyard_core::{ClusterKey, NodeRole, WorkerId};
+use switchyard_core::{ClusterKey, NodeRole, RetryPolicy, WorkerId};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -114,7 +114,11 @@ impl MembershipClient {
         &self,
         shutdown: &CancellationToken,
     ) -> Result<Registration, MembershipError> {
-        let mut delay = Duration::from_millis(50);
+        let backoff = RetryPolicy {
+            attempts: u32::MAX,
+            first_backoff: Duration::from_millis(50),
+            max_backoff: MAX_RETRY_DELAY,
+        };
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -132,11 +136,11 @@ impl MembershipClient {
                     );
                 }
             }
+            // Jittered, so workers restarted together do not register in lockstep.
             tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep(backoff.backoff(attempt - 1)) => {}
                 _ = shutdown.cancelled() => return Err(MembershipError::Stopped),
             }
-            delay = (delay * 2).min(MAX_RETRY_DELAY);
         }
     }
 
@@ -199,7 +203,7 @@ impl MembershipClient {
         let mut failures = 0u32;
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(registration.heartbeat_interval) => {}
+                _ = tokio::time::sleep(jittered_interval(registration.heartbeat_interval)) => {}
                 _ = self.placement.refresh_requested().notified() => {}
                 _ = shutdown.cancelled() => break,
             }
@@ -280,6 +284,13 @@ impl MembershipClient {
     }
 }
 
+/// The heartbeat interval give or take a tenth, drawn anew each time, so that workers
+/// started together spread their heartbeats over the interval.
+fn jittered_interval(interval: Duration) -> Duration {
+    let tenth = interval / 10;
+    interval - tenth + switchyard_core::retry::jittered(tenth * 2)
+}
+
 /// Final answers to a registration. UNAUTHENTICATED (another cluster secret) is final too;
 /// ALREADY_EXISTS is not: the previous instance's lease runs out.
 fn is_refusal(status: &Status) -> bool {
@@ -290,4 +301,22 @@ fn is_refusal(status: &Status) -> bool {
             | Code::PermissionDenied
             | Code::Unauthenticated
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_intervals_are_spread_within_a_tenth() {
+        let interval = Duration::from_millis(500);
+        let drawn: Vec<Duration> = (0..200).map(|_| jittered_interval(interval)).collect();
+        assert!(
+            drawn
+                .iter()
+                .all(|wait| *wait >= Duration::from_millis(450)
+                    && *wait <= Duration::from_millis(550))
+        );
+        assert!(drawn.windows(2).any(|pair| pair[0] != pair[1]));
+    }
 }
