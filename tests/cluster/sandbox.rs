@@ -40,6 +40,24 @@ for line in sys.stdin:
         send({"type": "delta", "id": message["id"], "text": "awake"})
         send({"type": "done", "id": message["id"]})
 "#;
+/// A process agent (python3) that answers with the seqs of the context it was sent, through
+/// a window of three messages.
+pub const WINDOW_AGENT: &str = "window-probe";
+const WINDOW_AGENT_PROGRAM: &str = r#"
+import json, sys
+def send(message):
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+send({"type": "ready"})
+for line in sys.stdin:
+    message = json.loads(line)
+    if message["type"] == "reset":
+        send({"type": "ready"})
+    elif message["type"] == "turn":
+        seen = ",".join(str(m["seq"]) for m in message["context"])
+        send({"type": "delta", "id": message["id"], "text": seen})
+        send({"type": "done", "id": message["id"]})
+"#;
 /// A process agent (python3) whose every reply holds a NUL character.
 pub const NUL_AGENT: &str = "nul-replier";
 const NUL_AGENT_PROGRAM: &str = r#"
@@ -154,6 +172,23 @@ impl Sandbox {
                 },
             );
         }
+        agents.register(
+            WINDOW_AGENT,
+            Arc::new(ProcessConfig {
+                agent_type: WINDOW_AGENT.to_string(),
+                program: "python3".to_string(),
+                args: vec!["-c".to_string(), WINDOW_AGENT_PROGRAM.to_string()],
+                env: Vec::new(),
+                ready_timeout: Duration::from_secs(10),
+            }),
+            PoolConfig {
+                context_window: switchyard_core::ContextWindow {
+                    max_messages: 3,
+                    ..switchyard_core::ContextWindow::default()
+                },
+                ..PoolConfig::default()
+            },
+        );
         // The real default: an embedded SQLite store that every node shares.
         let data_dir = temp_dir();
         let store = SqlStore::open(SqlStoreOptions::sqlite_file(

@@ -500,3 +500,22 @@ async fn of_several_interrupting_messages_only_the_newest_runs() {
     assert_eq!(third.unwrap().text, "echo: third");
     sandbox.stop().await;
 }
+
+#[tokio::test]
+async fn a_turn_sends_the_newest_messages_that_fit_after_the_instructions() {
+    let sandbox = Sandbox::start().await;
+    let client = sandbox.client().await;
+    let session = create(&client, "wendy").await;
+    let id = session.session_id.as_str();
+    let mut messages = vec![text("system", "You are terse.")];
+    messages.extend((2..=10).map(|index| text("user", &format!("message {index}"))));
+    client.append_context(id, messages).await.unwrap();
+    // A window of three: the instructions (seq 1), the newest message before the turn
+    // (seq 10) and the turn's own (seq 11); nothing else of the history.
+    let reply = client
+        .send_message_collect(id, crate::sandbox::WINDOW_AGENT, "what did I say?")
+        .await
+        .unwrap();
+    assert_eq!(reply.text, "1,10,11");
+    sandbox.stop().await;
+}

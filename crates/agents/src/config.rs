@@ -56,6 +56,38 @@ pub struct AgentTypeConfig {
     /// How long one turn may run before its instance is stopped (default 5m).
     #[serde(default = "default_turn_timeout", deserialize_with = "duration")]
     pub turn_timeout: Duration,
+    /// How much of the context a turn sends: `{ messages = 200, bytes = 1048576, tokens = … }`.
+    #[serde(default)]
+    pub context: ContextSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContextSettings {
+    #[serde(default = "default_window_messages")]
+    pub messages: usize,
+    #[serde(default = "default_window_bytes")]
+    pub bytes: usize,
+    /// Estimated at four bytes a token.
+    pub tokens: Option<u64>,
+}
+
+impl Default for ContextSettings {
+    fn default() -> Self {
+        ContextSettings {
+            messages: default_window_messages(),
+            bytes: default_window_bytes(),
+            tokens: None,
+        }
+    }
+}
+
+fn default_window_messages() -> usize {
+    switchyard_core::ContextWindow::default().max_messages
+}
+
+fn default_window_bytes() -> usize {
+    switchyard_core::ContextWindow::default().max_bytes
 }
 
 fn default_turn_timeout() -> Duration {
@@ -190,6 +222,11 @@ impl AgentsConfig {
                 idle_timeout: agent.pool.idle_timeout,
                 acquire_timeout: agent.pool.acquire_timeout,
                 turn_timeout: agent.turn_timeout,
+                context_window: switchyard_core::ContextWindow {
+                    max_messages: agent.context.messages,
+                    max_bytes: agent.context.bytes,
+                    max_tokens: agent.context.tokens,
+                },
             };
             pool.validate(name)?;
             match agent.backend {

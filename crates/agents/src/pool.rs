@@ -16,6 +16,8 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use switchyard_core::ContextWindow;
+
 use crate::{Agent, AgentError, AgentFactory};
 
 /// Sizes and timeouts of one agent type's pool.
@@ -32,6 +34,8 @@ pub struct PoolConfig {
     /// How long one turn may run; past it the instance is stopped and replaced, and the
     /// turn ends DEADLINE_EXCEEDED.
     pub turn_timeout: Duration,
+    /// How much of a session's context a turn sends an instance.
+    pub context_window: ContextWindow,
 }
 
 impl Default for PoolConfig {
@@ -42,6 +46,7 @@ impl Default for PoolConfig {
             idle_timeout: Duration::from_secs(300),
             acquire_timeout: Duration::from_secs(10),
             turn_timeout: Duration::from_secs(5 * 60),
+            context_window: ContextWindow::default(),
         }
     }
 }
@@ -57,6 +62,11 @@ impl PoolConfig {
             return Err(format!(
                 "agent type {agent_type}: pool min ({}) is above max ({})",
                 self.min, self.max
+            ));
+        }
+        if self.context_window.max_messages == 0 || self.context_window.max_bytes == 0 {
+            return Err(format!(
+                "agent type {agent_type}: the context window must hold at least one message and one byte"
             ));
         }
         if self.turn_timeout.is_zero() {

@@ -10,6 +10,7 @@ pub mod retry;
 pub mod session;
 pub mod slot;
 pub mod token;
+pub mod window;
 
 pub use api_key::{ApiKey, ApiKeyError, ApiKeys, Scope};
 pub use error::{Error, ErrorCode, Result, ServiceError};
@@ -20,3 +21,4 @@ pub use retry::RetryPolicy;
 pub use session::{ContextMessage, DoubleText, Limits, Message, Role, Session};
 pub use slot::{DEFAULT_SLOT_COUNT, Slot, slot_of};
 pub use token::{SessionClaims, TokenError, TokenKey};
+pub use window::ContextWindow;

@@ -207,6 +207,15 @@ pub trait SessionStore: Send + Sync + 'static {
         request_id: &str,
     ) -> Result<Option<RequestRecord>>;
 
+    /// The newest `limit` system messages with `seq < before_seq`, in seq order: the
+    /// instructions a turn sends its agent from before its window.
+    async fn read_system_messages(
+        &self,
+        session_id: SessionId,
+        before_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<ContextMessage>>;
+
     /// Messages with `seq > after_seq`, only the last `last_n` of them when it is positive.
     async fn read_context(
         &self,

@@ -284,6 +284,31 @@ impl SessionStore for MemoryStore {
         })
     }
 
+    async fn read_system_messages(
+        &self,
+        session_id: SessionId,
+        before_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<ContextMessage>> {
+        let inner = self.lock();
+        let stored = inner
+            .sessions
+            .get(&session_id)
+            .ok_or(StoreError::SessionNotFound(session_id))?;
+        let mut system: Vec<ContextMessage> = stored
+            .messages
+            .iter()
+            .rev()
+            .filter(|message| {
+                message.seq < before_seq && message.role == switchyard_core::Role::System
+            })
+            .take(limit as usize)
+            .cloned()
+            .collect();
+        system.reverse();
+        Ok(system)
+    }
+
     async fn request_record(
         &self,
         session_id: SessionId,

@@ -644,6 +644,43 @@ async fn request_ids_make_appends_happen_once(store: Arc<dyn SessionStore>) {
     assert_eq!(store.request_record(session.id, "r1").await.unwrap(), None);
 }
 
+/// The system messages before a seq, newest `limit` of them, in order.
+async fn system_messages_before_a_window(store: Arc<dyn SessionStore>) {
+    let fence = own_slot(&*store).await;
+    let session = session("instructed");
+    store.create_session(&fence, &session).await.unwrap();
+    let messages: Vec<Message> = (1..=8)
+        .map(|seq| Message {
+            role: if seq % 3 == 1 {
+                Role::System
+            } else {
+                Role::User
+            },
+            content: format!("m{seq}"),
+            name: String::new(),
+        })
+        .collect();
+    store
+        .append_messages(&fence, session.id, &messages, SystemTime::now())
+        .await
+        .unwrap();
+    // System messages are seqs 1, 4 and 7.
+    let system = |before, limit| {
+        let store = store.clone();
+        async move {
+            seqs(
+                &store
+                    .read_system_messages(session.id, before, limit)
+                    .await
+                    .unwrap(),
+            )
+        }
+    };
+    assert_eq!(system(7, 10).await, [1, 4]);
+    assert_eq!(system(9, 2).await, [4, 7]);
+    assert!(system(1, 10).await.is_empty());
+}
+
 /// An append the database refuses (NUL, which PostgreSQL text cannot hold) fails alone:
 /// the appends that shared its group-commit batch are committed.
 async fn a_refused_row_fails_only_its_own_append(store: Arc<dyn SessionStore>) {
@@ -721,6 +758,7 @@ conformance!(
     a_refused_row_fails_only_its_own_append,
     context_pages,
     request_ids_make_appends_happen_once,
+    system_messages_before_a_window,
 );
 
 fn temp_dir(test: &str) -> PathBuf {

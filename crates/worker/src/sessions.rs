@@ -10,8 +10,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime};
 
+use switchyard_core::window::MAX_OLDER_SYSTEM_MESSAGES;
 use switchyard_core::{
-    ContextMessage, DoubleText, Epoch, Limits, Message, Session, SessionId, Slot, UserId, slot_of,
+    ContextMessage, ContextWindow, DoubleText, Epoch, Limits, Message, Session, SessionId, Slot,
+    UserId, slot_of,
 };
 use switchyard_store::{AppendKey, Appended, Fence, RequestRecord, SessionStore, StoreError};
 use tokio_util::sync::CancellationToken;
@@ -566,6 +568,30 @@ impl SessionManager {
             activity.cache = None;
         }
         Ok(appended)
+    }
+
+    /// What a turn sends its agent: the newest messages that fit `window`, after the system
+    /// messages before them.
+    pub async fn context_window(
+        &self,
+        call: &SessionCall,
+        window: &ContextWindow,
+    ) -> Result<Vec<ContextMessage>> {
+        let last_n = u32::try_from(window.max_messages).unwrap_or(u32::MAX);
+        let newest = self.context(call, last_n, 0).await?;
+        let first = newest.first().map_or(1, |message| message.seq);
+        let older_system = if first > 1 {
+            self.store
+                .read_system_messages(
+                    call.session.session_id,
+                    first,
+                    MAX_OLDER_SYSTEM_MESSAGES as u32,
+                )
+                .await?
+        } else {
+            Vec::new()
+        };
+        Ok(window.select(older_system, newest))
     }
 
     /// The message at `seq` of the call's session, if it is still stored.

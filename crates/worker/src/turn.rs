@@ -158,7 +158,10 @@ async fn run_turn(
                 .last_seq
         }
     };
-    let context = sessions.context(call, 0, 0).await?;
+    // The newest messages that fit the agent type's window, after its instructions: never
+    // the whole history, which may hold 100 000 messages.
+    let window = pool.config().context_window;
+    let context = sessions.context_window(call, &window).await?;
     let turn_timeout = pool.config().turn_timeout;
     // Waits, first come first served, when every instance of the type is busy.
     let mut agent = tokio::select! {

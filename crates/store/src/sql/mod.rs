@@ -168,6 +168,10 @@ impl Backend {
                     "request ids",
                     include_str!("../../migrations/sqlite/0004_request_ids.sql"),
                 ),
+                (
+                    "system messages",
+                    include_str!("../../migrations/sqlite/0005_system_messages.sql"),
+                ),
             ],
             Backend::Postgres => &[
                 (
@@ -185,6 +189,10 @@ impl Backend {
                 (
                     "request ids",
                     include_str!("../../migrations/postgres/0004_request_ids.sql"),
+                ),
+                (
+                    "system messages",
+                    include_str!("../../migrations/postgres/0005_system_messages.sql"),
                 ),
             ],
         }
@@ -679,6 +687,28 @@ impl SessionStore for SqlStore {
         request_id: &str,
     ) -> Result<Option<RequestRecord>> {
         requests::record(&self.pool, session_id, request_id).await
+    }
+
+    async fn read_system_messages(
+        &self,
+        session_id: SessionId,
+        before_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<ContextMessage>> {
+        let rows = sqlx::query(
+            "SELECT seq, role, content, name, created_at_us FROM messages \
+             WHERE session_id = $1 AND role = 'system' AND seq < $2 ORDER BY seq DESC LIMIT $3",
+        )
+        .bind(session_id.as_bytes().to_vec())
+        .bind(i64::try_from(before_seq).unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let mut messages: Vec<ContextMessage> =
+            rows.iter().map(message_from_row).collect::<Result<_>>()?;
+        messages.reverse();
+        Ok(messages)
     }
 
     async fn read_context(
