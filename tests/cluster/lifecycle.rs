@@ -284,3 +284,29 @@ async fn the_client_forgets_the_tokens_of_sessions_that_are_gone() {
     assert!(holder.token(&id).is_none());
     sandbox.stop().await;
 }
+
+#[tokio::test]
+async fn a_session_keeps_its_newest_messages_and_says_where_history_starts() {
+    let sandbox = Sandbox::start_with(SandboxOptions {
+        limits: Limits {
+            max_context_messages: 5,
+            ..Limits::default()
+        },
+        ..SandboxOptions::default()
+    })
+    .await;
+    let client = sandbox.client().await;
+    let session = create(&client, "hilda").await;
+    let id = session.session_id.as_str();
+    let messages: Vec<_> = (1..=6).map(|i| text("user", &format!("m{i}"))).collect();
+    client.append_context(id, messages).await.unwrap();
+    let reply = client.send_message_collect(id, "echo", "m7").await.unwrap();
+    assert_eq!((reply.done.user_seq, reply.done.reply_seq), (7, 8));
+    let page = client.get_context_page(id, 0, 0).await.unwrap();
+    let seqs: Vec<u64> = page.messages.iter().map(|message| message.seq).collect();
+    assert_eq!(seqs, [4, 5, 6, 7, 8]);
+    assert_eq!(page.first_seq, 4);
+    assert_eq!(page.messages[0].content, "m4");
+    assert_eq!(client.get_session(id).await.unwrap().message_count, 8);
+    sandbox.stop().await;
+}

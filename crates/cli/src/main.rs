@@ -297,6 +297,9 @@ struct InputLimitArgs {
     /// Bytes of one message's content.
     #[arg(long, env = "SWITCHYARD_MAX_MESSAGE_BYTES", default_value_t = Limits::default().max_message_bytes)]
     max_message_bytes: usize,
+    /// Messages a session keeps; past it the oldest are dropped as new ones come.
+    #[arg(long, env = "SWITCHYARD_MAX_CONTEXT_MESSAGES", default_value_t = Limits::default().max_context_messages, value_parser = clap::value_parser!(u64).range(1..))]
+    max_context_messages: u64,
     /// Messages in one AppendContext.
     #[arg(long, env = "SWITCHYARD_MAX_MESSAGES_PER_APPEND", default_value_t = Limits::default().max_messages_per_append)]
     max_messages_per_append: usize,
@@ -332,6 +335,7 @@ impl SessionArgs {
             passivate_after: self.passivate_after,
             token_ttl: self.token_ttl,
             max_message_bytes: inputs.max_message_bytes,
+            max_context_messages: inputs.max_context_messages,
             max_messages_per_append: inputs.max_messages_per_append,
             max_page_messages: inputs.max_page_messages,
             max_page_bytes: inputs.max_page_bytes,

@@ -136,6 +136,8 @@ pub struct Limits {
     pub max_message_bytes: usize,
     pub max_messages_per_append: usize,
     pub max_name_bytes: usize,
+    /// Messages a session keeps: past it, the oldest are dropped with each append, in the
+    /// same transaction.
     pub max_context_messages: u64,
     pub max_metadata_entries: usize,
     pub max_metadata_key_bytes: usize,
@@ -348,17 +350,6 @@ impl Limits {
                     self.max_grpc_message_bytes
                 ),
             ));
-        }
-        Ok(())
-    }
-
-    /// Whether `count` more messages fit in a context that holds `current`.
-    pub fn check_context_room(&self, current: u64, count: u64) -> Result<(), Error> {
-        if current.saturating_add(count) > self.max_context_messages {
-            return Err(Error::ResourceExhausted(format!(
-                "context holds {current} messages and the limit is {}: end the session or start a new one",
-                self.max_context_messages
-            )));
         }
         Ok(())
     }

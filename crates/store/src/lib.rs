@@ -183,13 +183,15 @@ pub trait SessionStore: Send + Sync + 'static {
         at: SystemTime,
     ) -> Result<u64> {
         Ok(self
-            .append_keyed(fence, session_id, messages, at, &AppendKey::None)
+            .append_keyed(fence, session_id, messages, at, &AppendKey::None, u64::MAX)
             .await?
             .last_seq)
     }
 
     /// Appends as [`SessionStore::append_messages`] does, once per request id: the id is
-    /// kept in the same transaction as the messages, and a repeat writes nothing.
+    /// kept in the same transaction as the messages, and a repeat writes nothing. The
+    /// session then keeps only its newest `keep_last` messages: older ones are dropped in
+    /// the same transaction, and seqs go on from where they were.
     async fn append_keyed(
         &self,
         fence: &Fence,
@@ -197,6 +199,7 @@ pub trait SessionStore: Send + Sync + 'static {
         messages: &[Message],
         at: SystemTime,
         key: &AppendKey,
+        keep_last: u64,
     ) -> Result<Appended>;
 
     /// What the store keeps of a request id of the session, if it has seen it (nothing for a

@@ -52,7 +52,10 @@ impl Inner {
 
 struct StoredSession {
     session: Session,
+    /// The stored messages, oldest first: seqs `dropped + 1` onwards.
     messages: Vec<ContextMessage>,
+    /// Messages dropped from the front to keep the context bounded.
+    dropped: u64,
     /// Request ids seen on the session, kept as long as it lives.
     requests: HashMap<String, RequestRecord>,
 }
@@ -178,6 +181,7 @@ impl SessionStore for MemoryStore {
             StoredSession {
                 session: session.clone(),
                 messages: Vec::new(),
+                dropped: 0,
                 requests: HashMap::new(),
             },
         );
@@ -227,6 +231,7 @@ impl SessionStore for MemoryStore {
         messages: &[Message],
         at: SystemTime,
         key: &AppendKey,
+        keep_last: u64,
     ) -> Result<Appended> {
         let mut inner = self.lock();
         inner.check(fence)?;
@@ -248,7 +253,7 @@ impl SessionStore for MemoryStore {
             });
         }
         for message in messages {
-            let seq = stored.messages.len() as u64 + 1;
+            let seq = stored.dropped + stored.messages.len() as u64 + 1;
             stored.messages.push(ContextMessage {
                 seq,
                 role: message.role,
@@ -257,9 +262,14 @@ impl SessionStore for MemoryStore {
                 created_at: at,
             });
         }
-        stored.session.message_count = stored.messages.len() as u64;
+        stored.session.message_count = stored.dropped + stored.messages.len() as u64;
         stored.session.last_activity_at = at;
         let last_seq = stored.session.message_count;
+        let excess = (stored.messages.len() as u64).saturating_sub(keep_last.max(1));
+        if excess > 0 {
+            stored.messages.drain(..excess as usize);
+            stored.dropped += excess;
+        }
         match key {
             AppendKey::None => {}
             AppendKey::Request { id, turn } => {
@@ -332,8 +342,8 @@ impl SessionStore for MemoryStore {
             .sessions
             .get(&session_id)
             .ok_or(StoreError::SessionNotFound(session_id))?;
-        // Seqs are 1, 2, 3, … so seq `n` sits at index `n - 1`.
-        let start = usize::try_from(after_seq)
+        // Seqs are dense: seq `n` sits at index `n - dropped - 1`.
+        let start = usize::try_from(after_seq.saturating_sub(stored.dropped))
             .unwrap_or(usize::MAX)
             .min(stored.messages.len());
         let mut selected = &stored.messages[start..];
@@ -354,7 +364,7 @@ impl SessionStore for MemoryStore {
             .sessions
             .get(&session_id)
             .ok_or(StoreError::SessionNotFound(session_id))?;
-        let start = usize::try_from(after_seq)
+        let start = usize::try_from(after_seq.saturating_sub(stored.dropped))
             .unwrap_or(usize::MAX)
             .min(stored.messages.len());
         let end = start

@@ -511,6 +511,7 @@ async fn request_ids_make_appends_happen_once(store: Arc<dyn SessionStore>) {
             &[text("a"), text("b")],
             SystemTime::now(),
             &key("r1", false),
+            u64::MAX,
         )
         .await
         .unwrap();
@@ -528,6 +529,7 @@ async fn request_ids_make_appends_happen_once(store: Arc<dyn SessionStore>) {
             &[text("a"), text("b")],
             SystemTime::now(),
             &key("r1", false),
+            u64::MAX,
         )
         .await
         .unwrap();
@@ -554,6 +556,7 @@ async fn request_ids_make_appends_happen_once(store: Arc<dyn SessionStore>) {
                         id: "r2".into(),
                         turn: false,
                     },
+                    u64::MAX,
                 )
                 .await
                 .unwrap()
@@ -578,6 +581,7 @@ async fn request_ids_make_appends_happen_once(store: Arc<dyn SessionStore>) {
             &[text("question")],
             SystemTime::now(),
             &key("t1", true),
+            u64::MAX,
         )
         .await
         .unwrap();
@@ -610,6 +614,7 @@ async fn request_ids_make_appends_happen_once(store: Arc<dyn SessionStore>) {
                 id: "t1".into(),
                 usage,
             },
+            u64::MAX,
         )
         .await
         .unwrap();
@@ -629,7 +634,8 @@ async fn request_ids_make_appends_happen_once(store: Arc<dyn SessionStore>) {
                 session.id,
                 &[text("x")],
                 SystemTime::now(),
-                &key("t1", false)
+                &key("t1", false),
+                u64::MAX
             )
             .await,
         Err(StoreError::RequestIdReused { .. })
@@ -642,6 +648,69 @@ async fn request_ids_make_appends_happen_once(store: Arc<dyn SessionStore>) {
     // Ending the session forgets its ids.
     assert!(store.delete_session(&fence, session.id).await.unwrap());
     assert_eq!(store.request_record(session.id, "r1").await.unwrap(), None);
+}
+
+/// A bounded context keeps its newest messages; seqs go on where they were.
+async fn a_bounded_context_drops_its_oldest_messages(store: Arc<dyn SessionStore>) {
+    let fence = own_slot(&*store).await;
+    let session = session("bounded");
+    store.create_session(&fence, &session).await.unwrap();
+    for round in 0..3 {
+        let batch: Vec<Message> = (0..4).map(|i| text(&format!("r{round} m{i}"))).collect();
+        store
+            .append_keyed(
+                &fence,
+                session.id,
+                &batch,
+                SystemTime::now(),
+                &AppendKey::None,
+                5,
+            )
+            .await
+            .unwrap();
+    }
+    // Concurrent appends of one message each: group commit trims within a batch too.
+    let appends = (0..6).map(|i| {
+        let store = store.clone();
+        let fence = fence.clone();
+        async move {
+            store
+                .append_keyed(
+                    &fence,
+                    session.id,
+                    &[text(&format!("late {i}"))],
+                    SystemTime::now(),
+                    &AppendKey::None,
+                    5,
+                )
+                .await
+                .unwrap()
+        }
+    });
+    futures::future::join_all(appends).await;
+    let context = store.read_context(session.id, 0, 0).await.unwrap();
+    assert_eq!(seqs(&context), [14, 15, 16, 17, 18]);
+    assert_eq!(
+        seqs(&store.read_context(session.id, 2, 0).await.unwrap()),
+        [17, 18]
+    );
+    assert_eq!(
+        seqs(&store.read_context_page(session.id, 0, 2).await.unwrap()),
+        [14, 15]
+    );
+    assert_eq!(
+        seqs(&store.read_context_page(session.id, 15, 10).await.unwrap()),
+        [16, 17, 18]
+    );
+    assert_eq!(
+        store
+            .get_session(session.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .message_count,
+        18
+    );
 }
 
 /// The system messages before a seq, newest `limit` of them, in order.
@@ -759,6 +828,7 @@ conformance!(
     context_pages,
     request_ids_make_appends_happen_once,
     system_messages_before_a_window,
+    a_bounded_context_drops_its_oldest_messages,
 );
 
 fn temp_dir(test: &str) -> PathBuf {

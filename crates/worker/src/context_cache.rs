@@ -66,6 +66,11 @@ impl ContextCache {
         self.first_seq + self.entries.len() as u64 - 1
     }
 
+    /// The oldest seq held.
+    pub fn first_seq(&self) -> u64 {
+        self.first_seq
+    }
+
     /// Adds messages just committed as `first_seq …`. Returns false when they do not follow
     /// the cached tail (another append committed in between): the caller drops the cache.
     #[must_use]

@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::{Result, WorkerError};
 use crate::placement::PlacementView;
-use crate::sessions::{SessionCall, SessionManager};
+use crate::sessions::{SessionCall, SessionManager, history_start};
 use crate::turn::{TurnInput, start_turn};
 
 pub struct WorkerSessionService {
@@ -220,9 +220,14 @@ impl SessionService for WorkerSessionService {
             .sessions
             .context_page(&call, message.last_n, message.after_seq)
             .await?;
+        let first_seq = history_start(
+            call.session.message_count(),
+            self.sessions.limits().max_context_messages,
+        );
         Ok(Response::new(pb::GetContextResponse {
             messages: messages.into_iter().map(context_message_to_wire).collect(),
             truncated,
+            first_seq,
         }))
     }
 

@@ -213,6 +213,11 @@ impl HotSession {
     }
 }
 
+/// The oldest seq a context of `last_seq` messages still holds when it keeps `keep_last`.
+pub fn history_start(last_seq: u64, keep_last: u64) -> u64 {
+    last_seq.saturating_sub(keep_last.max(1)) + 1
+}
+
 /// Runs `action` when dropped.
 fn scopeguard(action: impl FnOnce()) -> impl Drop {
     struct Guard<F: FnOnce()>(Option<F>);
@@ -544,14 +549,21 @@ impl SessionManager {
         key: &AppendKey,
     ) -> Result<Appended> {
         let slot = call.session.slot;
-        let current = call.session.message_count();
-        self.limits
-            .check_context_room(current, messages.len() as u64)?;
         let fence = self.call_fence(call)?;
         let at = SystemTime::now();
+        // The context keeps its newest max_context_messages: older ones are dropped in the
+        // same transaction.
+        let keep_last = self.limits.max_context_messages;
         let appended = self
             .store
-            .append_keyed(&fence, call.session.session_id, messages, at, key)
+            .append_keyed(
+                &fence,
+                call.session.session_id,
+                messages,
+                at,
+                key,
+                keep_last,
+            )
             .await
             .map_err(|error| self.store_error(slot, error))?;
         if !appended.written {
@@ -565,6 +577,15 @@ impl SessionManager {
             && !cache.append(first_seq, messages, at)
         {
             // Another append committed in between: reload on the next read.
+            activity.cache = None;
+        }
+        // A bound below the cache's size: the cache may hold what the store dropped.
+        let first_kept = history_start(last_seq, keep_last);
+        if activity
+            .cache
+            .as_ref()
+            .is_some_and(|cache| cache.first_seq() < first_kept)
+        {
             activity.cache = None;
         }
         Ok(appended)

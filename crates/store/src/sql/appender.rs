@@ -19,6 +19,8 @@ struct AppendRequest {
     messages: Vec<Message>,
     at: SystemTime,
     key: AppendKey,
+    /// The session keeps its newest this many messages.
+    keep_last: u64,
     reply: oneshot::Sender<Result<Appended>>,
 }
 
@@ -46,6 +48,7 @@ impl Appender {
         messages: Vec<Message>,
         at: SystemTime,
         key: AppendKey,
+        keep_last: u64,
     ) -> Result<Appended> {
         // One slot always goes to one lane, so a session's appends commit in order.
         let lane = &self.lanes[fence.slot as usize % self.lanes.len()];
@@ -56,6 +59,7 @@ impl Appender {
             messages,
             at,
             key,
+            keep_last,
             reply,
         };
         lane.send(request)
@@ -264,6 +268,7 @@ async fn stage_batch(
     }
 
     insert_messages(transaction, backend, &rows).await?;
+    trim_contexts(transaction, requests, &counts).await?;
     let inserted = requests::insert(transaction, backend, &kept).await?;
     if inserted < kept.len() {
         return Ok(None);
@@ -315,6 +320,33 @@ async fn find_repeats(
             }
         })
         .collect())
+}
+
+/// Drops the oldest messages of sessions now over their bound. Rare (a context reaches
+/// its bound once, then sheds a message per message), so one statement per session.
+async fn trim_contexts(
+    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    requests: &[AppendRequest],
+    counts: &HashMap<SessionId, u64>,
+) -> Result<()> {
+    let mut bounds: HashMap<SessionId, u64> = HashMap::new();
+    for request in requests {
+        let bound = bounds.entry(request.session_id).or_insert(u64::MAX);
+        *bound = (*bound).min(request.keep_last.max(1));
+    }
+    for (session_id, last_seq) in counts {
+        let bound = bounds.get(session_id).copied().unwrap_or(u64::MAX);
+        if *last_seq <= bound {
+            continue;
+        }
+        sqlx::query("DELETE FROM messages WHERE session_id = $1 AND seq <= $2")
+            .bind(session_id.as_bytes().to_vec())
+            .bind(i64::try_from(last_seq - bound).unwrap_or(i64::MAX))
+            .execute(&mut **transaction)
+            .await
+            .map_err(unavailable)?;
+    }
+    Ok(())
 }
 
 /// The fences of `requests` that hold, checked in one statement.

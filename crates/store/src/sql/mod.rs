@@ -669,6 +669,7 @@ impl SessionStore for SqlStore {
         messages: &[Message],
         at: SystemTime,
         key: &AppendKey,
+        keep_last: u64,
     ) -> Result<Appended> {
         self.appender
             .append(
@@ -677,6 +678,7 @@ impl SessionStore for SqlStore {
                 messages.to_vec(),
                 at,
                 key.clone(),
+                keep_last,
             )
             .await
     }
