@@ -1,0 +1,155 @@
+//! Reads of a context: from the tail cache when it covers them, otherwise from the store.
+
+use switchyard_core::window::MAX_OLDER_SYSTEM_MESSAGES;
+use switchyard_core::{ContextMessage, ContextWindow};
+use switchyard_store::RequestRecord;
+
+use super::{SessionCall, SessionManager};
+use crate::context_cache::{self, ContextCache};
+use crate::error::Result;
+
+/// The oldest seq a context of `last_seq` messages still holds when it keeps `keep_last`.
+pub fn history_start(last_seq: u64, keep_last: u64) -> u64 {
+    last_seq.saturating_sub(keep_last.max(1)) + 1
+}
+
+impl SessionManager {
+    /// What a turn sends its agent: the newest messages that fit `window`, after the system
+    /// messages before them.
+    pub async fn context_window(
+        &self,
+        call: &SessionCall,
+        window: &ContextWindow,
+    ) -> Result<Vec<ContextMessage>> {
+        let last_n = u32::try_from(window.max_messages).unwrap_or(u32::MAX);
+        let newest = self.context(call, last_n, 0).await?;
+        let first = newest.first().map_or(1, |message| message.seq);
+        let older_system = if first > 1 {
+            self.store
+                .read_system_messages(
+                    call.session.session_id,
+                    first,
+                    MAX_OLDER_SYSTEM_MESSAGES as u32,
+                )
+                .await?
+        } else {
+            Vec::new()
+        };
+        Ok(window.select(older_system, newest))
+    }
+
+    /// The message at `seq` of the call's session, if it is still stored.
+    pub async fn message_at(&self, call: &SessionCall, seq: u64) -> Result<Option<ContextMessage>> {
+        let page = self
+            .store
+            .read_context_page(call.session.session_id, seq.saturating_sub(1), 1)
+            .await?;
+        Ok(page.into_iter().find(|message| message.seq == seq))
+    }
+
+    /// What the store keeps of a request id of the call's session.
+    pub async fn request_record(
+        &self,
+        call: &SessionCall,
+        request_id: &str,
+    ) -> Result<Option<RequestRecord>> {
+        Ok(self
+            .store
+            .request_record(call.session.session_id, request_id)
+            .await?)
+    }
+
+    /// Reads a context: from memory when the cached tail covers the request, otherwise
+    /// from the store (loading the tail for the next reads).
+    pub async fn context(
+        &self,
+        call: &SessionCall,
+        last_n: u32,
+        after_seq: u64,
+    ) -> Result<Vec<ContextMessage>> {
+        if let Some(messages) = self.cached_context(call, last_n, after_seq) {
+            return Ok(messages);
+        }
+        let session_id = call.session.session_id;
+        if call.session.activity().cache.is_none() {
+            let expected_last = call.session.message_count();
+            let tail = self
+                .store
+                .read_context(session_id, context_cache::MAX_MESSAGES as u32, 0)
+                .await?;
+            let mut activity = call.session.activity();
+            // Installed only if no append landed while the tail was read.
+            if activity.cache.is_none() && activity.message_count == expected_last {
+                activity.cache = ContextCache::from_tail(&tail, expected_last);
+            }
+            drop(activity);
+            if let Some(messages) = self.cached_context(call, last_n, after_seq) {
+                return Ok(messages);
+            }
+        }
+        Ok(self
+            .store
+            .read_context(session_id, last_n, after_seq)
+            .await?)
+    }
+
+    /// One page of a context: the messages after `after_seq` (only the last `last_n` when
+    /// positive), at most `max_page_messages` of them and `max_page_bytes` of content
+    /// (always at least one). The flag says whether more follow.
+    pub async fn context_page(
+        &self,
+        call: &SessionCall,
+        last_n: u32,
+        after_seq: u64,
+    ) -> Result<(Vec<ContextMessage>, bool)> {
+        let mut after = after_seq;
+        if last_n > 0 {
+            after = after.max(
+                call.session
+                    .message_count()
+                    .saturating_sub(u64::from(last_n)),
+            );
+        }
+        // One more than a page, to learn whether more follow.
+        let wanted = self.limits.max_page_messages.saturating_add(1);
+        let mut messages = match self.cached_context(call, 0, after) {
+            Some(mut cached) => {
+                cached.truncate(wanted);
+                cached
+            }
+            None => {
+                let limit = u32::try_from(wanted).unwrap_or(u32::MAX);
+                self.store
+                    .read_context_page(call.session.session_id, after, limit)
+                    .await?
+            }
+        };
+        let mut bytes = 0usize;
+        let fits = messages
+            .iter()
+            .take(self.limits.max_page_messages)
+            .position(|message| {
+                bytes = bytes.saturating_add(message.content.len());
+                bytes > self.limits.max_page_bytes
+            })
+            .map_or(messages.len().min(self.limits.max_page_messages), |over| {
+                over.max(1)
+            });
+        let truncated = messages.len() > fits;
+        messages.truncate(fits);
+        Ok((messages, truncated))
+    }
+
+    pub(super) fn cached_context(
+        &self,
+        call: &SessionCall,
+        last_n: u32,
+        after_seq: u64,
+    ) -> Option<Vec<ContextMessage>> {
+        call.session
+            .activity()
+            .cache
+            .as_ref()?
+            .read(last_n, after_seq)
+    }
+}

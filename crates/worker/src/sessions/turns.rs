@@ -1,0 +1,133 @@
+//! The order of turns on a session (its double-text policy), and the request ids of the
+//! turns in flight.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use switchyard_core::DoubleText;
+
+use super::{EntryState, HotSession};
+use crate::error::WorkerError;
+
+/// A turn's request id, in flight on this worker while this lives.
+pub struct TurnRequest {
+    session: Arc<HotSession>,
+    pub request_id: String,
+}
+
+impl TurnRequest {
+    /// No longer in flight: its result is committed, and a repeat now replays it.
+    pub fn finish(&self) {
+        self.session
+            .activity()
+            .turn_requests
+            .remove(&self.request_id);
+    }
+}
+
+impl Drop for TurnRequest {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl HotSession {
+    /// Marks the turn of `request_id` as in flight on this worker until the guard drops;
+    /// `None` when a turn with that id already is.
+    pub fn begin_turn_request(self: &Arc<Self>, request_id: &str) -> Option<TurnRequest> {
+        if !self.activity().turn_requests.insert(request_id.to_string()) {
+            return None;
+        }
+        Some(TurnRequest {
+            session: self.clone(),
+            request_id: request_id.to_string(),
+        })
+    }
+
+    /// Takes the session's turn according to its double-text policy: at once if no turn
+    /// runs; otherwise refused (reject), after the running and queued turns (enqueue, within
+    /// `max_queued`), or after cancelling the running turn (interrupt). The token cancels the
+    /// turn that takes it, should a newer message interrupt it.
+    pub async fn take_turn(
+        &self,
+        max_queued: usize,
+    ) -> Result<(tokio::sync::MutexGuard<'_, ()>, CancellationToken), WorkerError> {
+        let guard = match self.turn.try_lock() {
+            Ok(guard) => guard,
+            Err(_) => match self.double_text {
+                DoubleText::Reject => return Err(WorkerError::TurnInProgress(self.session_id)),
+                DoubleText::Enqueue => {
+                    {
+                        let mut activity = self.activity();
+                        if usize::from(activity.queued) >= max_queued {
+                            return Err(WorkerError::TurnQueueFull {
+                                session_id: self.session_id,
+                                queued: max_queued,
+                            });
+                        }
+                        activity.queued += 1;
+                    }
+                    // Leaves the queue however the wait ends, cancellation included.
+                    let _leave = scopeguard(|| self.activity().queued -= 1);
+                    self.turn.lock().await
+                }
+                DoubleText::Interrupt => {
+                    let generation = {
+                        let mut activity = self.activity();
+                        // Bounded like the enqueue policy's queue.
+                        if usize::from(activity.queued) >= max_queued {
+                            return Err(WorkerError::TurnQueueFull {
+                                session_id: self.session_id,
+                                queued: max_queued,
+                            });
+                        }
+                        activity.queued += 1;
+                        if let Some(running) = &activity.running {
+                            running.cancel();
+                        }
+                        activity.interrupts += 1;
+                        activity.interrupts
+                    };
+                    let _leave = scopeguard(|| self.activity().queued -= 1);
+                    let guard = self.turn.lock().await;
+                    // A newer message interrupted while this one waited: only the newest runs.
+                    if self.activity().interrupts != generation {
+                        return Err(WorkerError::Interrupted);
+                    }
+                    guard
+                }
+            },
+        };
+        let token = CancellationToken::new();
+        let mut activity = self.activity();
+        if activity.handing_over {
+            return Err(WorkerError::HandedOver(self.session_id));
+        }
+        activity.running = Some(token.clone());
+        Ok((guard, token))
+    }
+
+    /// The session was ended (EndSession, eviction or expiry) while this entry was held.
+    pub fn is_ended(&self) -> bool {
+        self.activity().state == EntryState::Ended
+    }
+
+    /// Whether the running turn was cancelled because the session's slot is moving.
+    pub fn is_handing_over(&self) -> bool {
+        self.activity().handing_over
+    }
+}
+
+/// Runs `action` when dropped.
+fn scopeguard(action: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(action) = self.0.take() {
+                action();
+            }
+        }
+    }
+    Guard(Some(action))
+}
