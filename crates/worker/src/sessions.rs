@@ -28,6 +28,7 @@ use switchyard_core::{
     DoubleText, Epoch, Limits, Message, Session, SessionId, Slot, UserId, slot_of,
 };
 use switchyard_store::{AppendKey, Appended, Fence, SessionStore, StoreError};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::context_cache::ContextCache;
@@ -51,6 +52,8 @@ struct Activity {
     state: EntryState,
     /// The newest messages, when known; `None` until a read loads them.
     cache: Option<ContextCache>,
+    /// The lease epoch the cache was loaded under.
+    cache_epoch: Epoch,
     /// Turns waiting behind the running one.
     queued: u16,
     /// Cancels the running turn, for the interrupt policy and handoffs.
@@ -90,6 +93,7 @@ impl HotSession {
                 message_count,
                 state: EntryState::Live,
                 cache: None,
+                cache_epoch: Epoch::default(),
                 queued: 0,
                 running: None,
                 handing_over: false,
@@ -121,13 +125,18 @@ pub struct SessionCall {
     /// The epoch of the slot's lease when the call began: its writes need that same lease,
     /// so a call that outlives its worker's hold on the slot can never write under a later one.
     fence_epoch: Epoch,
+    /// Woken when the call ends, for a handoff waiting for its slots' calls.
+    ended: Arc<Notify>,
 }
 
 impl Drop for SessionCall {
     fn drop(&mut self) {
-        let mut activity = self.session.activity();
-        activity.in_flight -= 1;
-        activity.last_activity_at = SystemTime::now();
+        {
+            let mut activity = self.session.activity();
+            activity.in_flight -= 1;
+            activity.last_activity_at = SystemTime::now();
+        }
+        self.ended.notify_waiters();
     }
 }
 
@@ -142,6 +151,8 @@ pub struct SessionManager {
     slot_locks: Vec<tokio::sync::Mutex<()>>,
     /// Slots being handed to another worker: no call on them begins.
     releasing: RwLock<HashSet<Slot>>,
+    /// Woken whenever a call ends: a handoff waits on it, not on a clock.
+    call_ended: Arc<Notify>,
 }
 
 impl SessionManager {
@@ -161,6 +172,7 @@ impl SessionManager {
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
             releasing: RwLock::new(HashSet::new()),
+            call_ended: Arc::new(Notify::new()),
         }
     }
 
@@ -258,8 +270,20 @@ impl SessionManager {
             .await
             .map_err(|error| self.store_error(slot, error))?;
         let entry = hot_entry(&session);
-        entry.activity().cache = Some(ContextCache::empty_after(0));
-        self.hot().insert(session.id, Arc::new(entry));
+        {
+            let mut activity = entry.activity();
+            activity.cache = Some(ContextCache::empty_after(0));
+            activity.cache_epoch = fence.epoch;
+        }
+        {
+            // A create is a call like any other: if the slot's handoff began meanwhile, the
+            // new session is left to the store (its next call goes to the new owner) rather
+            // than kept here, where the handoff would not see it.
+            let mut hot = self.hot();
+            if !self.releasing_read().contains(&slot) {
+                hot.insert(session.id, Arc::new(entry));
+            }
+        }
         tracing::debug!(session_id = %session.id, user_id = %session.user_id, "session created");
         Ok((session, evicted))
     }
@@ -329,9 +353,19 @@ impl SessionManager {
                     return Err(error);
                 }
             };
+            {
+                // The cache belongs to the lease it was loaded under: a slot that moved away
+                // and came back finds its sessions' contexts anew in the store.
+                let mut activity = session.activity();
+                if activity.cache_epoch != fence_epoch {
+                    activity.cache = None;
+                    activity.cache_epoch = fence_epoch;
+                }
+            }
             return Ok(SessionCall {
                 session,
                 fence_epoch,
+                ended: self.call_ended.clone(),
             });
         }
     }

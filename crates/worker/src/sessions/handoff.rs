@@ -9,9 +9,6 @@ use switchyard_core::{SessionId, Slot};
 use super::{EntryState, HotSession, SessionManager};
 use crate::placement::CANCEL_WAIT;
 
-/// How often a handoff checks whether the calls on its slots have finished.
-const HANDOVER_POLL: Duration = Duration::from_millis(10);
-
 impl SessionManager {
     /// The first half of handing `slots` to another worker (the table already routes new
     /// calls there): lets the calls in progress finish for up to `grace`, then cancels the
@@ -36,30 +33,41 @@ impl SessionManager {
         };
         let deadline = tokio::time::Instant::now() + grace;
         let mut cancelled = 0;
-        loop {
-            let calls = in_flight();
-            if calls == 0 {
-                break;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                cancelled = calls;
-                for session in &sessions {
-                    let mut activity = session.activity();
-                    activity.handing_over = true;
-                    if let Some(running) = &activity.running {
-                        running.cancel();
-                    }
+        if !self.wait_for_calls(in_flight, deadline).await {
+            cancelled = in_flight();
+            for session in &sessions {
+                let mut activity = session.activity();
+                activity.handing_over = true;
+                if let Some(running) = &activity.running {
+                    running.cancel();
                 }
-                let cancelled_by = tokio::time::Instant::now() + CANCEL_WAIT;
-                while in_flight() > 0 && tokio::time::Instant::now() < cancelled_by {
-                    tokio::time::sleep(HANDOVER_POLL).await;
-                }
-                break;
             }
-            tokio::time::sleep(HANDOVER_POLL).await;
+            let cancelled_by = tokio::time::Instant::now() + CANCEL_WAIT;
+            self.wait_for_calls(in_flight, cancelled_by).await;
         }
         self.release_slots(|slot| !slots.contains(&slot)).await;
         cancelled
+    }
+
+    /// Waits until `in_flight` counts no call (woken as each call ends), or `deadline`;
+    /// returns whether the calls all ended.
+    async fn wait_for_calls(
+        &self,
+        in_flight: impl Fn() -> u32,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        loop {
+            let ended = self.call_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if in_flight() == 0 {
+                return true;
+            }
+            tokio::select! {
+                () = ended => {}
+                () = tokio::time::sleep_until(deadline) => return in_flight() == 0,
+            }
+        }
     }
 
     /// The end of a handoff: the slots' leases are released, and calls on them may begin
