@@ -18,7 +18,7 @@ use mimalloc::MiMalloc;
 use stats_alloc::{Region, StatsAlloc};
 use switchyard_core::{Epoch, Limits, Message, PlacementTable, Role, UserId, WorkerId};
 use switchyard_store::{SessionStore, SqlStore, SqlStoreOptions};
-use switchyard_worker::{PlacementView, SessionManager};
+use switchyard_worker::{SessionManager, SlotOwnership};
 
 /// The binary's allocator (mimalloc), counted.
 static INSTRUMENTED: StatsAlloc<MiMalloc> = StatsAlloc::new(MiMalloc);
@@ -61,7 +61,7 @@ async fn measure(passivate: bool) {
     options.durable = false;
     let store = Arc::new(SqlStore::open(options).await.expect("store"));
     let me = WorkerId::parse("bench").expect("id");
-    let placement = Arc::new(PlacementView::new(me.clone(), 1024));
+    let placement = Arc::new(SlotOwnership::new(me.clone(), 1024));
     placement.install(
         PlacementTable::empty(1024)
             .rebalanced(std::slice::from_ref(&me))

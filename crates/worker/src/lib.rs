@@ -4,14 +4,14 @@ mod context_cache;
 mod error;
 mod gate;
 mod membership;
-mod placement;
+mod ownership;
 mod service;
 mod sessions;
 mod turn;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use switchyard::pb::session_service_server::SessionServiceServer;
@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use error::WorkerError;
 pub use membership::MembershipError;
-pub use placement::PlacementView;
+pub use ownership::SlotOwnership;
 pub use sessions::SessionManager;
 
 use crate::membership::MembershipClient;
@@ -108,7 +108,7 @@ pub async fn start(
         .unwrap_or_else(|| local_address.to_string());
     let worker_id = config.worker_id.clone();
     let slot_count_unknown_yet = 1;
-    let placement = Arc::new(PlacementView::new(
+    let placement = Arc::new(SlotOwnership::new(
         worker_id.clone(),
         slot_count_unknown_yet,
     ));
@@ -194,7 +194,7 @@ pub async fn start(
 /// Keeps the store leases in step with the placement table, expires idle sessions, hands
 /// over the slots that moved away, and stops the worker once a drain has handed over all.
 async fn upkeep(
-    placement: Arc<PlacementView>,
+    placement: Arc<SlotOwnership>,
     sessions: Arc<SessionManager>,
     store: Arc<dyn SessionStore>,
     shutdown: CancellationToken,
@@ -262,13 +262,11 @@ const STORE_RETRY: Duration = Duration::from_millis(500);
 /// releases the lease; the new owner takes it then, or at once when the old owner is no
 /// longer a member (it died), or after the grace and a margin when the release never comes.
 struct LeaseKeeper {
-    placement: Arc<PlacementView>,
+    placement: Arc<SlotOwnership>,
     sessions: Arc<SessionManager>,
     store: Arc<dyn SessionStore>,
     /// Slots placed here whose previous owner is still handing them over, since when.
     waiting: HashMap<Slot, Instant>,
-    /// Slots this worker is handing over.
-    handing_over: Arc<Mutex<HashSet<Slot>>>,
     /// Signalled when a handover ends.
     handed_over: Arc<Notify>,
     /// The store failed: try again after a pause.
@@ -277,7 +275,7 @@ struct LeaseKeeper {
 
 impl LeaseKeeper {
     fn new(
-        placement: Arc<PlacementView>,
+        placement: Arc<SlotOwnership>,
         sessions: Arc<SessionManager>,
         store: Arc<dyn SessionStore>,
     ) -> Self {
@@ -286,7 +284,6 @@ impl LeaseKeeper {
             sessions,
             store,
             waiting: HashMap::new(),
-            handing_over: Arc::default(),
             handed_over: Arc::default(),
             store_failed: false,
         }
@@ -305,11 +302,7 @@ impl LeaseKeeper {
     }
 
     fn is_handing_over(&self) -> bool {
-        !self
-            .handing_over
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .is_empty()
+        self.placement.handovers_in_progress()
     }
 
     /// On a re-registration, forgets every lease and session held (cancelling running turns):
@@ -337,26 +330,16 @@ impl LeaseKeeper {
         let owned: HashSet<Slot> = table.slots_of(&worker_id).into_iter().collect();
         let held: HashSet<Slot> = self.placement.fenced_slots().into_iter().collect();
 
-        let lost: Vec<Slot> = {
-            let mut handing_over = self
-                .handing_over
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let lost: Vec<Slot> = held
-                .difference(&owned)
-                .filter(|slot| !handing_over.contains(slot))
-                .copied()
-                .collect();
-            handing_over.extend(lost.iter().copied());
-            lost
-        };
+        // Slots that moved away: from this moment no call on them begins.
+        let lost = self
+            .placement
+            .begin_handover(held.difference(&owned).copied());
         if !lost.is_empty() {
             tokio::spawn(hand_over(
                 self.placement.clone(),
                 self.sessions.clone(),
                 self.store.clone(),
                 lost,
-                self.handing_over.clone(),
                 self.handed_over.clone(),
             ));
         }
@@ -428,11 +411,10 @@ impl LeaseKeeper {
 /// Hands `slots` over: lets their calls finish within the grace (cancelling the rest),
 /// stops writing them, and releases their leases so the new owner can take them at once.
 async fn hand_over(
-    placement: Arc<PlacementView>,
+    placement: Arc<SlotOwnership>,
     sessions: Arc<SessionManager>,
     store: Arc<dyn SessionStore>,
     slots: Vec<Slot>,
-    handing_over: Arc<Mutex<HashSet<Slot>>>,
     handed_over: Arc<Notify>,
 ) {
     let worker_id = placement.worker_id().clone();
@@ -442,7 +424,6 @@ async fn hand_over(
     let _done = HandoverDone {
         sessions: sessions.clone(),
         slots: set.clone(),
-        handing_over,
         handed_over,
     };
     // The leases being given up, as held now: one taken again later (at a newer epoch, after
@@ -478,17 +459,12 @@ async fn hand_over(
 struct HandoverDone {
     sessions: Arc<SessionManager>,
     slots: HashSet<Slot>,
-    handing_over: Arc<Mutex<HashSet<Slot>>>,
     handed_over: Arc<Notify>,
 }
 
 impl Drop for HandoverDone {
     fn drop(&mut self) {
         self.sessions.handed_over(&self.slots);
-        self.handing_over
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .retain(|slot| !self.slots.contains(slot));
         self.handed_over.notify_one();
     }
 }

@@ -15,7 +15,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::WorkerConfig;
-use crate::placement::PlacementView;
+use crate::ownership::SlotOwnership;
 use crate::sessions::SessionManager;
 
 /// Longest pause between registration attempts while the coordinator is unreachable.
@@ -58,7 +58,7 @@ pub struct MembershipClient {
     /// New at every start of this process: the coordinator refuses another instance that
     /// registers this worker's id while this one's lease runs.
     incarnation_id: String,
-    placement: Arc<PlacementView>,
+    placement: Arc<SlotOwnership>,
 }
 
 impl MembershipClient {
@@ -68,7 +68,7 @@ impl MembershipClient {
         config: &WorkerConfig,
         address: String,
         cluster_id: String,
-        placement: Arc<PlacementView>,
+        placement: Arc<SlotOwnership>,
     ) -> Result<Self, MembershipError> {
         let coordinator_url = config.coordinator_url.as_str();
         let channel = lazy_channel(

@@ -18,13 +18,13 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use crate::error::{Result, WorkerError};
-use crate::placement::PlacementView;
+use crate::ownership::SlotOwnership;
 use crate::sessions::{SessionCall, SessionManager, history_start};
 use crate::turn::{TurnInput, start_turn};
 
 pub struct WorkerSessionService {
     worker_id: WorkerId,
-    placement: Arc<PlacementView>,
+    placement: Arc<SlotOwnership>,
     sessions: Arc<SessionManager>,
     agents: AgentCatalog,
     token_key: TokenKey,
@@ -33,7 +33,7 @@ pub struct WorkerSessionService {
 impl WorkerSessionService {
     pub fn new(
         worker_id: WorkerId,
-        placement: Arc<PlacementView>,
+        placement: Arc<SlotOwnership>,
         sessions: Arc<SessionManager>,
         agents: AgentCatalog,
         token_key: TokenKey,

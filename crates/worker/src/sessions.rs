@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::context_cache::ContextCache;
 use crate::error::{Result, WorkerError};
-use crate::placement::PlacementView;
+use crate::ownership::SlotOwnership;
 
 /// A session this worker has in memory.
 pub struct HotSession {
@@ -142,15 +142,13 @@ impl Drop for SessionCall {
 
 pub struct SessionManager {
     store: Arc<dyn SessionStore>,
-    placement: Arc<PlacementView>,
+    placement: Arc<SlotOwnership>,
     limits: Limits,
     slot_count: u32,
     /// Looked up on every call (read), changed when sessions load or leave (write).
     hot: RwLock<HashMap<SessionId, Arc<HotSession>>>,
     /// Serialises session creation and eviction per slot, so a user never goes over the limit.
     slot_locks: Vec<tokio::sync::Mutex<()>>,
-    /// Slots being handed to another worker: no call on them begins.
-    releasing: RwLock<HashSet<Slot>>,
     /// Woken whenever a call ends: a handoff waits on it, not on a clock.
     call_ended: Arc<Notify>,
 }
@@ -158,7 +156,7 @@ pub struct SessionManager {
 impl SessionManager {
     pub fn new(
         store: Arc<dyn SessionStore>,
-        placement: Arc<PlacementView>,
+        placement: Arc<SlotOwnership>,
         limits: Limits,
         slot_count: u32,
     ) -> Self {
@@ -171,7 +169,6 @@ impl SessionManager {
             slot_locks: (0..slot_count)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
-            releasing: RwLock::new(HashSet::new()),
             call_ended: Arc::new(Notify::new()),
         }
     }
@@ -189,18 +186,6 @@ impl SessionManager {
     fn hot_read(&self) -> RwLockReadGuard<'_, HashMap<SessionId, Arc<HotSession>>> {
         self.hot
             .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn releasing_read(&self) -> RwLockReadGuard<'_, HashSet<Slot>> {
-        self.releasing
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn releasing(&self) -> RwLockWriteGuard<'_, HashSet<Slot>> {
-        self.releasing
-            .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -280,7 +265,7 @@ impl SessionManager {
             // new session is left to the store (its next call goes to the new owner) rather
             // than kept here, where the handoff would not see it.
             let mut hot = self.hot();
-            if !self.releasing_read().contains(&slot) {
+            if !self.placement.is_handing_over(slot) {
                 hot.insert(session.id, Arc::new(entry));
             }
         }
@@ -372,11 +357,8 @@ impl SessionManager {
 
     /// The epoch of the lease under which `slot`'s sessions may be served now.
     fn servable(&self, slot: Slot) -> Result<Epoch> {
-        if self.releasing_read().contains(&slot) {
-            return Err(WorkerError::LeaseNotHeld(slot));
-        }
         self.placement
-            .fence_epoch(slot)
+            .servable(slot)
             .ok_or(WorkerError::LeaseNotHeld(slot))
     }
 
@@ -532,10 +514,10 @@ mod tests {
     const SLOTS: u32 = 4;
 
     /// A manager owning every slot, with the lease of `user`'s slot taken at epoch 1.
-    async fn manager(user: &UserId) -> (SessionManager, Arc<PlacementView>, Arc<MemoryStore>) {
+    async fn manager(user: &UserId) -> (SessionManager, Arc<SlotOwnership>, Arc<MemoryStore>) {
         let me = WorkerId::parse("w").unwrap();
         let store = Arc::new(MemoryStore::new());
-        let placement = Arc::new(PlacementView::new(me.clone(), SLOTS));
+        let placement = Arc::new(SlotOwnership::new(me.clone(), SLOTS));
         placement.renew_lease(Instant::now(), Duration::from_secs(60));
         placement.install(
             PlacementTable::empty(SLOTS)

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use switchyard_core::{SessionId, Slot};
 
 use super::{EntryState, HotSession, SessionManager};
-use crate::placement::CANCEL_WAIT;
+use crate::ownership::CANCEL_WAIT;
 
 impl SessionManager {
     /// The first half of handing `slots` to another worker (the table already routes new
@@ -16,9 +16,9 @@ impl SessionManager {
     /// sessions. Returns how many calls were still in progress at the end of the grace.
     /// The slots stay refused to new calls until [`SessionManager::handed_over`].
     pub async fn hand_over(&self, slots: &HashSet<Slot>, grace: Duration) -> u32 {
-        self.releasing().extend(slots.iter().copied());
-        // Taken once: from here no call on these slots begins (`begin` checks `releasing`
-        // after counting itself in flight), so no session joins this list later.
+        self.placement.begin_handover(slots.iter().copied());
+        // Taken once: from here no call on these slots begins (`begin` checks the slot's
+        // ownership after counting itself in flight), so no session joins this list later.
         let sessions: Vec<Arc<HotSession>> = self
             .hot_read()
             .values()
@@ -73,7 +73,7 @@ impl SessionManager {
     /// The end of a handoff: the slots' leases are released, and calls on them may begin
     /// again should they come back (under a new lease).
     pub fn handed_over(&self, slots: &HashSet<Slot>) {
-        self.releasing().retain(|slot| !slots.contains(slot));
+        self.placement.end_handover(slots);
     }
 
     /// Drops every session from memory without saving anything, cancelling the turns still

@@ -1,8 +1,12 @@
-//! The worker's view of the placement table and its lease.
+//! `SlotOwnership`: the one answer to "may this worker serve slot X now". A slot is
+//! servable while the coordinator's table (under a fresh lease from the coordinator) places
+//! it here, this worker holds its lease in the store (its fence), and it is not being handed
+//! over. The lease keeper (`lib.rs`) drives the handoff through here: it marks slots as
+//! handed over when they move away, and takes fences for slots that arrive.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use switchyard_core::{Epoch, PlacementTable, Slot, WorkerId};
@@ -23,7 +27,7 @@ pub const CANCEL_WAIT: Duration = Duration::from_millis(500);
 const DEFAULT_HANDOFF_GRACE: Duration = Duration::from_secs(5);
 
 /// The latest table the coordinator sent, and until when the worker may act on it.
-pub struct PlacementView {
+pub struct SlotOwnership {
     worker_id: WorkerId,
     table: watch::Sender<Arc<PlacementTable>>,
     /// When the coordinator's lease on this worker ends, in nanoseconds after `started`
@@ -45,12 +49,15 @@ pub struct PlacementView {
     /// restarted) until the worker has forgotten the fences and sessions it held: while it
     /// was out of touch its slots may have moved and moved back, leaving them stale.
     fences_verified: watch::Sender<bool>,
+    /// Slots moving to another worker: no call on them begins, the calls in flight finish
+    /// or are cancelled, then their leases are released.
+    handing_over: Mutex<HashSet<Slot>>,
 }
 
-impl PlacementView {
+impl SlotOwnership {
     pub fn new(worker_id: WorkerId, slot_count: u32) -> Self {
         let (table, _) = watch::channel(Arc::new(PlacementTable::empty(slot_count)));
-        PlacementView {
+        SlotOwnership {
             worker_id,
             table,
             lease_valid_until: AtomicU64::new(0),
@@ -61,7 +68,47 @@ impl PlacementView {
             heartbeat_interval_ms: AtomicU64::new(500),
             draining: watch::channel(false).0,
             fences_verified: watch::channel(true).0,
+            handing_over: Mutex::new(HashSet::new()),
         }
+    }
+
+    fn handing_over(&self) -> MutexGuard<'_, HashSet<Slot>> {
+        self.handing_over
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Marks `slots` as being handed over; returns those that were not already.
+    pub fn begin_handover(&self, slots: impl IntoIterator<Item = Slot>) -> Vec<Slot> {
+        let mut handing_over = self.handing_over();
+        slots
+            .into_iter()
+            .filter(|slot| handing_over.insert(*slot))
+            .collect()
+    }
+
+    /// The end of a handoff: the slots may be served again should they come back (under a
+    /// new lease).
+    pub fn end_handover(&self, slots: &HashSet<Slot>) {
+        self.handing_over().retain(|slot| !slots.contains(slot));
+    }
+
+    pub fn is_handing_over(&self, slot: Slot) -> bool {
+        self.handing_over().contains(&slot)
+    }
+
+    /// Whether any handoff is still in progress.
+    pub fn handovers_in_progress(&self) -> bool {
+        !self.handing_over().is_empty()
+    }
+
+    /// The epoch of the lease under which `slot`'s sessions may be served now: held here,
+    /// and not being handed over.
+    pub fn servable(&self, slot: Slot) -> Option<Epoch> {
+        if self.is_handing_over(slot) {
+            return None;
+        }
+        self.fence_epoch(slot)
     }
 
     pub fn fences_verified(&self) -> bool {
@@ -262,7 +309,7 @@ impl PlacementView {
     }
 }
 
-impl PlacementView {
+impl SlotOwnership {
     /// A slot just placed here is served once its lease is taken in the store, which may
     /// wait for the previous owner to hand it over.
     async fn wait_for_fence(&self, slot: Slot) -> Result<()> {
@@ -293,7 +340,7 @@ mod tests {
     #[tokio::test]
     async fn ownership_follows_the_newest_table() {
         let me = worker("a");
-        let view = PlacementView::new(me.clone(), 16);
+        let view = SlotOwnership::new(me.clone(), 16);
         view.renew_lease(Instant::now(), Duration::from_secs(60));
         let first = PlacementTable::empty(16)
             .rebalanced(std::slice::from_ref(&me))
@@ -321,7 +368,7 @@ mod tests {
     #[tokio::test]
     async fn an_owned_slot_without_its_store_lease_is_not_served() {
         let me = worker("a");
-        let view = PlacementView::new(me.clone(), 4);
+        let view = SlotOwnership::new(me.clone(), 4);
         view.set_handoff_timing(Duration::ZERO, Duration::ZERO);
         view.renew_lease(Instant::now(), Duration::from_secs(60));
         view.install(PlacementTable::empty(4).rebalanced(&[me]).unwrap());
@@ -339,7 +386,7 @@ mod tests {
     #[tokio::test]
     async fn an_expired_lease_refuses_calls() {
         let me = worker("a");
-        let view = PlacementView::new(me.clone(), 4);
+        let view = SlotOwnership::new(me.clone(), 4);
         view.install(PlacementTable::empty(4).rebalanced(&[me]).unwrap());
         assert!(matches!(
             view.check_owner(0, None).await,
@@ -350,7 +397,7 @@ mod tests {
     #[tokio::test]
     async fn a_newer_requested_epoch_waits_then_gives_up() {
         let me = worker("a");
-        let view = PlacementView::new(me.clone(), 4);
+        let view = SlotOwnership::new(me.clone(), 4);
         view.renew_lease(Instant::now(), Duration::from_secs(60));
         view.install(PlacementTable::empty(4).rebalanced(&[me]).unwrap());
         let error = view.check_owner(0, Some(Epoch(9))).await.unwrap_err();
