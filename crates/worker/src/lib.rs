@@ -265,8 +265,6 @@ struct LeaseKeeper {
     placement: Arc<SlotOwnership>,
     sessions: Arc<SessionManager>,
     store: Arc<dyn SessionStore>,
-    /// Slots placed here whose previous owner is still handing them over, since when.
-    waiting: HashMap<Slot, Instant>,
     /// Signalled when a handover ends.
     handed_over: Arc<Notify>,
     /// The store failed: try again after a pause.
@@ -283,7 +281,6 @@ impl LeaseKeeper {
             placement,
             sessions,
             store,
-            waiting: HashMap::new(),
             handed_over: Arc::default(),
             store_failed: false,
         }
@@ -294,7 +291,7 @@ impl LeaseKeeper {
     fn retry_in(&self) -> Option<Duration> {
         if self.store_failed {
             Some(STORE_RETRY)
-        } else if !self.waiting.is_empty() || !self.placement.fences_verified() {
+        } else if self.placement.is_waiting() || !self.placement.fences_verified() {
             Some(LEASE_RETRY)
         } else {
             None
@@ -316,7 +313,7 @@ impl LeaseKeeper {
         tracing::info!(%worker_id, slots = held.len(), "registered again: leases and sessions are taken afresh");
         self.placement.remove_fences(&held);
         self.sessions.forget_all();
-        self.waiting.clear();
+        self.placement.stop_waiting(|_| false);
         self.placement.set_fences_verified(true);
     }
 
@@ -344,7 +341,7 @@ impl LeaseKeeper {
             ));
         }
 
-        self.waiting.retain(|slot, _| owned.contains(slot));
+        self.placement.stop_waiting(|slot| owned.contains(&slot));
         let mut new: Vec<Slot> = owned.difference(&held).copied().collect();
         if new.is_empty() {
             return;
@@ -376,7 +373,7 @@ impl LeaseKeeper {
                 take.push(slot);
                 continue;
             }
-            let since = *self.waiting.entry(slot).or_insert(now);
+            let since = self.placement.waiting_since(slot, now);
             if now.duration_since(since) >= patience {
                 tracing::warn!(%worker_id, slot, previous_owner = %leases[&slot].owner, "the previous owner did not hand the slot over in time; taking it");
                 take.push(slot);
@@ -394,9 +391,7 @@ impl LeaseKeeper {
                 if acquired.len() < take.len() {
                     tracing::warn!(%worker_id, epoch = %table.epoch(), refused = take.len() - acquired.len(), "some slot leases are held at a newer epoch");
                 }
-                for slot in &take {
-                    self.waiting.remove(slot);
-                }
+                self.placement.stop_waiting(|slot| !take.contains(&slot));
                 self.placement.add_fences(&acquired, table.epoch());
                 tracing::debug!(%worker_id, epoch = %table.epoch(), acquired = acquired.len(), "slot leases taken");
             }

@@ -52,6 +52,8 @@ pub struct SlotOwnership {
     /// Slots moving to another worker: no call on them begins, the calls in flight finish
     /// or are cancelled, then their leases are released.
     handing_over: Mutex<HashSet<Slot>>,
+    /// Slots placed here whose previous owner is still handing them over, since when.
+    arriving: Mutex<HashMap<Slot, Instant>>,
 }
 
 impl SlotOwnership {
@@ -69,7 +71,30 @@ impl SlotOwnership {
             draining: watch::channel(false).0,
             fences_verified: watch::channel(true).0,
             handing_over: Mutex::new(HashSet::new()),
+            arriving: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn arriving(&self) -> MutexGuard<'_, HashMap<Slot, Instant>> {
+        self.arriving
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Since when this worker has waited for the previous owner to hand `slot` over
+    /// (from now, if it had not been waiting).
+    pub fn waiting_since(&self, slot: Slot, now: Instant) -> Instant {
+        *self.arriving().entry(slot).or_insert(now)
+    }
+
+    /// Stops waiting for slots that were taken, or are no longer placed here (`keep`).
+    pub fn stop_waiting(&self, keep: impl Fn(Slot) -> bool) {
+        self.arriving().retain(|slot, _| keep(*slot));
+    }
+
+    /// Whether some slot placed here is still being handed over by its previous owner.
+    pub fn is_waiting(&self) -> bool {
+        !self.arriving().is_empty()
     }
 
     fn handing_over(&self) -> MutexGuard<'_, HashSet<Slot>> {
