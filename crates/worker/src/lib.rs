@@ -324,30 +324,22 @@ impl LeaseKeeper {
         }
         let table = self.placement.current();
         let worker_id = self.placement.worker_id().clone();
-        let owned: HashSet<Slot> = table.slots_of(&worker_id).into_iter().collect();
-        let held: HashSet<Slot> = self.placement.fenced_slots().into_iter().collect();
-
-        // Slots that moved away: from this moment no call on them begins.
-        let lost = self
-            .placement
-            .begin_handover(held.difference(&owned).copied());
-        if !lost.is_empty() {
+        // The transitions are SlotOwnership's; what needs the store happens here.
+        let moving = self.placement.slots_moving_away(&table);
+        if !moving.is_empty() {
             tokio::spawn(hand_over(
                 self.placement.clone(),
                 self.sessions.clone(),
                 self.store.clone(),
-                lost,
+                moving,
                 self.handed_over.clone(),
             ));
         }
-
-        self.placement.stop_waiting(|slot| owned.contains(&slot));
-        let mut new: Vec<Slot> = owned.difference(&held).copied().collect();
-        if new.is_empty() {
+        let arriving = self.placement.slots_arriving(&table);
+        if arriving.is_empty() {
             return;
         }
-        new.sort_unstable();
-        let leases = match self.store.slot_leases(&new).await {
+        let leases = match self.store.slot_leases(&arriving).await {
             Ok(leases) => leases,
             Err(error) => {
                 tracing::warn!(%worker_id, %error, "cannot read slot leases; retrying");
@@ -359,26 +351,9 @@ impl LeaseKeeper {
             .into_iter()
             .map(|lease| (lease.slot, lease))
             .collect();
-        let now = Instant::now();
-        let patience = self.placement.handoff_patience();
-        let mut take = Vec::with_capacity(new.len());
-        for slot in new {
-            let free = match leases.get(&slot) {
-                None => true,
-                Some(lease) => {
-                    lease.released || lease.owner == worker_id || !table.is_member(&lease.owner)
-                }
-            };
-            if free {
-                take.push(slot);
-                continue;
-            }
-            let since = self.placement.waiting_since(slot, now);
-            if now.duration_since(since) >= patience {
-                tracing::warn!(%worker_id, slot, previous_owner = %leases[&slot].owner, "the previous owner did not hand the slot over in time; taking it");
-                take.push(slot);
-            }
-        }
+        let take = self
+            .placement
+            .slots_to_take(&table, &arriving, &leases, Instant::now());
         if take.is_empty() {
             return;
         }
@@ -391,8 +366,7 @@ impl LeaseKeeper {
                 if acquired.len() < take.len() {
                     tracing::warn!(%worker_id, epoch = %table.epoch(), refused = take.len() - acquired.len(), "some slot leases are held at a newer epoch");
                 }
-                self.placement.stop_waiting(|slot| !take.contains(&slot));
-                self.placement.add_fences(&acquired, table.epoch());
+                self.placement.slots_taken(&take, &acquired, table.epoch());
                 tracing::debug!(%worker_id, epoch = %table.epoch(), acquired = acquired.len(), "slot leases taken");
             }
             Err(error) => {

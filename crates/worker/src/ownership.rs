@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use switchyard_core::{Epoch, PlacementTable, Slot, WorkerId};
-use switchyard_store::Fence;
+use switchyard_store::{Fence, SlotLease};
 use tokio::sync::{Notify, watch};
 
 use crate::error::{Result, WorkerError};
@@ -79,6 +79,62 @@ impl SlotOwnership {
         self.arriving
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The handoff's first step after `table` came: slots held here but placed elsewhere
+    /// begin to be handed over (no call on them begins from now). Returns those newly so;
+    /// the caller finishes or cancels their calls and releases their leases.
+    pub fn slots_moving_away(&self, table: &PlacementTable) -> Vec<Slot> {
+        let owned: HashSet<Slot> = table.slots_of(&self.worker_id).into_iter().collect();
+        let held = self.fenced_slots();
+        self.begin_handover(held.into_iter().filter(|slot| !owned.contains(slot)))
+    }
+
+    /// Slots placed here whose lease this worker does not hold yet, in order; slots no
+    /// longer placed here stop being waited for.
+    pub fn slots_arriving(&self, table: &PlacementTable) -> Vec<Slot> {
+        let owned: HashSet<Slot> = table.slots_of(&self.worker_id).into_iter().collect();
+        self.stop_waiting(|slot| owned.contains(&slot));
+        let held: HashSet<Slot> = self.fenced_slots().into_iter().collect();
+        let mut arriving: Vec<Slot> = owned.difference(&held).copied().collect();
+        arriving.sort_unstable();
+        arriving
+    }
+
+    /// Which arriving slots to take now, by their leases in the store (`leases`, those
+    /// leased at all): a slot never leased, released by its holder, held by this worker, or
+    /// held by a worker that is no longer a member is taken at once; one a member still
+    /// holds once it has been waited for longer than the handoff allows.
+    pub fn slots_to_take(
+        &self,
+        table: &PlacementTable,
+        arriving: &[Slot],
+        leases: &HashMap<Slot, SlotLease>,
+        now: Instant,
+    ) -> Vec<Slot> {
+        let patience = self.handoff_patience();
+        let mut take = Vec::with_capacity(arriving.len());
+        for &slot in arriving {
+            let free = leases.get(&slot).is_none_or(|lease| {
+                lease.released || lease.owner == self.worker_id || !table.is_member(&lease.owner)
+            });
+            if free {
+                take.push(slot);
+                continue;
+            }
+            if now.duration_since(self.waiting_since(slot, now)) >= patience {
+                tracing::warn!(worker_id = %self.worker_id, slot, previous_owner = %leases[&slot].owner, "the previous owner did not hand the slot over in time; taking it");
+                take.push(slot);
+            }
+        }
+        take
+    }
+
+    /// The handoff's last step on the new owner: `acquired` (of the `taken` slots) are held
+    /// at `epoch`, and served from now.
+    pub fn slots_taken(&self, taken: &[Slot], acquired: &[Slot], epoch: Epoch) {
+        self.stop_waiting(|slot| !taken.contains(&slot));
+        self.add_fences(acquired, epoch);
     }
 
     /// Since when this worker has waited for the previous owner to hand `slot` over
@@ -430,5 +486,64 @@ mod tests {
             matches!(error, WorkerError::PlacementBehind { .. }),
             "{error}"
         );
+    }
+
+    #[test]
+    fn the_handoff_transitions() {
+        let (me, other) = (worker("a"), worker("b"));
+        let ownership = SlotOwnership::new(me.clone(), 4);
+        ownership.set_handoff_timing(Duration::from_millis(100), Duration::ZERO);
+        let mine = PlacementTable::empty(4)
+            .rebalanced(std::slice::from_ref(&me))
+            .unwrap();
+        ownership.install(mine.clone());
+        // Every slot arrives; the leases: 0 never taken, 1 released, 2 held by a member,
+        // 3 held by a worker that is gone.
+        let arriving = ownership.slots_arriving(&mine);
+        assert_eq!(arriving, [0, 1, 2, 3]);
+        let lease = |slot, owner: &WorkerId, released| SlotLease {
+            slot,
+            owner: owner.clone(),
+            epoch: Epoch(1),
+            released,
+        };
+        let gone = worker("gone");
+        let both = mine.rebalanced(&[me.clone(), other.clone()]).unwrap();
+        let member_table = both.clone().with_epoch(mine.epoch());
+        let leases: HashMap<Slot, SlotLease> = [
+            (1, lease(1, &other, true)),
+            (2, lease(2, &other, false)),
+            (3, lease(3, &gone, false)),
+        ]
+        .into_iter()
+        .collect();
+        let now = Instant::now();
+        assert_eq!(
+            ownership.slots_to_take(&member_table, &arriving, &leases, now),
+            [0, 1, 3]
+        );
+        assert!(ownership.is_waiting());
+        // Past the handoff's patience, the member's slot is taken too.
+        let later = now + ownership.handoff_patience();
+        assert_eq!(
+            ownership.slots_to_take(&member_table, &[2], &leases, later),
+            [2]
+        );
+        ownership.slots_taken(&arriving, &arriving, Epoch(1));
+        assert!(!ownership.is_waiting());
+        assert_eq!(ownership.servable(2), Some(Epoch(1)));
+
+        // Half the slots move to b: they stop being served at once, until handed over.
+        ownership.install(both.clone());
+        let moving = ownership.slots_moving_away(&both);
+        assert!(!moving.is_empty());
+        assert!(ownership.handovers_in_progress());
+        for slot in &moving {
+            assert_eq!(ownership.servable(*slot), None);
+        }
+        // Asked again, nothing new moves: the handoff is under way already.
+        assert!(ownership.slots_moving_away(&both).is_empty());
+        ownership.end_handover(&moving.iter().copied().collect());
+        assert!(!ownership.handovers_in_progress());
     }
 }
