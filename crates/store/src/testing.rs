@@ -91,3 +91,221 @@ fn uuid_hex() -> String {
         .map(|byte| format!("{byte:02x}"))
         .collect()
 }
+
+/// A store that can hold an operation midway, for tests that stage a race: the operation
+/// waits, once it has begun, until the test lets it go.
+pub struct GatedStore {
+    inner: std::sync::Arc<dyn crate::SessionStore>,
+    creates: Gate,
+}
+
+/// Holds the operations that reach it while closed.
+#[derive(Default)]
+pub struct Gate {
+    closed: std::sync::atomic::AtomicBool,
+    /// Operations that have reached the closed gate.
+    arrivals: std::sync::atomic::AtomicUsize,
+    reached: tokio::sync::Notify,
+    opened: tokio::sync::Notify,
+}
+
+impl Gate {
+    /// Operations from now wait at the gate.
+    pub fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Lets waiting operations (and later ones) through.
+    pub fn open(&self) {
+        self.closed
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.opened.notify_waiters();
+    }
+
+    /// Resolves once an operation has reached the closed gate.
+    pub async fn reached(&self) {
+        loop {
+            let reached = self.reached.notified();
+            tokio::pin!(reached);
+            reached.as_mut().enable();
+            if self.arrivals.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+                return;
+            }
+            reached.await;
+        }
+    }
+
+    async fn pass(&self) {
+        let mut counted = false;
+        loop {
+            let opened = self.opened.notified();
+            tokio::pin!(opened);
+            opened.as_mut().enable();
+            if !self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            if !counted {
+                counted = true;
+                self.arrivals
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                self.reached.notify_waiters();
+            }
+            opened.await;
+        }
+    }
+}
+
+impl GatedStore {
+    pub fn new(inner: std::sync::Arc<dyn crate::SessionStore>) -> Self {
+        GatedStore {
+            inner,
+            creates: Gate::default(),
+        }
+    }
+
+    /// The gate `create_session` waits at, before it writes.
+    pub fn creates(&self) -> &Gate {
+        &self.creates
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::SessionStore for GatedStore {
+    async fn cluster_id(&self) -> crate::Result<String> {
+        self.inner.cluster_id().await
+    }
+
+    async fn acquire_slots(
+        &self,
+        owner: &switchyard_core::WorkerId,
+        epoch: switchyard_core::Epoch,
+        slots: &[switchyard_core::Slot],
+    ) -> crate::Result<Vec<switchyard_core::Slot>> {
+        self.inner.acquire_slots(owner, epoch, slots).await
+    }
+
+    async fn max_lease_epoch(&self) -> crate::Result<switchyard_core::Epoch> {
+        self.inner.max_lease_epoch().await
+    }
+
+    async fn slot_leases(
+        &self,
+        slots: &[switchyard_core::Slot],
+    ) -> crate::Result<Vec<crate::SlotLease>> {
+        self.inner.slot_leases(slots).await
+    }
+
+    async fn release_slots(&self, fences: &[crate::Fence]) -> crate::Result<usize> {
+        self.inner.release_slots(fences).await
+    }
+
+    async fn save_placement(&self, placement: &crate::StoredPlacement) -> crate::Result<bool> {
+        self.inner.save_placement(placement).await
+    }
+
+    async fn load_placement(&self) -> crate::Result<Option<crate::StoredPlacement>> {
+        self.inner.load_placement().await
+    }
+
+    async fn create_session(
+        &self,
+        fence: &crate::Fence,
+        session: &switchyard_core::Session,
+    ) -> crate::Result<()> {
+        self.creates.pass().await;
+        self.inner.create_session(fence, session).await
+    }
+
+    async fn get_session(
+        &self,
+        session_id: switchyard_core::SessionId,
+    ) -> crate::Result<Option<switchyard_core::Session>> {
+        self.inner.get_session(session_id).await
+    }
+
+    async fn list_user_sessions(
+        &self,
+        user_id: &switchyard_core::UserId,
+    ) -> crate::Result<Vec<switchyard_core::Session>> {
+        self.inner.list_user_sessions(user_id).await
+    }
+
+    async fn delete_session(
+        &self,
+        fence: &crate::Fence,
+        session_id: switchyard_core::SessionId,
+    ) -> crate::Result<bool> {
+        self.inner.delete_session(fence, session_id).await
+    }
+
+    async fn append_keyed(
+        &self,
+        fence: &crate::Fence,
+        session_id: switchyard_core::SessionId,
+        messages: &[switchyard_core::Message],
+        at: std::time::SystemTime,
+        key: &crate::AppendKey,
+        keep_last: u64,
+    ) -> crate::Result<crate::Appended> {
+        self.inner
+            .append_keyed(fence, session_id, messages, at, key, keep_last)
+            .await
+    }
+
+    async fn request_record(
+        &self,
+        session_id: switchyard_core::SessionId,
+        request_id: &str,
+    ) -> crate::Result<Option<crate::RequestRecord>> {
+        self.inner.request_record(session_id, request_id).await
+    }
+
+    async fn read_system_messages(
+        &self,
+        session_id: switchyard_core::SessionId,
+        before_seq: u64,
+        limit: u32,
+    ) -> crate::Result<Vec<switchyard_core::ContextMessage>> {
+        self.inner
+            .read_system_messages(session_id, before_seq, limit)
+            .await
+    }
+
+    async fn read_context(
+        &self,
+        session_id: switchyard_core::SessionId,
+        last_n: u32,
+        after_seq: u64,
+    ) -> crate::Result<Vec<switchyard_core::ContextMessage>> {
+        self.inner.read_context(session_id, last_n, after_seq).await
+    }
+
+    async fn read_context_page(
+        &self,
+        session_id: switchyard_core::SessionId,
+        after_seq: u64,
+        limit: u32,
+    ) -> crate::Result<Vec<switchyard_core::ContextMessage>> {
+        self.inner
+            .read_context_page(session_id, after_seq, limit)
+            .await
+    }
+
+    async fn touch_session(
+        &self,
+        fence: &crate::Fence,
+        session_id: switchyard_core::SessionId,
+        at: std::time::SystemTime,
+    ) -> crate::Result<()> {
+        self.inner.touch_session(fence, session_id, at).await
+    }
+
+    async fn idle_sessions(
+        &self,
+        slots: &[switchyard_core::Slot],
+        before: std::time::SystemTime,
+        limit: usize,
+    ) -> crate::Result<Vec<crate::IdleSession>> {
+        self.inner.idle_sessions(slots, before, limit).await
+    }
+}

@@ -572,6 +572,57 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_create_racing_a_handoff_leaves_no_session_in_memory() {
+        let user = UserId::parse("carla").unwrap();
+        let me = WorkerId::parse("w").unwrap();
+        let store = Arc::new(switchyard_store::testing::GatedStore::new(Arc::new(
+            MemoryStore::new(),
+        )));
+        let placement = Arc::new(SlotOwnership::new(me.clone(), SLOTS));
+        placement.renew_lease(Instant::now(), Duration::from_secs(60));
+        placement.install(
+            PlacementTable::empty(SLOTS)
+                .rebalanced(std::slice::from_ref(&me))
+                .unwrap(),
+        );
+        let slot = slot_of(user.as_str(), SLOTS);
+        store.acquire_slots(&me, Epoch(1), &[slot]).await.unwrap();
+        placement.add_fences(&[slot], Epoch(1));
+        let manager = Arc::new(SessionManager::new(
+            store.clone(),
+            placement.clone(),
+            Limits::default(),
+            SLOTS,
+        ));
+        // The create passes its checks, then its write waits while the slot's handoff begins.
+        store.creates().close();
+        let create = {
+            let manager = manager.clone();
+            let user = user.clone();
+            tokio::spawn(async move {
+                manager
+                    .create(user, BTreeMap::new(), DoubleText::default())
+                    .await
+            })
+        };
+        store.creates().reached().await;
+        let slots: HashSet<Slot> = [slot].into();
+        let handoff = {
+            let manager = manager.clone();
+            let slots = slots.clone();
+            tokio::spawn(async move { manager.hand_over(&slots, Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        store.creates().open();
+        let (session, _) = create.await.unwrap().unwrap();
+        handoff.await.unwrap();
+        // Created in the store, for the next owner to load; not kept here, where the
+        // handoff already looked.
+        assert!(store.get_session(session.id).await.unwrap().is_some());
+        assert_eq!(manager.hot_count(), 0);
+    }
+
+    #[tokio::test]
     async fn a_handoff_waits_for_calls_in_flight_and_refuses_new_ones() {
         let user = UserId::parse("bob").unwrap();
         let (manager, _, _) = manager(&user).await;
