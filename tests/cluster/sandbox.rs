@@ -142,13 +142,7 @@ impl Sandbox {
         );
         agents.register(
             NUL_AGENT,
-            Arc::new(ProcessConfig {
-                agent_type: NUL_AGENT.to_string(),
-                program: "python3".to_string(),
-                args: vec!["-c".to_string(), NUL_AGENT_PROGRAM.to_string()],
-                env: Vec::new(),
-                ready_timeout: Duration::from_secs(10),
-            }),
+            python_agent(NUL_AGENT, NUL_AGENT_PROGRAM),
             PoolConfig::default(),
         );
         for (name, turn_timeout) in [
@@ -157,13 +151,7 @@ impl Sandbox {
         ] {
             agents.register(
                 name,
-                Arc::new(ProcessConfig {
-                    agent_type: name.to_string(),
-                    program: "python3".to_string(),
-                    args: vec!["-c".to_string(), SILENT_AGENT_PROGRAM.to_string()],
-                    env: Vec::new(),
-                    ready_timeout: Duration::from_secs(10),
-                }),
+                python_agent(name, SILENT_AGENT_PROGRAM),
                 PoolConfig {
                     max: 1,
                     acquire_timeout: Duration::from_millis(500),
@@ -174,13 +162,7 @@ impl Sandbox {
         }
         agents.register(
             WINDOW_AGENT,
-            Arc::new(ProcessConfig {
-                agent_type: WINDOW_AGENT.to_string(),
-                program: "python3".to_string(),
-                args: vec!["-c".to_string(), WINDOW_AGENT_PROGRAM.to_string()],
-                env: Vec::new(),
-                ready_timeout: Duration::from_secs(10),
-            }),
+            python_agent(WINDOW_AGENT, WINDOW_AGENT_PROGRAM),
             PoolConfig {
                 context_window: switchyard_core::ContextWindow {
                     max_messages: 3,
@@ -324,6 +306,17 @@ pub async fn create(client: &SwitchyardClient, user_id: &str) -> pb::Session {
         .expect("session created")
         .session
         .expect("response holds the session")
+}
+
+/// A process agent running `program` with python3.
+fn python_agent(agent_type: &str, program: &str) -> Arc<ProcessConfig> {
+    Arc::new(ProcessConfig {
+        agent_type: agent_type.to_string(),
+        program: "python3".to_string(),
+        args: vec!["-c".to_string(), program.to_string()],
+        env: Vec::new(),
+        ready_timeout: Duration::from_secs(10),
+    })
 }
 
 fn rand_secret() -> Vec<u8> {

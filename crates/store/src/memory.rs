@@ -60,6 +60,16 @@ struct StoredSession {
     requests: HashMap<String, RequestRecord>,
 }
 
+impl StoredSession {
+    /// The index of the first message after `after_seq`. Seqs are dense: seq `n` sits at
+    /// index `n - dropped - 1`.
+    fn index_after(&self, after_seq: u64) -> usize {
+        usize::try_from(after_seq.saturating_sub(self.dropped))
+            .unwrap_or(usize::MAX)
+            .min(self.messages.len())
+    }
+}
+
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
@@ -342,10 +352,7 @@ impl SessionStore for MemoryStore {
             .sessions
             .get(&session_id)
             .ok_or(StoreError::SessionNotFound(session_id))?;
-        // Seqs are dense: seq `n` sits at index `n - dropped - 1`.
-        let start = usize::try_from(after_seq.saturating_sub(stored.dropped))
-            .unwrap_or(usize::MAX)
-            .min(stored.messages.len());
+        let start = stored.index_after(after_seq);
         let mut selected = &stored.messages[start..];
         if last_n > 0 && selected.len() > last_n as usize {
             selected = &selected[selected.len() - last_n as usize..];
@@ -364,9 +371,7 @@ impl SessionStore for MemoryStore {
             .sessions
             .get(&session_id)
             .ok_or(StoreError::SessionNotFound(session_id))?;
-        let start = usize::try_from(after_seq.saturating_sub(stored.dropped))
-            .unwrap_or(usize::MAX)
-            .min(stored.messages.len());
+        let start = stored.index_after(after_seq);
         let end = start
             .saturating_add(limit as usize)
             .min(stored.messages.len());

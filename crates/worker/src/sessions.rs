@@ -515,8 +515,17 @@ mod tests {
 
     /// A manager owning every slot, with the lease of `user`'s slot taken at epoch 1.
     async fn manager(user: &UserId) -> (SessionManager, Arc<SlotOwnership>, Arc<MemoryStore>) {
-        let me = WorkerId::parse("w").unwrap();
         let store = Arc::new(MemoryStore::new());
+        let (manager, placement) = manager_on(store.clone(), user).await;
+        (manager, placement, store)
+    }
+
+    /// A manager on `store` that owns `user`'s slot.
+    async fn manager_on(
+        store: Arc<dyn SessionStore>,
+        user: &UserId,
+    ) -> (SessionManager, Arc<SlotOwnership>) {
+        let me = WorkerId::parse("w").unwrap();
         let placement = Arc::new(SlotOwnership::new(me.clone(), SLOTS));
         placement.renew_lease(Instant::now(), Duration::from_secs(60));
         placement.install(
@@ -527,9 +536,8 @@ mod tests {
         let slot = slot_of(user.as_str(), SLOTS);
         store.acquire_slots(&me, Epoch(1), &[slot]).await.unwrap();
         placement.add_fences(&[slot], Epoch(1));
-        let manager =
-            SessionManager::new(store.clone(), placement.clone(), Limits::default(), SLOTS);
-        (manager, placement, store)
+        let manager = SessionManager::new(store, placement.clone(), Limits::default(), SLOTS);
+        (manager, placement)
     }
 
     fn text(content: &str) -> Message {
@@ -574,26 +582,12 @@ mod tests {
     #[tokio::test]
     async fn a_create_racing_a_handoff_leaves_no_session_in_memory() {
         let user = UserId::parse("carla").unwrap();
-        let me = WorkerId::parse("w").unwrap();
         let store = Arc::new(switchyard_store::testing::GatedStore::new(Arc::new(
             MemoryStore::new(),
         )));
-        let placement = Arc::new(SlotOwnership::new(me.clone(), SLOTS));
-        placement.renew_lease(Instant::now(), Duration::from_secs(60));
-        placement.install(
-            PlacementTable::empty(SLOTS)
-                .rebalanced(std::slice::from_ref(&me))
-                .unwrap(),
-        );
+        let (manager, _) = manager_on(store.clone(), &user).await;
+        let manager = Arc::new(manager);
         let slot = slot_of(user.as_str(), SLOTS);
-        store.acquire_slots(&me, Epoch(1), &[slot]).await.unwrap();
-        placement.add_fences(&[slot], Epoch(1));
-        let manager = Arc::new(SessionManager::new(
-            store.clone(),
-            placement.clone(),
-            Limits::default(),
-            SLOTS,
-        ));
         // The create passes its checks, then its write waits while the slot's handoff begins.
         store.creates().close();
         let create = {

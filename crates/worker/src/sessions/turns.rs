@@ -45,6 +45,24 @@ impl HotSession {
         })
     }
 
+    /// Joins the turns waiting for this session's, unless `max_queued` already wait; `then`
+    /// runs under the same lock.
+    fn join_queue<T>(
+        &self,
+        max_queued: usize,
+        then: impl FnOnce(&mut super::Activity) -> T,
+    ) -> Result<T, WorkerError> {
+        let mut activity = self.activity();
+        if usize::from(activity.queued) >= max_queued {
+            return Err(WorkerError::TurnQueueFull {
+                session_id: self.session_id,
+                queued: max_queued,
+            });
+        }
+        activity.queued += 1;
+        Ok(then(&mut activity))
+    }
+
     /// Takes the session's turn according to its double-text policy: at once if no turn
     /// runs; otherwise refused (reject), after the running and queued turns (enqueue, within
     /// `max_queued`), or after cancelling the running turn (interrupt). The token cancels the
@@ -58,37 +76,20 @@ impl HotSession {
             Err(_) => match self.double_text {
                 DoubleText::Reject => return Err(WorkerError::TurnInProgress(self.session_id)),
                 DoubleText::Enqueue => {
-                    {
-                        let mut activity = self.activity();
-                        if usize::from(activity.queued) >= max_queued {
-                            return Err(WorkerError::TurnQueueFull {
-                                session_id: self.session_id,
-                                queued: max_queued,
-                            });
-                        }
-                        activity.queued += 1;
-                    }
+                    self.join_queue(max_queued, |_| ())?;
                     // Leaves the queue however the wait ends, cancellation included.
                     let _leave = scopeguard(|| self.activity().queued -= 1);
                     self.turn.lock().await
                 }
                 DoubleText::Interrupt => {
-                    let generation = {
-                        let mut activity = self.activity();
-                        // Bounded like the enqueue policy's queue.
-                        if usize::from(activity.queued) >= max_queued {
-                            return Err(WorkerError::TurnQueueFull {
-                                session_id: self.session_id,
-                                queued: max_queued,
-                            });
-                        }
-                        activity.queued += 1;
+                    // Bounded like the enqueue policy's queue.
+                    let generation = self.join_queue(max_queued, |activity| {
                         if let Some(running) = &activity.running {
                             running.cancel();
                         }
                         activity.interrupts += 1;
                         activity.interrupts
-                    };
+                    })?;
                     let _leave = scopeguard(|| self.activity().queued -= 1);
                     let guard = self.turn.lock().await;
                     // A newer message interrupted while this one waited: only the newest runs.
