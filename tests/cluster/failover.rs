@@ -50,6 +50,21 @@ async fn a_dead_worker_leaves_the_others_users_served() {
         "served only after the lease"
     );
 
+    // Before the lease runs out, a call for the victim's users fails with UNAVAILABLE naming
+    // it (a status every retry policy retries), never UNKNOWN.
+    let once = sandbox
+        .client()
+        .await
+        .with_retry(switchyard::retry::RetryPolicy::never());
+    let (session_id, _) = sessions
+        .values()
+        .find(|(_, worker)| *worker == victim)
+        .unwrap();
+    once.set_token(session_id.clone(), client.token(session_id).unwrap());
+    let status = once.get_context(session_id, 0, 0).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains(&victim), "{}", status.message());
+
     // After the lease the victim's users move to the survivors; with the shared dev store
     // their sessions come along.
     for (user, (session_id, worker)) in &sessions {
