@@ -458,6 +458,9 @@ impl SwitchyardClient {
                     delta_count += 1;
                 }
                 Some(pb::turn_event::Event::Done(done)) => {
+                    // Read the stream to its end (the server closes it right after), so the
+                    // stream is not reset: many resets make HTTP/2 refuse the connection.
+                    while stream.message().await?.is_some() {}
                     return Ok(TurnReply {
                         text,
                         delta_count,

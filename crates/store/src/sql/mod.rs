@@ -66,6 +66,36 @@ pub struct SqlStore {
     backend: Backend,
     cluster_id: String,
     appender: Appender,
+    /// SQLite: checkpoints the WAL back into the database now and then.
+    checkpointer: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for SqlStore {
+    fn drop(&mut self) {
+        if let Some(checkpointer) = self.checkpointer.take() {
+            checkpointer.abort();
+        }
+    }
+}
+
+/// How often an SQLite store checkpoints its WAL in full. SQLite's own checkpoints (every
+/// 1 000 pages) cannot finish while a reader is behind; this one waits for them.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Checkpoints the WAL into the database and truncates it, every [`CHECKPOINT_INTERVAL`].
+async fn checkpoint_periodically(pool: AnyPool) {
+    let mut interval = tokio::time::interval(CHECKPOINT_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&pool)
+            .await
+        {
+            tracing::warn!(%error, "WAL checkpoint failed; trying again later");
+        }
+    }
 }
 
 fn unavailable(error: sqlx::Error) -> StoreError {
@@ -123,6 +153,10 @@ impl SqlStore {
                     // durable before it returns (group commit pays for the fsync).
                     connection.execute("PRAGMA journal_mode = WAL").await?;
                     connection.execute(synchronous).await?;
+                    // The WAL is cut back to 64 MiB whenever a checkpoint empties it.
+                    connection
+                        .execute("PRAGMA journal_size_limit = 67108864")
+                        .await?;
                     Ok(())
                 })
             });
@@ -151,11 +185,14 @@ impl SqlStore {
         };
         let appender = Appender::start(pool.clone(), backend, lanes, options.max_batch.max(1));
         tracing::info!(backend = ?backend, %cluster_id, "session store open");
+        let checkpointer = (backend == Backend::Sqlite)
+            .then(|| tokio::spawn(checkpoint_periodically(pool.clone())));
         Ok(SqlStore {
             pool,
             backend,
             cluster_id,
             appender,
+            checkpointer,
         })
     }
 
