@@ -97,6 +97,7 @@ fn uuid_hex() -> String {
 pub struct GatedStore {
     inner: std::sync::Arc<dyn crate::SessionStore>,
     creates: Gate,
+    appends: Gate,
 }
 
 /// Holds the operations that reach it while closed.
@@ -160,7 +161,13 @@ impl GatedStore {
         GatedStore {
             inner,
             creates: Gate::default(),
+            appends: Gate::default(),
         }
+    }
+
+    /// The gate appends wait at, before they write.
+    pub fn appends(&self) -> &Gate {
+        &self.appends
     }
 
     /// The gate `create_session` waits at, before it writes.
@@ -247,6 +254,7 @@ impl crate::SessionStore for GatedStore {
         key: &crate::AppendKey,
         keep_last: u64,
     ) -> crate::Result<crate::Appended> {
+        self.appends.pass().await;
         self.inner
             .append_keyed(fence, session_id, messages, at, key, keep_last)
             .await

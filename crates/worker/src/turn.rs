@@ -137,107 +137,123 @@ async fn run_turn(
             Some(RequestRecord { last_seq, .. }) => landed = Some(last_seq),
         }
     }
-    let user_seq = match landed {
-        Some(user_seq) => user_seq,
-        None => {
-            let user_message = Message {
-                role: Role::User,
-                content: input.content.clone(),
-                name: String::new(),
-            };
-            let key = match request_id {
-                Some(id) => AppendKey::Request {
-                    id: id.to_string(),
-                    turn: true,
-                },
-                None => AppendKey::None,
-            };
-            sessions
-                .append_keyed(call, &[user_message], &key)
-                .await?
-                .last_seq
-        }
-    };
-    // The newest messages that fit the agent type's window, after its instructions: never
-    // the whole history, which may hold 100 000 messages.
     let window = pool.config().context_window;
-    let context = sessions.context_window(call, &window).await?;
     let turn_timeout = pool.config().turn_timeout;
-    // Waits, first come first served, when every instance of the type is busy.
-    let mut agent = tokio::select! {
-        agent = pool.acquire() => agent?,
-        _ = events.closed() => return Err(AgentError::Cancelled.into()),
+    let user_message = Message {
+        role: Role::User,
+        content: input.content.clone(),
+        name: String::new(),
     };
-
-    let (deltas, mut delta_receiver) = mpsc::channel::<String>(EVENT_BUFFER);
-    let run = async move {
-        let result = agent.agent().run_turn(&context, &deltas).await;
-        drop(deltas);
-        // A backend that failed is not trusted again; anything else goes back, reset.
-        match &result {
-            Err(AgentError::Backend(_)) => agent.discard(),
-            _ => agent.release().await,
+    // The newest messages that fit the agent type's window, after its instructions (never
+    // the whole history, which may hold 100 000 messages), with the turn's own message
+    // added in memory when it is not stored yet.
+    let pending = landed.is_none().then_some(&user_message);
+    let context = sessions.context_window(call, &window, pending).await?;
+    // One durable wait per turn: the user message's commit starts now, and the agent runs
+    // at once beside it. A commit that fails ends the turn, and no reply is committed.
+    let commit_user = async {
+        if let Some(user_seq) = landed {
+            return Ok(user_seq);
         }
-        result
+        let key = match request_id {
+            Some(id) => AppendKey::Request {
+                id: id.to_string(),
+                turn: true,
+            },
+            None => AppendKey::None,
+        };
+        Ok::<u64, WorkerError>(
+            sessions
+                .append_keyed(call, std::slice::from_ref(&user_message), &key)
+                .await?
+                .last_seq,
+        )
     };
-    let max_reply_bytes = sessions.limits().max_reply_bytes;
-    let forward = async move {
-        let mut reply = String::new();
-        while let Some(text) = delta_receiver.recv().await {
-            // Checked before the delta goes out: a reply the turn cannot commit ends it
-            // here, and dropping the receiver stops the agent.
-            if reply.len() + text.len() > max_reply_bytes {
-                return Err(AgentError::ReplyTooLong {
-                    agent_type: agent_type.to_string(),
-                    limit: max_reply_bytes,
+    let answer = async {
+        // Waits, first come first served, when every instance of the type is busy.
+        let mut agent = tokio::select! {
+            agent = pool.acquire() => agent?,
+            _ = events.closed() => return Err(AgentError::Cancelled.into()),
+        };
+        let (deltas, mut delta_receiver) = mpsc::channel::<String>(EVENT_BUFFER);
+        let run = async move {
+            let result = agent.agent().run_turn(&context, &deltas).await;
+            drop(deltas);
+            // A backend that failed is not trusted again; anything else goes back, reset.
+            match &result {
+                Err(AgentError::Backend(_)) => agent.discard(),
+                _ => agent.release().await,
+            }
+            result
+        };
+        let max_reply_bytes = sessions.limits().max_reply_bytes;
+        let forward = async move {
+            let mut reply = String::new();
+            while let Some(text) = delta_receiver.recv().await {
+                // Checked before the delta goes out: a reply the turn cannot commit ends it
+                // here, and dropping the receiver stops the agent.
+                if reply.len() + text.len() > max_reply_bytes {
+                    return Err(AgentError::ReplyTooLong {
+                        agent_type: agent_type.to_string(),
+                        limit: max_reply_bytes,
+                    });
+                }
+                if text.contains('\0') {
+                    return Err(AgentError::ReplyNotStorable {
+                        agent_type: agent_type.to_string(),
+                    });
+                }
+                reply.push_str(&text);
+                let event = pb::TurnEvent {
+                    event: Some(pb::turn_event::Event::Delta(pb::TextDelta { text })),
+                };
+                if events.send(Ok(event)).await.is_err() {
+                    // Dropping the receiver makes the agent's next send fail: it stops.
+                    return Ok(None);
+                }
+            }
+            Ok(Some(reply))
+        };
+        // A newer message on an interrupt-policy session, a handoff past its grace, or the
+        // session's end cancels the turn here: the user message stays committed, the reply is
+        // not. So do a caller that leaves and an agent past its turn timeout.
+        let both = async { tokio::join!(run, forward) };
+        tokio::pin!(both);
+        let answered: Result<_, WorkerError> = tokio::select! {
+            done = &mut both => Ok(done),
+            () = interrupted.cancelled() => {
+                return Err(if call.session.is_ended() {
+                    WorkerError::EndedDuringTurn(call.session.session_id)
+                } else if call.session.is_handing_over() {
+                    WorkerError::HandedOver(call.session.session_id)
+                } else {
+                    WorkerError::Interrupted
                 });
             }
-            if text.contains('\0') {
-                return Err(AgentError::ReplyNotStorable {
+            () = events.closed() => {
+                // The caller left. An agent that sends another delta learns it at once and is
+                // reset for reuse; one that stays silent is stopped after a moment, and its
+                // instance is discarded (the pool makes another).
+                let _ = tokio::time::timeout(CALLER_GONE_GRACE, &mut both).await;
+                return Err(AgentError::Cancelled.into());
+            }
+            () = tokio::time::sleep(turn_timeout) => {
+                return Err(WorkerError::TurnTimedOut {
                     agent_type: agent_type.to_string(),
+                    timeout: turn_timeout,
                 });
             }
-            reply.push_str(&text);
-            let event = pb::TurnEvent {
-                event: Some(pb::turn_event::Event::Delta(pb::TextDelta { text })),
-            };
-            if events.send(Ok(event)).await.is_err() {
-                // Dropping the receiver makes the agent's next send fail: it stops.
-                return Ok(None);
-            }
-        }
-        Ok(Some(reply))
+        };
+        answered
     };
-    // A newer message on an interrupt-policy session, a handoff past its grace, or the
-    // session's end cancels the turn here: the user message stays committed, the reply is
-    // not. So do a caller that leaves and an agent past its turn timeout.
-    let both = async { tokio::join!(run, forward) };
-    tokio::pin!(both);
-    let (usage, reply) = tokio::select! {
-        done = &mut both => done,
-        () = interrupted.cancelled() => {
-            return Err(if call.session.is_ended() {
-                WorkerError::EndedDuringTurn(call.session.session_id)
-            } else if call.session.is_handing_over() {
-                WorkerError::HandedOver(call.session.session_id)
-            } else {
-                WorkerError::Interrupted
-            });
-        }
-        () = events.closed() => {
-            // The caller left. An agent that sends another delta learns it at once and is
-            // reset for reuse; one that stays silent is stopped after a moment, and its
-            // instance is discarded (the pool makes another).
-            let _ = tokio::time::timeout(CALLER_GONE_GRACE, &mut both).await;
-            return Err(AgentError::Cancelled.into());
-        }
-        () = tokio::time::sleep(turn_timeout) => {
-            return Err(WorkerError::TurnTimedOut {
-                agent_type: agent_type.to_string(),
-                timeout: turn_timeout,
-            });
-        }
+    // Both are waited for: a turn that ends early still lets its user message's commit
+    // finish (and the session's cache learn of it); a commit that fails stops the agent.
+    tokio::pin!(commit_user, answer);
+    let (user_seq, answered) = tokio::select! {
+        committed = &mut commit_user => (committed?, answer.await),
+        answered = &mut answer => (commit_user.await?, answered),
     };
+    let (usage, reply) = answered?;
     // A reply refused on its way out is the turn's error, whatever the agent made of it.
     let reply = reply?;
     let usage: Usage = usage?;
@@ -272,4 +288,102 @@ async fn run_turn(
         .send(Ok(done_event(user_seq, reply_seq, usage)))
         .await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use switchyard_agents::{EchoConfig, PoolConfig};
+    use switchyard_core::{DoubleText, Epoch, Limits, PlacementTable, UserId, WorkerId, slot_of};
+    use switchyard_store::testing::GatedStore;
+    use switchyard_store::{MemoryStore, SessionStore};
+
+    use super::*;
+    use crate::ownership::SlotOwnership;
+
+    const SLOTS: u32 = 4;
+
+    #[tokio::test]
+    async fn deltas_flow_before_the_user_message_is_durable_and_turn_done_waits_for_both() {
+        let user = UserId::parse("dora").unwrap();
+        let me = WorkerId::parse("w").unwrap();
+        let store = Arc::new(GatedStore::new(Arc::new(MemoryStore::new())));
+        let ownership = Arc::new(SlotOwnership::new(me.clone(), SLOTS));
+        ownership.renew_lease(Instant::now(), Duration::from_secs(60));
+        ownership.install(
+            PlacementTable::empty(SLOTS)
+                .rebalanced(std::slice::from_ref(&me))
+                .unwrap(),
+        );
+        let slot = slot_of(user.as_str(), SLOTS);
+        store.acquire_slots(&me, Epoch(1), &[slot]).await.unwrap();
+        ownership.add_fences(&[slot], Epoch(1));
+        let sessions = Arc::new(SessionManager::new(
+            store.clone(),
+            ownership,
+            Limits::default(),
+            SLOTS,
+        ));
+        let (session, _) = sessions
+            .create(user, BTreeMap::new(), DoubleText::default())
+            .await
+            .unwrap();
+        let pool = AgentPool::new(
+            "echo",
+            Arc::new(EchoConfig::default()),
+            PoolConfig::default(),
+        );
+
+        // The store holds every append until let go.
+        store.appends().close();
+        let call = sessions.begin(session.id).await.unwrap();
+        let input = TurnInput {
+            agent_type: "echo".into(),
+            content: "durable later".into(),
+            request: None,
+        };
+        let mut events = start_turn(sessions.clone(), call, pool, input, None);
+        // The first delta arrives while the user message's commit is still held.
+        let first = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .expect("a delta without waiting for the store")
+            .unwrap()
+            .unwrap();
+        assert!(matches!(first.event, Some(pb::turn_event::Event::Delta(_))));
+        store.appends().reached().await;
+        // The reply is all out, and still no TurnDone: nothing is durable yet.
+        let mut deltas = 1;
+        let pending = loop {
+            match tokio::time::timeout(Duration::from_millis(200), events.recv()).await {
+                Ok(Some(Ok(pb::TurnEvent {
+                    event: Some(pb::turn_event::Event::Delta(_)),
+                }))) => deltas += 1,
+                Ok(other) => panic!("before the commits: {other:?}"),
+                Err(_) => break true,
+            }
+        };
+        assert!(pending && deltas >= 1);
+        assert!(
+            store
+                .read_context(session.id, 0, 0)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+
+        store.appends().open();
+        let done = loop {
+            match events.recv().await.unwrap().unwrap().event {
+                Some(pb::turn_event::Event::Done(done)) => break done,
+                _ => continue,
+            }
+        };
+        assert_eq!((done.user_seq, done.reply_seq), (1, 2));
+        let stored = store.read_context(session.id, 0, 0).await.unwrap();
+        assert_eq!(stored.len(), 2, "TurnDone came once both were durable");
+        assert_eq!(stored[1].content, "echo: durable later");
+    }
 }

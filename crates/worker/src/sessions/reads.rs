@@ -1,7 +1,7 @@
 //! Reads of a context: from the tail cache when it covers them, otherwise from the store.
 
 use switchyard_core::window::MAX_OLDER_SYSTEM_MESSAGES;
-use switchyard_core::{ContextMessage, ContextWindow};
+use switchyard_core::{ContextMessage, ContextWindow, Message};
 use switchyard_store::RequestRecord;
 
 use super::{SessionCall, SessionManager};
@@ -15,14 +15,33 @@ pub fn history_start(last_seq: u64, keep_last: u64) -> u64 {
 
 impl SessionManager {
     /// What a turn sends its agent: the newest messages that fit `window`, after the system
-    /// messages before them.
+    /// messages before them. `pending` is the turn's own message when its commit has only
+    /// begun: it ends the window, numbered as it will be stored.
     pub async fn context_window(
         &self,
         call: &SessionCall,
         window: &ContextWindow,
+        pending: Option<&Message>,
     ) -> Result<Vec<ContextMessage>> {
-        let last_n = u32::try_from(window.max_messages).unwrap_or(u32::MAX);
-        let newest = self.context(call, last_n, 0).await?;
+        let stored = window
+            .max_messages
+            .saturating_sub(usize::from(pending.is_some()))
+            .max(1);
+        let last_n = u32::try_from(stored).unwrap_or(u32::MAX);
+        let mut newest = self.context(call, last_n, 0).await?;
+        if let Some(message) = pending {
+            let last = newest
+                .last()
+                .map_or(0, |message| message.seq)
+                .max(call.session.message_count());
+            newest.push(ContextMessage {
+                seq: last + 1,
+                role: message.role,
+                content: message.content.clone(),
+                name: message.name.clone(),
+                created_at: std::time::SystemTime::now(),
+            });
+        }
         let first = newest.first().map_or(1, |message| message.seq);
         let older_system = if first > 1 {
             self.store
