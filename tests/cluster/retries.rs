@@ -22,6 +22,14 @@ async fn collect(stream: &mut tonic::Streaming<pb::TurnEvent>) -> (String, usize
     panic!("the turn ended without TurnDone");
 }
 
+/// The refusal of a turn, whether it came when the call began or as the stream's first event.
+async fn refusal(started: Result<tonic::Streaming<pb::TurnEvent>, tonic::Status>) -> tonic::Status {
+    match started {
+        Err(status) => status,
+        Ok(mut stream) => stream.message().await.unwrap_err(),
+    }
+}
+
 #[tokio::test]
 async fn a_repeated_append_lands_once() {
     let sandbox = Sandbox::start().await;
@@ -70,13 +78,12 @@ async fn a_repeated_append_lands_once() {
             status.message()
         );
     }
-    let status = match client
-        .send_message_with_id(id, "echo", "hi", Some("append-1"))
-        .await
-    {
-        Err(status) => status,
-        Ok(mut stream) => stream.message().await.unwrap_err(),
-    };
+    let status = refusal(
+        client
+            .send_message_with_id(id, "echo", "hi", Some("append-1"))
+            .await,
+    )
+    .await;
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(
         status.message().starts_with("request_id"),
@@ -100,13 +107,12 @@ async fn a_repeated_turn_replays_its_reply_or_is_refused_while_it_runs() {
         .unwrap();
     // While it runs, a repeat is refused: the result comes on the first call.
     assert!(first.message().await.unwrap().is_some(), "the turn started");
-    let status = match client
-        .send_message_with_id(id, SLOW_AGENT, "once upon a time", Some("turn-1"))
-        .await
-    {
-        Err(status) => status,
-        Ok(mut repeat) => repeat.message().await.unwrap_err(),
-    };
+    let status = refusal(
+        client
+            .send_message_with_id(id, SLOW_AGENT, "once upon a time", Some("turn-1"))
+            .await,
+    )
+    .await;
     assert_eq!(status.code(), Code::Aborted, "{status:?}");
     assert!(
         status.message().contains("in flight"),

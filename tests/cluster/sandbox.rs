@@ -25,6 +25,30 @@ pub const SILENT_AGENT: &str = "silent";
 /// The same program with a turn timeout of 1 s.
 pub const HANGING_AGENT: &str = "hanging";
 const SILENT_AGENT_PROGRAM: &str = r#"
+def turn(message):
+    if message["context"][-1]["content"] == "hang":
+        time.sleep(3600)
+    send({"type": "delta", "id": message["id"], "text": "awake"})
+    send({"type": "done", "id": message["id"]})
+"#;
+/// A process agent (python3) that answers with the seqs of the context it was sent, through
+/// a window of three messages.
+pub const WINDOW_AGENT: &str = "window-probe";
+const WINDOW_AGENT_PROGRAM: &str = r#"
+def turn(message):
+    seen = ",".join(str(m["seq"]) for m in message["context"])
+    send({"type": "delta", "id": message["id"], "text": seen})
+    send({"type": "done", "id": message["id"]})
+"#;
+/// A process agent (python3) whose every reply holds a NUL character.
+pub const NUL_AGENT: &str = "nul-replier";
+const NUL_AGENT_PROGRAM: &str = r#"
+def turn(message):
+    send({"type": "delta", "id": message["id"], "text": "before \u0000 after"})
+    send({"type": "done", "id": message["id"]})
+"#;
+/// The protocol loop every python test agent shares; each defines `turn(message)`.
+const AGENT_LOOP: &str = r#"
 import json, sys, time
 def send(message):
     sys.stdout.write(json.dumps(message) + "\n")
@@ -35,44 +59,7 @@ for line in sys.stdin:
     if message["type"] == "reset":
         send({"type": "ready"})
     elif message["type"] == "turn":
-        if message["context"][-1]["content"] == "hang":
-            time.sleep(3600)
-        send({"type": "delta", "id": message["id"], "text": "awake"})
-        send({"type": "done", "id": message["id"]})
-"#;
-/// A process agent (python3) that answers with the seqs of the context it was sent, through
-/// a window of three messages.
-pub const WINDOW_AGENT: &str = "window-probe";
-const WINDOW_AGENT_PROGRAM: &str = r#"
-import json, sys
-def send(message):
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
-send({"type": "ready"})
-for line in sys.stdin:
-    message = json.loads(line)
-    if message["type"] == "reset":
-        send({"type": "ready"})
-    elif message["type"] == "turn":
-        seen = ",".join(str(m["seq"]) for m in message["context"])
-        send({"type": "delta", "id": message["id"], "text": seen})
-        send({"type": "done", "id": message["id"]})
-"#;
-/// A process agent (python3) whose every reply holds a NUL character.
-pub const NUL_AGENT: &str = "nul-replier";
-const NUL_AGENT_PROGRAM: &str = r#"
-import json, sys
-def send(message):
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
-send({"type": "ready"})
-for line in sys.stdin:
-    message = json.loads(line)
-    if message["type"] == "reset":
-        send({"type": "ready"})
-    elif message["type"] == "turn":
-        send({"type": "delta", "id": message["id"], "text": "before \u0000 after"})
-        send({"type": "done", "id": message["id"]})
+        turn(message)
 "#;
 
 pub struct Sandbox {
@@ -308,12 +295,12 @@ pub async fn create(client: &SwitchyardClient, user_id: &str) -> pb::Session {
         .expect("response holds the session")
 }
 
-/// A process agent running `program` with python3.
-fn python_agent(agent_type: &str, program: &str) -> Arc<ProcessConfig> {
+/// A process agent run by python3: `turn`, a python `turn(message)`, inside the shared loop.
+fn python_agent(agent_type: &str, turn: &str) -> Arc<ProcessConfig> {
     Arc::new(ProcessConfig {
         agent_type: agent_type.to_string(),
         program: "python3".to_string(),
-        args: vec!["-c".to_string(), program.to_string()],
+        args: vec!["-c".to_string(), format!("{turn}{AGENT_LOOP}")],
         env: Vec::new(),
         ready_timeout: Duration::from_secs(10),
     })
