@@ -3,6 +3,7 @@
 
 mod memory;
 mod placement;
+mod queued;
 mod sql;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -17,7 +18,8 @@ use switchyard_core::{
 
 pub use memory::MemoryStore;
 pub use placement::StoredPlacement;
-pub use sql::{SqlStore, SqlStoreOptions};
+pub use queued::{Append, AppendTicket, Durability, QueuedAppend};
+pub use sql::{GroupCommitStats, SqlStore, SqlStoreOptions};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -37,6 +39,10 @@ pub enum StoreError {
     /// A request id sent with another kind of call than the one that first used it.
     #[error("request_id: {request_id:?} was used on this session by a call of another kind")]
     RequestIdReused { request_id: String },
+    /// An append queued to follow another (a turn's reply after its user message) whose
+    /// predecessor was not committed: it is not committed either.
+    #[error("session {0}: the message this append follows was not committed")]
+    PredecessorNotCommitted(SessionId),
 }
 
 impl ServiceError for StoreError {
@@ -44,7 +50,9 @@ impl ServiceError for StoreError {
         match self {
             StoreError::SessionNotFound(_) => ErrorCode::NotFound,
             StoreError::SessionExists(_) | StoreError::Corrupt(_) => ErrorCode::Internal,
-            StoreError::Fenced { .. } | StoreError::Unavailable(_) => ErrorCode::Unavailable,
+            StoreError::Fenced { .. }
+            | StoreError::Unavailable(_)
+            | StoreError::PredecessorNotCommitted(_) => ErrorCode::Unavailable,
             StoreError::RequestIdReused { .. } => ErrorCode::InvalidArgument,
         }
     }
@@ -201,6 +209,38 @@ pub trait SessionStore: Send + Sync + 'static {
         key: &AppendKey,
         keep_last: u64,
     ) -> Result<Appended>;
+
+    /// Queues an append and returns as soon as it has its place in its session's order
+    /// (at once, unless the store's queue is full), before it commits: its outcome comes
+    /// from [`QueuedAppend::outcome`]. With `after`, it commits only if that append, queued
+    /// earlier on the same session, did: a turn's reply follows its user message. An
+    /// append of [`Durability::WithNext`] is durable once a later durable commit is.
+    ///
+    /// This default commits at once, in full: right for a store with no disk.
+    async fn queue_append(
+        &self,
+        append: Append,
+        after: Option<&AppendTicket>,
+    ) -> Result<QueuedAppend> {
+        let committed = match after {
+            Some(after) => after.committed().await,
+            None => true,
+        };
+        let outcome = if committed {
+            self.append_keyed(
+                &append.fence,
+                append.session_id,
+                &append.messages,
+                append.at,
+                &append.key,
+                append.keep_last,
+            )
+            .await
+        } else {
+            Err(StoreError::PredecessorNotCommitted(append.session_id))
+        };
+        Ok(QueuedAppend::settled(outcome))
+    }
 
     /// What the store keeps of a request id of the session, if it has seen it (nothing for a
     /// session that does not exist).

@@ -96,8 +96,9 @@ fn uuid_hex() -> String {
 /// waits, once it has begun, until the test lets it go.
 pub struct GatedStore {
     inner: std::sync::Arc<dyn crate::SessionStore>,
-    creates: Gate,
-    appends: Gate,
+    creates: std::sync::Arc<Gate>,
+    appends: std::sync::Arc<Gate>,
+    follow_ups: std::sync::Arc<Gate>,
 }
 
 /// Holds the operations that reach it while closed.
@@ -160,14 +161,20 @@ impl GatedStore {
     pub fn new(inner: std::sync::Arc<dyn crate::SessionStore>) -> Self {
         GatedStore {
             inner,
-            creates: Gate::default(),
-            appends: Gate::default(),
+            creates: Default::default(),
+            appends: Default::default(),
+            follow_ups: Default::default(),
         }
     }
 
     /// The gate appends wait at, before they write.
     pub fn appends(&self) -> &Gate {
         &self.appends
+    }
+
+    /// The gate that appends queued to follow another (a turn's reply) also wait at.
+    pub fn follow_ups(&self) -> &Gate {
+        &self.follow_ups
     }
 
     /// The gate `create_session` waits at, before it writes.
@@ -258,6 +265,38 @@ impl crate::SessionStore for GatedStore {
         self.inner
             .append_keyed(fence, session_id, messages, at, key, keep_last)
             .await
+    }
+
+    /// Queued at once, committed in the background once past the gates; a follow-up reaches
+    /// the inner store only after its predecessor settled, so the order holds.
+    async fn queue_append(
+        &self,
+        append: crate::Append,
+        after: Option<&crate::AppendTicket>,
+    ) -> crate::Result<crate::QueuedAppend> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let ticket = crate::AppendTicket::default();
+        let settle = ticket.clone();
+        let (inner, appends, follow_ups) = (
+            self.inner.clone(),
+            self.appends.clone(),
+            self.follow_ups.clone(),
+        );
+        let after = after.cloned();
+        tokio::spawn(async move {
+            appends.pass().await;
+            if let Some(after) = &after {
+                follow_ups.pass().await;
+                after.committed().await;
+            }
+            let outcome = match inner.queue_append(append, after.as_ref()).await {
+                Ok(queued) => queued.outcome().await,
+                Err(error) => Err(error),
+            };
+            settle.settle(outcome.is_ok());
+            let _ = reply.send(outcome);
+        });
+        Ok(crate::QueuedAppend::waiting(ticket, answer))
     }
 
     async fn request_record(

@@ -15,8 +15,10 @@ use switchyard_store::{Fence, MemoryStore, SessionStore, SqlStore, SqlStoreOptio
 mod appends;
 
 use appends::{
-    a_bounded_context_drops_its_oldest_messages, a_refused_row_fails_only_its_own_append,
-    context_pages, request_ids_make_appends_happen_once, system_messages_before_a_window,
+    a_bounded_context_drops_its_oldest_messages, a_follow_up_commits_only_after_its_predecessor,
+    a_refused_row_fails_only_its_own_append, context_pages,
+    each_append_of_a_batch_gets_its_own_outcome, request_ids_make_appends_happen_once,
+    system_messages_before_a_window,
 };
 
 const SLOT: u32 = 3;
@@ -502,6 +504,8 @@ conformance!(
     request_ids_make_appends_happen_once,
     system_messages_before_a_window,
     a_bounded_context_drops_its_oldest_messages,
+    a_follow_up_commits_only_after_its_predecessor,
+    each_append_of_a_batch_gets_its_own_outcome,
 );
 
 fn temp_dir(test: &str) -> PathBuf {
@@ -554,6 +558,71 @@ async fn a_sqlite_store_keeps_everything_across_reopen() {
         other.cluster_id().await.unwrap(),
         cluster_id,
         "each store is its own cluster"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Batches of turns' user messages alone commit without waiting for the disk; any batch
+/// with an append that must be durable waits for it.
+#[tokio::test]
+async fn only_batches_of_user_messages_alone_skip_the_wait_for_the_disk() {
+    let dir = temp_dir("deferred");
+    let store = SqlStore::open(SqlStoreOptions::sqlite_file(&dir.join("store.db")))
+        .await
+        .unwrap();
+    let fence = own_slot(&store).await;
+    let session = session("defer");
+    store.create_session(&fence, &session).await.unwrap();
+    let append = |durability| switchyard_store::Append {
+        fence: fence.clone(),
+        session_id: session.id,
+        messages: Arc::from([text("m")]),
+        at: SystemTime::now(),
+        key: switchyard_store::AppendKey::None,
+        keep_last: u64::MAX,
+        durability,
+    };
+    let before = store.group_commit_stats();
+    let deferred = store
+        .queue_append(append(switchyard_store::Durability::WithNext), None)
+        .await
+        .unwrap();
+    assert_eq!(deferred.outcome().await.unwrap().last_seq, 1);
+    let after_deferred = store.group_commit_stats();
+    assert_eq!(after_deferred.batches, before.batches + 1);
+    assert_eq!(after_deferred.deferred_batches, before.deferred_batches + 1);
+    // Nothing durable follows it, so the lane makes it durable itself, soon.
+    let waited = std::time::Instant::now();
+    while store.group_commit_stats().syncs == before.syncs {
+        assert!(
+            waited.elapsed() < Duration::from_secs(5),
+            "the deferred commit was never made durable"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(store.group_commit_stats().syncs, before.syncs + 1);
+    store
+        .append_messages(&fence, session.id, &[text("durable")], SystemTime::now())
+        .await
+        .unwrap();
+    let after_durable = store.group_commit_stats();
+    assert_eq!(after_durable.batches, before.batches + 2);
+    assert_eq!(
+        after_durable.deferred_batches,
+        after_deferred.deferred_batches
+    );
+    // A durable batch leaves nothing to sync.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(store.group_commit_stats().syncs, before.syncs + 1);
+    assert_eq!(after_durable.appends, before.appends + 2);
+    drop(store);
+    // Reopened, both are there: the durable commit made the deferred one durable too.
+    let store = SqlStore::open(SqlStoreOptions::sqlite_file(&dir.join("store.db")))
+        .await
+        .unwrap();
+    assert_eq!(
+        seqs(&store.read_context(session.id, 0, 0).await.unwrap()),
+        [1, 2]
     );
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -1,6 +1,17 @@
 //! What differs between SQLite and PostgreSQL: connection set-up, the statements that
 //! take JSON batches, and the migrations.
 
+/// How an SQLite commit syncs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Synchronous {
+    /// Waits for the disk: durable when it returns.
+    Full,
+    /// Does not wait (WAL checkpoints still do, so nothing made durable is lost by them).
+    Normal,
+    /// Never waits, not even at checkpoints: memory benchmarks only.
+    Off,
+}
+
 /// Which SQL engine a store runs on; the few statements that differ are picked by it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Backend {
@@ -87,6 +98,131 @@ impl Backend {
             }
         }
     }
+
+    /// SQLite: how the batch's commit syncs, the write lock, the fences of `$1` that hold
+    /// (as in `holding_fences_query`) and the sessions' counts after adding `$2` (as in
+    /// `count_messages_query`), in one call to the database thread.
+    pub(super) fn sqlite_begin_batch(synchronous: Synchronous) -> &'static str {
+        macro_rules! begin_batch {
+            ($synchronous:literal) => {
+                concat!(
+                    "PRAGMA synchronous = ",
+                    $synchronous,
+                    "; BEGIN IMMEDIATE; \
+                     SELECT l.slot AS slot, l.owner AS owner, l.epoch AS epoch FROM slot_leases AS l \
+                     JOIN json_each($1) AS f ON l.slot = json_extract(f.value, '$.s') \
+                      AND l.owner = json_extract(f.value, '$.o') AND l.epoch = json_extract(f.value, '$.e') \
+                     WHERE l.released = 0; \
+                     UPDATE sessions SET message_count = sessions.message_count + j.n, last_activity_us = j.t \
+                     FROM (SELECT unhex(json_extract(value, '$.i')) AS id, json_extract(value, '$.n') AS n, \
+                                  json_extract(value, '$.t') AS t FROM json_each($2)) AS j \
+                     WHERE sessions.session_id = j.id \
+                     RETURNING lower(hex(sessions.session_id)) AS id, sessions.message_count AS message_count"
+                )
+            };
+        }
+        match synchronous {
+            Synchronous::Full => begin_batch!("FULL"),
+            Synchronous::Normal => begin_batch!("NORMAL"),
+            Synchronous::Off => begin_batch!("OFF"),
+        }
+    }
+
+    /// SQLite: a whole batch in one call to the database thread, when every fence holds
+    /// and every session exists (nearly always): seqs are numbered by the statements from
+    /// the counts they update, so nothing needs reading first. Anything else makes a
+    /// statement fail before the commit: a message whose fence does not hold, or whose
+    /// session is gone, has no seq (NOT NULL), and a request id kept already breaks the
+    /// primary key. The caller rolls back and stages the batch as
+    /// [`Self::sqlite_begin_batch`] does.
+    ///
+    /// `$1`: counts `{i: session hex, n: added, t: time}`; `$2`: messages `{s: session hex,
+    /// k, r, c, n, t, l: slot, o: owner, e: epoch}`, numbered count − k if their fence
+    /// holds; `$3`: bounds `{s, q}`,
+    /// dropping messages up to count − q; `$4`: new request ids `{s, r, k: turn, b}`, whose
+    /// last seq is count − b; `$5`: replies `{s, r, b, p, c, u}`, whose seq is count − b.
+    pub(super) fn sqlite_append_batch(synchronous: Synchronous) -> &'static str {
+        macro_rules! append_batch {
+            ($synchronous:literal) => {
+                concat!(
+                    "PRAGMA synchronous = ",
+                    $synchronous,
+                    "; BEGIN IMMEDIATE; \
+                     UPDATE sessions SET message_count = sessions.message_count + j.n, last_activity_us = j.t \
+                     FROM (SELECT unhex(json_extract(value, '$.i')) AS id, json_extract(value, '$.n') AS n, \
+                                  json_extract(value, '$.t') AS t FROM json_each($1)) AS j \
+                     WHERE sessions.session_id = j.id \
+                     RETURNING lower(hex(sessions.session_id)) AS id, sessions.message_count AS message_count; \
+                     INSERT INTO messages (session_id, seq, role, content, name, created_at_us) \
+                     SELECT s.session_id, \
+                            CASE WHEN EXISTS (SELECT 1 FROM slot_leases AS l \
+                                 WHERE l.slot = json_extract(j.value, '$.l') AND l.owner = json_extract(j.value, '$.o') \
+                                   AND l.epoch = json_extract(j.value, '$.e') AND l.released = 0) \
+                                 THEN s.message_count - json_extract(j.value, '$.k') END, \
+                            json_extract(j.value, '$.r'), json_extract(j.value, '$.c'), \
+                            json_extract(j.value, '$.n'), json_extract(j.value, '$.t') \
+                     FROM json_each($2) AS j \
+                     LEFT JOIN sessions AS s ON s.session_id = unhex(json_extract(j.value, '$.s')); \
+                     DELETE FROM messages WHERE (session_id, seq) IN ( \
+                         SELECT m.session_id, m.seq FROM json_each($3) AS j \
+                         JOIN sessions AS s ON s.session_id = unhex(json_extract(j.value, '$.s')) \
+                         JOIN messages AS m ON m.session_id = s.session_id \
+                          AND m.seq <= s.message_count - json_extract(j.value, '$.q')); \
+                     INSERT INTO request_ids (session_id, request_id, turn, last_seq) \
+                     SELECT s.session_id, json_extract(j.value, '$.r'), json_extract(j.value, '$.k'), \
+                            s.message_count - json_extract(j.value, '$.b') \
+                     FROM json_each($4) AS j \
+                     LEFT JOIN sessions AS s ON s.session_id = unhex(json_extract(j.value, '$.s')); \
+                     UPDATE request_ids SET reply_seq = j.q, prompt_tokens = j.p, completion_tokens = j.c, compute_us = j.u \
+                     FROM (SELECT s.session_id AS s, json_extract(j.value, '$.r') AS r, \
+                                  s.message_count - json_extract(j.value, '$.b') AS q, \
+                                  json_extract(j.value, '$.p') AS p, json_extract(j.value, '$.c') AS c, \
+                                  json_extract(j.value, '$.u') AS u \
+                           FROM json_each($5) AS j \
+                           JOIN sessions AS s ON s.session_id = unhex(json_extract(j.value, '$.s'))) AS j \
+                     WHERE request_ids.session_id = j.s AND request_ids.request_id = j.r; \
+                     COMMIT"
+                )
+            };
+        }
+        match synchronous {
+            Synchronous::Full => append_batch!("FULL"),
+            Synchronous::Normal => append_batch!("NORMAL"),
+            Synchronous::Off => append_batch!("OFF"),
+        }
+    }
+
+    /// SQLite: a durable commit of one rewritten row, so that the WAL is synced past every
+    /// frame before it.
+    pub(super) const SQLITE_SYNC: &'static str = "PRAGMA synchronous = FULL; BEGIN IMMEDIATE; \
+         UPDATE cluster SET created_at_us = created_at_us WHERE singleton = 1; COMMIT";
+
+    /// SQLite: a batch's writes and its commit in one call to the database thread. `$1`:
+    /// messages (as in `insert_messages_query`); `$2`: `{s: session hex, q: seq}`, dropping
+    /// each session's messages up to `q`; `$3`: new request ids `{s, r: id, k: turn, l: last
+    /// seq}`, a plain insert, so an id kept already fails the batch before its commit; `$4`:
+    /// replies `{s, r, q: seq, p, c, u: usage}` completing their turns' ids.
+    pub(super) const SQLITE_WRITE_AND_COMMIT: &'static str = "\
+         INSERT INTO messages (session_id, seq, role, content, name, created_at_us) \
+         SELECT unhex(json_extract(value, '$.s')), json_extract(value, '$.q'), \
+                json_extract(value, '$.r'), json_extract(value, '$.c'), \
+                json_extract(value, '$.n'), json_extract(value, '$.t') \
+         FROM json_each($1); \
+         DELETE FROM messages WHERE (session_id, seq) IN ( \
+             SELECT m.session_id, m.seq FROM json_each($2) AS j JOIN messages AS m \
+               ON m.session_id = unhex(json_extract(j.value, '$.s')) \
+              AND m.seq <= json_extract(j.value, '$.q')); \
+         INSERT INTO request_ids (session_id, request_id, turn, last_seq) \
+         SELECT unhex(json_extract(value, '$.s')), json_extract(value, '$.r'), \
+                json_extract(value, '$.k'), json_extract(value, '$.l') \
+         FROM json_each($3); \
+         UPDATE request_ids SET reply_seq = j.q, prompt_tokens = j.p, completion_tokens = j.c, compute_us = j.u \
+         FROM (SELECT unhex(json_extract(value, '$.s')) AS s, json_extract(value, '$.r') AS r, \
+                      json_extract(value, '$.q') AS q, json_extract(value, '$.p') AS p, \
+                      json_extract(value, '$.c') AS c, json_extract(value, '$.u') AS u \
+               FROM json_each($4)) AS j \
+         WHERE request_ids.session_id = j.s AND request_ids.request_id = j.r; \
+         COMMIT";
 
     /// The leases of a set of slots, given as a JSON array in `$1`.
     pub(super) fn slot_leases_query(self) -> &'static str {

@@ -7,6 +7,7 @@
 
 mod appender;
 mod backend;
+mod batch;
 mod requests;
 
 use std::borrow::Cow;
@@ -23,10 +24,11 @@ use switchyard_core::{
 };
 
 use self::appender::Appender;
+pub use self::appender::GroupCommitStats;
 use self::backend::Backend;
 use crate::{
-    AppendKey, Appended, Fence, IdleSession, RequestRecord, Result, SessionStore, SlotLease,
-    StoreError, StoredPlacement,
+    Append, AppendKey, AppendTicket, Appended, Durability, Fence, IdleSession, QueuedAppend,
+    RequestRecord, Result, SessionStore, SlotLease, StoreError, StoredPlacement,
 };
 
 /// How to open a [`SqlStore`].
@@ -142,6 +144,9 @@ impl SqlStore {
             .max_connections(options.max_connections)
             .acquire_timeout(Duration::from_secs(10));
         if backend == Backend::Sqlite {
+            // An SQLite connection is a thread of this process: it cannot drop like a
+            // network one, and a ping before each checkout is one more thread hop per query.
+            pool_options = pool_options.test_before_acquire(false);
             let synchronous = if options.durable {
                 "PRAGMA synchronous = FULL"
             } else {
@@ -183,7 +188,13 @@ impl SqlStore {
             Backend::Sqlite => 1,
             Backend::Postgres => options.append_lanes.max(1),
         };
-        let appender = Appender::start(pool.clone(), backend, lanes, options.max_batch.max(1));
+        let appender = Appender::start(
+            pool.clone(),
+            backend,
+            lanes,
+            options.max_batch.max(1),
+            options.durable,
+        );
         tracing::info!(backend = ?backend, %cluster_id, "session store open");
         let checkpointer = (backend == Backend::Sqlite)
             .then(|| tokio::spawn(checkpoint_periodically(pool.clone())));
@@ -194,6 +205,11 @@ impl SqlStore {
             appender,
             checkpointer,
         })
+    }
+
+    /// What the group commit has done since the store opened.
+    pub fn group_commit_stats(&self) -> GroupCommitStats {
+        self.appender.stats()
     }
 
     /// Begins a write transaction in which `fence` holds.
@@ -538,16 +554,24 @@ impl SessionStore for SqlStore {
         key: &AppendKey,
         keep_last: u64,
     ) -> Result<Appended> {
-        self.appender
-            .append(
-                fence.clone(),
-                session_id,
-                messages.to_vec(),
-                at,
-                key.clone(),
-                keep_last,
-            )
-            .await
+        let append = Append {
+            fence: fence.clone(),
+            session_id,
+            messages: messages.into(),
+            at,
+            key: key.clone(),
+            keep_last,
+            durability: Durability::Now,
+        };
+        self.appender.queue(append, None).await?.outcome().await
+    }
+
+    async fn queue_append(
+        &self,
+        append: Append,
+        after: Option<&AppendTicket>,
+    ) -> Result<QueuedAppend> {
+        self.appender.queue(append, after).await
     }
 
     async fn request_record(

@@ -6,11 +6,11 @@ use std::collections::HashMap;
 use sqlx::{AnyPool, Row};
 use switchyard_core::SessionId;
 
-use super::appender::{hex, parse_hex_id};
+use super::batch::{hex, parse_hex_id};
 use super::{Backend, unavailable};
 use crate::{RequestRecord, Result, StoreError, TurnUsage};
 
-type Transaction = sqlx::Transaction<'static, sqlx::Any>;
+type Transaction = sqlx::AnyConnection;
 
 fn to_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
@@ -91,7 +91,7 @@ pub(super) async fn known(
     };
     let rows = sqlx::query(query)
         .bind(keys)
-        .fetch_all(&mut **transaction)
+        .fetch_all(&mut *transaction)
         .await
         .map_err(unavailable)?;
     let mut known = HashMap::with_capacity(rows.len());
@@ -117,12 +117,6 @@ pub(super) async fn insert(
     if rows.is_empty() {
         return Ok(0);
     }
-    let rows: Vec<serde_json::Value> = rows
-        .iter()
-        .map(|(session_id, id, turn, last_seq)| {
-            serde_json::json!({ "s": hex(session_id), "r": id, "k": i64::from(*turn), "l": to_i64(*last_seq) })
-        })
-        .collect();
     let query = match backend {
         Backend::Sqlite => {
             "INSERT INTO request_ids (session_id, request_id, turn, last_seq) \
@@ -138,8 +132,8 @@ pub(super) async fn insert(
         }
     };
     let inserted = sqlx::query(query)
-        .bind(encode(&rows)?)
-        .execute(&mut **transaction)
+        .bind(new_ids_json(rows)?)
+        .execute(&mut *transaction)
         .await
         .map_err(unavailable)?;
     Ok(usize::try_from(inserted.rows_affected()).unwrap_or(usize::MAX))
@@ -154,19 +148,6 @@ pub(super) async fn record_replies(
     if rows.is_empty() {
         return Ok(());
     }
-    let rows: Vec<serde_json::Value> = rows
-        .iter()
-        .map(|(session_id, id, seq, usage)| {
-            serde_json::json!({
-                "s": hex(session_id),
-                "r": id,
-                "q": to_i64(*seq),
-                "p": to_i64(usage.prompt_tokens),
-                "c": to_i64(usage.completion_tokens),
-                "u": (usage.compute_seconds.max(0.0) * 1e6).round() as i64,
-            })
-        })
-        .collect();
     let query = match backend {
         Backend::Sqlite => {
             "UPDATE request_ids SET reply_seq = j.q, prompt_tokens = j.p, completion_tokens = j.c, compute_us = j.u \
@@ -183,11 +164,40 @@ pub(super) async fn record_replies(
         }
     };
     sqlx::query(query)
-        .bind(encode(&rows)?)
-        .execute(&mut **transaction)
+        .bind(replies_json(rows)?)
+        .execute(&mut *transaction)
         .await
         .map_err(unavailable)?;
     Ok(())
+}
+
+/// New request ids as the statements take them: `{s, r, k, l}`.
+pub(super) fn new_ids_json(rows: &[(SessionId, &str, bool, u64)]) -> Result<String> {
+    let rows: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|(session_id, id, turn, last_seq)| {
+            serde_json::json!({ "s": hex(session_id), "r": id, "k": i64::from(*turn), "l": to_i64(*last_seq) })
+        })
+        .collect();
+    encode(&rows)
+}
+
+/// Replies completing their turns' request ids, as the statements take them.
+pub(super) fn replies_json(rows: &[(SessionId, &str, u64, TurnUsage)]) -> Result<String> {
+    let rows: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|(session_id, id, seq, usage)| {
+            serde_json::json!({
+                "s": hex(session_id),
+                "r": id,
+                "q": to_i64(*seq),
+                "p": to_i64(usage.prompt_tokens),
+                "c": to_i64(usage.completion_tokens),
+                "u": (usage.compute_seconds.max(0.0) * 1e6).round() as i64,
+            })
+        })
+        .collect();
+    encode(&rows)
 }
 
 fn encode(rows: &[serde_json::Value]) -> Result<String> {

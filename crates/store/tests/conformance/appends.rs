@@ -4,8 +4,11 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use switchyard_core::{Message, Role, SessionId};
-use switchyard_store::{AppendKey, Appended, RequestRecord, SessionStore, StoreError, TurnUsage};
+use switchyard_core::{Epoch, Message, Role, SessionId};
+use switchyard_store::{
+    Append, AppendKey, Appended, Durability, Fence, RequestRecord, SessionStore, StoreError,
+    TurnUsage,
+};
 
 use super::{own_slot, seqs, session, text};
 
@@ -339,4 +342,206 @@ pub async fn a_bounded_context_drops_its_oldest_messages(store: Arc<dyn SessionS
             .message_count,
         18
     );
+}
+
+/// A turn's reply, queued to follow its user message before either is waited for, commits
+/// right after it; one whose user message is refused (by its fence, or by the database) is
+/// refused too, and nothing of the pair is written.
+pub async fn a_follow_up_commits_only_after_its_predecessor(store: Arc<dyn SessionStore>) {
+    let fence = own_slot(&*store).await;
+    let session = session("turner");
+    store.create_session(&fence, &session).await.unwrap();
+    let append = |fence: &Fence, content: &str, durability| Append {
+        fence: fence.clone(),
+        session_id: session.id,
+        messages: Arc::from([text(content)]),
+        at: SystemTime::now(),
+        key: AppendKey::None,
+        keep_last: u64::MAX,
+        durability,
+    };
+    let mut turns = 0;
+    for round in 0..8 {
+        let user = store
+            .queue_append(
+                append(&fence, &format!("u{round}"), Durability::WithNext),
+                None,
+            )
+            .await
+            .unwrap();
+        let reply = store
+            .queue_append(
+                append(&fence, &format!("r{round}"), Durability::Now),
+                Some(user.ticket()),
+            )
+            .await
+            .unwrap();
+        let user = user.outcome().await.unwrap();
+        let reply = reply.outcome().await.unwrap();
+        assert_eq!(reply.last_seq, user.last_seq + 1);
+        turns += 1;
+    }
+    assert_eq!(turns, 8);
+    let stored = store.read_context(session.id, 0, 0).await.unwrap();
+    let contents: Vec<&str> = stored.iter().map(|m| m.content.as_str()).collect();
+    let expected: Vec<String> = (0..8)
+        .flat_map(|round| [format!("u{round}"), format!("r{round}")])
+        .collect();
+    assert_eq!(contents, expected);
+
+    // A user message the database refuses (NUL: PostgreSQL text cannot hold it) takes its
+    // reply with it; the memory and SQLite stores keep both.
+    let user = store
+        .queue_append(append(&fence, "nul \0 user", Durability::WithNext), None)
+        .await
+        .unwrap();
+    let reply = store
+        .queue_append(
+            append(&fence, "reply to nul", Durability::Now),
+            Some(user.ticket()),
+        )
+        .await
+        .unwrap();
+    let (user, reply) = (user.outcome().await, reply.outcome().await);
+    match (&user, &reply) {
+        (Ok(user), Ok(reply)) => assert_eq!(reply.last_seq, user.last_seq + 1),
+        (Err(_), Err(StoreError::PredecessorNotCommitted(id))) => assert_eq!(*id, session.id),
+        other => panic!("a reply without its user message, or the reverse: {other:?}"),
+    }
+    let pair_stored = if user.is_ok() { 2 } else { 0 };
+    assert_eq!(
+        store.read_context(session.id, 0, 0).await.unwrap().len(),
+        16 + pair_stored
+    );
+
+    // Another worker takes the slot: the user message is fenced, its reply never written.
+    store
+        .acquire_slots(&super::worker("b"), Epoch(2), &[fence.slot])
+        .await
+        .unwrap();
+    let user = store
+        .queue_append(append(&fence, "fenced", Durability::WithNext), None)
+        .await
+        .unwrap();
+    let reply = store
+        .queue_append(
+            append(&fence, "fenced reply", Durability::Now),
+            Some(user.ticket()),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        user.outcome().await,
+        Err(StoreError::Fenced { .. })
+    ));
+    assert_eq!(
+        reply.outcome().await,
+        Err(StoreError::PredecessorNotCommitted(session.id))
+    );
+    assert_eq!(
+        store.read_context(session.id, 0, 0).await.unwrap().len(),
+        16 + pair_stored
+    );
+}
+
+/// Appends queued together share a batch where the store batches, and each gets its own
+/// outcome: a stale fence, a session that does not exist and a repeated request id refuse
+/// or answer only their own, and the rest are numbered as if those were not there.
+pub async fn each_append_of_a_batch_gets_its_own_outcome(store: Arc<dyn SessionStore>) {
+    let fence = own_slot(&*store).await;
+    let good = session("batcher");
+    store.create_session(&fence, &good).await.unwrap();
+    // A second slot, taken from `a` by `b` after a session was made in it.
+    let other_slot = fence.slot + 1;
+    let a = super::worker("a");
+    assert_eq!(
+        store
+            .acquire_slots(&a, Epoch(1), &[other_slot])
+            .await
+            .unwrap(),
+        [other_slot]
+    );
+    let stale = Fence {
+        slot: other_slot,
+        owner: a,
+        epoch: Epoch(1),
+    };
+    let moved = switchyard_core::Session {
+        slot: other_slot,
+        ..session("mover")
+    };
+    store.create_session(&stale, &moved).await.unwrap();
+    store
+        .acquire_slots(&super::worker("b"), Epoch(2), &[other_slot])
+        .await
+        .unwrap();
+    let key = |id: &str| AppendKey::Request {
+        id: id.to_string(),
+        turn: false,
+    };
+    let seen = store
+        .append_keyed(
+            &fence,
+            good.id,
+            &[text("once")],
+            SystemTime::now(),
+            &key("seen"),
+            u64::MAX,
+        )
+        .await
+        .unwrap();
+    assert_eq!(seen.last_seq, 1);
+    let gone = session("ghost");
+
+    let append = |fence: &Fence, session_id: SessionId, content: &str, key: AppendKey| Append {
+        fence: fence.clone(),
+        session_id,
+        messages: Arc::from([text(content)]),
+        at: SystemTime::now(),
+        key,
+        keep_last: u64::MAX,
+        durability: Durability::Now,
+    };
+    // Every append is queued before any outcome is awaited.
+    let mut queued = Vec::new();
+    for append in [
+        append(&fence, good.id, "g1", AppendKey::None),
+        append(&stale, moved.id, "late", AppendKey::None),
+        append(&fence, gone.id, "nobody", AppendKey::None),
+        append(&fence, good.id, "once", key("seen")),
+        append(&fence, good.id, "g2", key("new")),
+    ] {
+        queued.push(store.queue_append(append, None).await.unwrap());
+    }
+    let mut outcomes = Vec::new();
+    for queued in queued {
+        outcomes.push(queued.outcome().await);
+    }
+    assert_eq!(
+        outcomes,
+        [
+            Ok(Appended {
+                last_seq: 2,
+                written: true
+            }),
+            Err(StoreError::Fenced {
+                slot: other_slot,
+                epoch: Epoch(1)
+            }),
+            Err(StoreError::SessionNotFound(gone.id)),
+            Ok(Appended {
+                last_seq: 1,
+                written: false
+            }),
+            Ok(Appended {
+                last_seq: 3,
+                written: true
+            }),
+        ]
+    );
+    let stored = store.read_context(good.id, 0, 0).await.unwrap();
+    let contents: Vec<&str> = stored.iter().map(|m| m.content.as_str()).collect();
+    assert_eq!(contents, ["once", "g1", "g2"]);
+    assert_eq!(seqs(&stored), [1, 2, 3]);
+    assert!(store.read_context(moved.id, 0, 0).await.unwrap().is_empty());
 }
