@@ -8,7 +8,7 @@ use tonic::Code;
 use crate::sandbox::{SLOW_AGENT, Sandbox, create, text};
 
 #[tokio::test]
-async fn a_turn_streams_several_deltas_and_lands_in_the_context() {
+async fn a_turn_streams_its_reply_and_lands_in_the_context() {
     let sandbox = Sandbox::start().await;
     let client = sandbox.client().await;
     let session = create(&client, "carol").await;
@@ -23,7 +23,10 @@ async fn a_turn_streams_several_deltas_and_lands_in_the_context() {
         .await
         .unwrap();
     assert_eq!(reply.text, format!("echo: {content}"));
-    assert!(reply.delta_count >= 3, "{} deltas", reply.delta_count);
+    // Deltas that are ready together go out as one event, so an echo agent, which makes
+    // them all at once, may arrive in fewer; `deltas_arrive_while_the_turn_runs` shows the
+    // streaming itself.
+    assert!(reply.delta_count >= 1, "{} deltas", reply.delta_count);
     assert_eq!((reply.done.user_seq, reply.done.reply_seq), (2, 3));
     let usage = reply.done.usage.unwrap();
     assert_eq!(usage.prompt_tokens, 2 + 9);

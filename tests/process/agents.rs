@@ -60,7 +60,9 @@ async fn a_configured_process_agent_answers_through_the_cluster() {
         .await
         .unwrap();
     assert_eq!(reply.text, "echo: from a python process");
-    assert!(reply.delta_count >= 3);
+    // Deltas ready together go out joined; the agent's own streaming is tested in
+    // crates/agents/tests/process.rs.
+    assert!(reply.delta_count >= 1);
     let again = client
         .send_message_collect(&session.session_id, "py-echo", "twice")
         .await

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use switchyard_core::{ContextMessage, Message, Role};
 
 /// Most messages a cache keeps.
-pub const MAX_MESSAGES: usize = 64;
+pub const MAX_MESSAGES: usize = 256;
 /// Most bytes of names and contents a cache keeps.
 pub const MAX_TEXT_BYTES: usize = 32 * 1024;
 

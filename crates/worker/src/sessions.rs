@@ -6,17 +6,20 @@
 //! that runs its turns one at a time. Idle expiry, passivation and a call starting all take
 //! the entry's lock, so a session never expires or leaves memory under a call that began.
 //!
-//! - here: the types, and the session calls (create, begin, end, append);
+//! - here: the types, and the session calls (create, begin, end);
+//! - `appends`: appends, at once or queued to commit beside a turn's agent;
 //! - `turns`: the order of turns on a session and their request ids;
 //! - `reads`: contexts, pages and windows, from the tail cache or the store;
 //! - `expiry`: idle expiry, passivation and the loads heartbeats report;
 //! - `handoff`: handing slots over to another worker and releasing them.
 
+mod appends;
 mod expiry;
 mod handoff;
 mod reads;
 mod turns;
 
+pub use appends::PendingAppend;
 pub use reads::history_start;
 pub use turns::TurnRequest;
 
@@ -24,10 +27,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::SystemTime;
 
-use switchyard_core::{
-    DoubleText, Epoch, Limits, Message, Session, SessionId, Slot, UserId, slot_of,
-};
-use switchyard_store::{AppendKey, Appended, Fence, SessionStore, StoreError};
+use switchyard_core::{DoubleText, Epoch, Limits, Session, SessionId, Slot, UserId, slot_of};
+use switchyard_store::{Fence, SessionStore, StoreError};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -432,64 +433,6 @@ impl SessionManager {
         self.hot().remove(&session_id);
         deleted.map_err(|error| self.store_error(slot, error))
     }
-
-    /// Appends messages to a session's context and returns the last seq.
-    pub async fn append(&self, call: &SessionCall, messages: &[Message]) -> Result<u64> {
-        Ok(self
-            .append_keyed(call, messages, &AppendKey::None)
-            .await?
-            .last_seq)
-    }
-
-    /// Appends once per request id (see [`AppendKey`]); a repeat writes nothing.
-    pub async fn append_keyed(
-        &self,
-        call: &SessionCall,
-        messages: &[Message],
-        key: &AppendKey,
-    ) -> Result<Appended> {
-        let slot = call.session.slot;
-        let fence = self.call_fence(call)?;
-        let at = SystemTime::now();
-        // The context keeps its newest max_context_messages: older ones are dropped in the
-        // same transaction.
-        let keep_last = self.limits.max_context_messages;
-        let appended = self
-            .store
-            .append_keyed(
-                &fence,
-                call.session.session_id,
-                messages,
-                at,
-                key,
-                keep_last,
-            )
-            .await
-            .map_err(|error| self.store_error(slot, error))?;
-        if !appended.written {
-            return Ok(appended);
-        }
-        let last_seq = appended.last_seq;
-        let mut activity = call.session.activity();
-        activity.message_count = activity.message_count.max(last_seq);
-        let first_seq = last_seq + 1 - messages.len() as u64;
-        if let Some(cache) = &mut activity.cache
-            && !cache.append(first_seq, messages, at)
-        {
-            // Another append committed in between: reload on the next read.
-            activity.cache = None;
-        }
-        // A bound below the cache's size: the cache may hold what the store dropped.
-        let first_kept = history_start(last_seq, keep_last);
-        if activity
-            .cache
-            .as_ref()
-            .is_some_and(|cache| cache.first_seq() < first_kept)
-        {
-            activity.cache = None;
-        }
-        Ok(appended)
-    }
 }
 
 fn hot_entry(session: &Session) -> HotSession {
@@ -506,7 +449,7 @@ fn hot_entry(session: &Session) -> HotSession {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use switchyard_core::{PlacementTable, Role, WorkerId};
+    use switchyard_core::{Message, PlacementTable, Role, WorkerId};
     use switchyard_store::MemoryStore;
 
     use super::*;

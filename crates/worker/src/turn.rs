@@ -1,20 +1,23 @@
-//! One agent turn: commit the user message, stream the agent's reply, commit the reply.
+//! One agent turn: the user message commits while the agent streams its reply; the reply
+//! commits after it; TurnDone once both are durable.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use switchyard::pb;
-use switchyard_agents::{AgentError, AgentPool, Usage};
+use switchyard_agents::{AgentError, AgentPool};
 use switchyard_core::{Message, Role};
-use switchyard_store::{AppendKey, RequestRecord, StoreError, TurnUsage};
+use switchyard_store::{AppendKey, Durability, RequestRecord, StoreError, TurnUsage};
 use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::error::{Result, WorkerError};
-use crate::sessions::{SessionCall, SessionManager, TurnRequest};
+use crate::sessions::{PendingAppend, SessionCall, SessionManager, TurnRequest};
 
 /// Events buffered between the turn and a slow caller before the agent is held back.
 const EVENT_BUFFER: usize = 32;
+/// Deltas already waiting are joined into one event up to this many bytes.
+const COALESCE_BYTES: usize = 16 * 1024;
 /// How long an agent whose caller left may take to notice before it is stopped.
 const CALLER_GONE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -101,6 +104,12 @@ fn done_event(user_seq: u64, reply_seq: u64, usage: TurnUsage) -> pb::TurnEvent 
     }
 }
 
+/// A turn's user message: committed by an earlier try of the same request, or queued now.
+enum UserMessage {
+    Landed(u64),
+    Queued(PendingAppend),
+}
+
 async fn run_turn(
     sessions: &SessionManager,
     call: &SessionCall,
@@ -149,26 +158,6 @@ async fn run_turn(
     // added in memory when it is not stored yet.
     let pending = landed.is_none().then_some(&user_message);
     let context = sessions.context_window(call, &window, pending).await?;
-    // One durable wait per turn: the user message's commit starts now, and the agent runs
-    // at once beside it. A commit that fails ends the turn, and no reply is committed.
-    let commit_user = async {
-        if let Some(user_seq) = landed {
-            return Ok(user_seq);
-        }
-        let key = match request_id {
-            Some(id) => AppendKey::Request {
-                id: id.to_string(),
-                turn: true,
-            },
-            None => AppendKey::None,
-        };
-        Ok::<u64, WorkerError>(
-            sessions
-                .append_keyed(call, std::slice::from_ref(&user_message), &key)
-                .await?
-                .last_seq,
-        )
-    };
     let answer = async {
         // Waits, first come first served, when every instance of the type is busy.
         let mut agent = tokio::select! {
@@ -189,7 +178,15 @@ async fn run_turn(
         let max_reply_bytes = sessions.limits().max_reply_bytes;
         let forward = async move {
             let mut reply = String::new();
-            while let Some(text) = delta_receiver.recv().await {
+            while let Some(mut text) = delta_receiver.recv().await {
+                // Deltas the agent made while the last one was on its way go out as one:
+                // fewer frames and writes on both hops, and the first is never held back.
+                while text.len() < COALESCE_BYTES {
+                    let Ok(more) = delta_receiver.try_recv() else {
+                        break;
+                    };
+                    text.push_str(&more);
+                }
                 // Checked before the delta goes out: a reply the turn cannot commit ends it
                 // here, and dropping the receiver stops the agent.
                 if reply.len() + text.len() > max_reply_bytes {
@@ -246,41 +243,105 @@ async fn run_turn(
         };
         answered
     };
-    // Both are waited for: a turn that ends early still lets its user message's commit
-    // finish (and the session's cache learn of it); a commit that fails stops the agent.
-    tokio::pin!(commit_user, answer);
-    let (user_seq, answered) = tokio::select! {
-        committed = &mut commit_user => (committed?, answer.await),
-        answered = &mut answer => (commit_user.await?, answered),
+    // One durable wait per turn: the user message is queued now, commits while the agent
+    // runs, and becomes durable with its reply's commit, which follows it in the same batch
+    // or the next. TurnDone waits for both.
+    let user_append = match landed {
+        Some(user_seq) => UserMessage::Landed(user_seq),
+        None => {
+            let key = match request_id {
+                Some(id) => AppendKey::Request {
+                    id: id.to_string(),
+                    turn: true,
+                },
+                None => AppendKey::None,
+            };
+            UserMessage::Queued(
+                sessions
+                    .queue_append(
+                        call,
+                        Arc::from([user_message]),
+                        key,
+                        Durability::WithNext,
+                        None,
+                    )
+                    .await?,
+            )
+        }
     };
-    let (usage, reply) = answered?;
-    // A reply refused on its way out is the turn's error, whatever the agent made of it.
-    let reply = reply?;
-    let usage: Usage = usage?;
-    let reply = reply.ok_or(AgentError::Cancelled)?;
-
-    let reply_message = Message {
-        role: Role::Assistant,
-        content: reply,
-        name: agent_type.to_string(),
+    let user_ticket = match &user_append {
+        UserMessage::Queued(append) => Some(append.ticket().clone()),
+        UserMessage::Landed(_) => None,
     };
-    let usage = TurnUsage {
-        prompt_tokens: usage.prompt_tokens,
-        completion_tokens: usage.completion_tokens,
-        // To the microsecond, as it is kept: a replayed TurnDone is the same as the first.
-        compute_seconds: (usage.compute_seconds * 1e6).round() / 1e6,
+    // A user message that cannot be committed stops the agent: its error is the turn's.
+    let user_refused = async {
+        match &user_ticket {
+            Some(ticket) if !ticket.committed().await => {}
+            _ => std::future::pending::<()>().await,
+        }
     };
-    let key = match request_id {
-        Some(id) => AppendKey::Reply {
-            id: id.to_string(),
-            usage,
+    let answered = tokio::select! {
+        answered = answer => Some(answered.and_then(|(usage, reply)| {
+            // A reply refused on its way out is the turn's error, whatever the agent made of it.
+            let reply = reply?.ok_or(AgentError::Cancelled)?;
+            Ok((usage?, reply))
+        })),
+        () = user_refused => None,
+    };
+    let reply_append = match answered {
+        Some(Ok((usage, reply))) => {
+            let usage = TurnUsage {
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+                // To the microsecond, as it is kept: a replayed TurnDone is the same as the first.
+                compute_seconds: (usage.compute_seconds * 1e6).round() / 1e6,
+            };
+            let key = match request_id {
+                Some(id) => AppendKey::Reply {
+                    id: id.to_string(),
+                    usage,
+                },
+                None => AppendKey::None,
+            };
+            let reply_message = Message {
+                role: Role::Assistant,
+                content: reply,
+                name: agent_type.to_string(),
+            };
+            let queued = sessions
+                .queue_append(
+                    call,
+                    Arc::from([reply_message]),
+                    key,
+                    Durability::Now,
+                    user_ticket.as_ref(),
+                )
+                .await;
+            Some(queued.map(|queued| (queued, usage)))
+        }
+        Some(Err(error)) => Some(Err(error)),
+        None => None,
+    };
+    // A turn that ended early still waits for its user message's commit, so that the
+    // session's cache learns of it; that commit's error comes first.
+    let user_seq = match user_append {
+        UserMessage::Queued(append) => match append.finish(sessions, call).await {
+            Ok(appended) => appended.last_seq,
+            // EndSession removed the session before its user message committed: the caller
+            // learns why, not only that the session is gone.
+            Err(_) if call.session.is_ended() => {
+                return Err(WorkerError::EndedDuringTurn(call.session.session_id));
+            }
+            Err(error) => return Err(error),
         },
-        None => AppendKey::None,
+        UserMessage::Landed(user_seq) => user_seq,
     };
-    let reply_seq = sessions
-        .append_keyed(call, &[reply_message], &key)
-        .await?
-        .last_seq;
+    // Stopped for a user message that was not committed: that error came above.
+    let Some(reply_append) = reply_append else {
+        return Err(StoreError::PredecessorNotCommitted(call.session.session_id).into());
+    };
+    let (reply_append, usage) = reply_append?;
+    let reply_seq = reply_append.finish(sessions, call).await?.last_seq;
     if let Some(request) = &input.request {
         request.finish();
     }
@@ -297,7 +358,9 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use switchyard_agents::{EchoConfig, PoolConfig};
-    use switchyard_core::{DoubleText, Epoch, Limits, PlacementTable, UserId, WorkerId, slot_of};
+    use switchyard_core::{
+        DoubleText, Epoch, Limits, PlacementTable, Session, UserId, WorkerId, slot_of,
+    };
     use switchyard_store::testing::GatedStore;
     use switchyard_store::{MemoryStore, SessionStore};
 
@@ -306,8 +369,9 @@ mod tests {
 
     const SLOTS: u32 = 4;
 
-    #[tokio::test]
-    async fn deltas_flow_before_the_user_message_is_durable_and_turn_done_waits_for_both() {
+    /// A worker's sessions on a gated memory store, owning every slot, with one session of
+    /// `dora` and an echo pool.
+    async fn set_up() -> (Arc<GatedStore>, Arc<SessionManager>, Session, AgentPool) {
         let user = UserId::parse("dora").unwrap();
         let me = WorkerId::parse("w").unwrap();
         let store = Arc::new(GatedStore::new(Arc::new(MemoryStore::new())));
@@ -336,16 +400,53 @@ mod tests {
             Arc::new(EchoConfig::default()),
             PoolConfig::default(),
         );
+        (store, sessions, session, pool)
+    }
 
-        // The store holds every append until let go.
-        store.appends().close();
+    async fn start(
+        sessions: &Arc<SessionManager>,
+        session: &Session,
+        pool: &AgentPool,
+        content: &str,
+    ) -> TurnEvents {
         let call = sessions.begin(session.id).await.unwrap();
         let input = TurnInput {
             agent_type: "echo".into(),
-            content: "durable later".into(),
+            content: content.into(),
             request: None,
         };
-        let mut events = start_turn(sessions.clone(), call, pool, input, None);
+        start_turn(sessions.clone(), call, pool.clone(), input, None)
+    }
+
+    /// Reads deltas until none comes for a moment; panics on anything else.
+    async fn deltas_until_quiet(events: &mut TurnEvents) -> usize {
+        let mut deltas = 0;
+        loop {
+            match tokio::time::timeout(Duration::from_millis(200), events.recv()).await {
+                Ok(Some(Ok(pb::TurnEvent {
+                    event: Some(pb::turn_event::Event::Delta(_)),
+                }))) => deltas += 1,
+                Ok(other) => panic!("only deltas before the commits: {other:?}"),
+                Err(_) => return deltas,
+            }
+        }
+    }
+
+    async fn turn_done(events: &mut TurnEvents) -> pb::TurnDone {
+        loop {
+            match events.recv().await.unwrap().unwrap().event {
+                Some(pb::turn_event::Event::Done(done)) => return done,
+                _ => continue,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn deltas_flow_before_the_user_message_is_durable_and_turn_done_waits_for_both() {
+        let (store, sessions, session, pool) = set_up().await;
+        // The store holds every append until let go.
+        store.appends().close();
+        let mut events = start(&sessions, &session, &pool, "durable later").await;
         // The first delta arrives while the user message's commit is still held.
         let first = tokio::time::timeout(Duration::from_secs(5), events.recv())
             .await
@@ -354,18 +455,8 @@ mod tests {
             .unwrap();
         assert!(matches!(first.event, Some(pb::turn_event::Event::Delta(_))));
         store.appends().reached().await;
-        // The reply is all out, and still no TurnDone: nothing is durable yet.
-        let mut deltas = 1;
-        let pending = loop {
-            match tokio::time::timeout(Duration::from_millis(200), events.recv()).await {
-                Ok(Some(Ok(pb::TurnEvent {
-                    event: Some(pb::turn_event::Event::Delta(_)),
-                }))) => deltas += 1,
-                Ok(other) => panic!("before the commits: {other:?}"),
-                Err(_) => break true,
-            }
-        };
-        assert!(pending && deltas >= 1);
+        // The reply is all out, and still no TurnDone: nothing is committed yet.
+        assert!(deltas_until_quiet(&mut events).await >= 1);
         assert!(
             store
                 .read_context(session.id, 0, 0)
@@ -375,15 +466,104 @@ mod tests {
         );
 
         store.appends().open();
-        let done = loop {
-            match events.recv().await.unwrap().unwrap().event {
-                Some(pb::turn_event::Event::Done(done)) => break done,
-                _ => continue,
-            }
-        };
+        let done = turn_done(&mut events).await;
         assert_eq!((done.user_seq, done.reply_seq), (1, 2));
         let stored = store.read_context(session.id, 0, 0).await.unwrap();
-        assert_eq!(stored.len(), 2, "TurnDone came once both were durable");
+        assert_eq!(stored.len(), 2, "TurnDone came once both were committed");
         assert_eq!(stored[1].content, "echo: durable later");
+    }
+
+    #[tokio::test]
+    async fn turn_done_waits_for_the_reply_commit_after_the_user_message_committed() {
+        let (store, sessions, session, pool) = set_up().await;
+        // Only the second commit, the reply's, is held.
+        store.follow_ups().close();
+        let mut events = start(&sessions, &session, &pool, "second commit held").await;
+        store.follow_ups().reached().await;
+        assert!(deltas_until_quiet(&mut events).await >= 1);
+        let stored = store.read_context(session.id, 0, 0).await.unwrap();
+        assert_eq!(
+            stored.iter().map(|message| message.seq).collect::<Vec<_>>(),
+            [1],
+            "the user message is committed, the reply is not, and no TurnDone came"
+        );
+
+        store.follow_ups().open();
+        let done = turn_done(&mut events).await;
+        assert_eq!((done.user_seq, done.reply_seq), (1, 2));
+        assert_eq!(store.read_context(session.id, 0, 0).await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_user_message_that_cannot_be_committed_ends_the_turn_and_no_reply_is_committed() {
+        let (store, sessions, session, pool) = set_up().await;
+        // Another worker takes the slot's lease in the store: this worker's writes are fenced.
+        let other = WorkerId::parse("other").unwrap();
+        store
+            .acquire_slots(&other, Epoch(2), &[session.slot])
+            .await
+            .unwrap();
+        let mut events = start(&sessions, &session, &pool, "never stored").await;
+        let mut deltas = 0;
+        let error = loop {
+            match events.recv().await.expect("the turn ends with an error") {
+                Ok(pb::TurnEvent {
+                    event: Some(pb::turn_event::Event::Delta(_)),
+                }) => deltas += 1,
+                Ok(other) => panic!("no TurnDone for a turn that committed nothing: {other:?}"),
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(error.code(), tonic::Code::Unavailable, "{error:?}");
+        assert!(
+            error.message().contains("moved to another worker"),
+            "{error:?}"
+        );
+        assert!(events.recv().await.is_none(), "nothing after the error");
+        // Whatever the agent streamed (it may have finished first), nothing was committed.
+        assert!(deltas <= 3);
+        assert!(
+            store
+                .read_context(session.id, 0, 0)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn deltas_ready_together_go_out_as_one_event_and_nothing_is_lost() {
+        let (_store, sessions, session, _) = set_up().await;
+        // One character per delta: 206 deltas for this reply.
+        let pool = AgentPool::new(
+            "echo",
+            Arc::new(EchoConfig {
+                chunk_chars: 1,
+                ..EchoConfig::default()
+            }),
+            PoolConfig::default(),
+        );
+        let content = "x".repeat(200);
+        let mut events = start(&sessions, &session, &pool, &content).await;
+        // A caller that reads late: the agent's deltas pile up meanwhile.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (mut text, mut delta_events) = (String::new(), 0);
+        let done = loop {
+            match events.recv().await.unwrap().unwrap().event {
+                Some(pb::turn_event::Event::Delta(delta)) => {
+                    delta_events += 1;
+                    text.push_str(&delta.text);
+                }
+                Some(pb::turn_event::Event::Done(done)) => break done,
+                None => panic!("an empty event"),
+            }
+        };
+        assert_eq!(text, format!("echo: {content}"));
+        assert_eq!(done.reply_seq, 2);
+        // At most the events that fit the buffer one by one, then the rest joined.
+        assert!(
+            (1..=EVENT_BUFFER * 2).contains(&delta_events),
+            "{delta_events} events for 206 deltas"
+        );
     }
 }
