@@ -99,6 +99,7 @@ pub struct GatedStore {
     creates: std::sync::Arc<Gate>,
     appends: std::sync::Arc<Gate>,
     follow_ups: std::sync::Arc<Gate>,
+    request_record_reads: std::sync::atomic::AtomicUsize,
 }
 
 /// Holds the operations that reach it while closed.
@@ -164,6 +165,7 @@ impl GatedStore {
             creates: Default::default(),
             appends: Default::default(),
             follow_ups: Default::default(),
+            request_record_reads: Default::default(),
         }
     }
 
@@ -175,6 +177,12 @@ impl GatedStore {
     /// The gate that appends queued to follow another (a turn's reply) also wait at.
     pub fn follow_ups(&self) -> &Gate {
         &self.follow_ups
+    }
+
+    /// How many times a request id was looked up.
+    pub fn request_record_reads(&self) -> usize {
+        self.request_record_reads
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The gate `create_session` waits at, before it writes.
@@ -304,6 +312,8 @@ impl crate::SessionStore for GatedStore {
         session_id: switchyard_core::SessionId,
         request_id: &str,
     ) -> crate::Result<Option<crate::RequestRecord>> {
+        self.request_record_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.inner.request_record(session_id, request_id).await
     }
 

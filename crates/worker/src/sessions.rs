@@ -21,6 +21,7 @@ mod turns;
 
 pub use appends::PendingAppend;
 pub use reads::history_start;
+use turns::KnownRequestIds;
 pub use turns::TurnRequest;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -63,6 +64,8 @@ struct Activity {
     handing_over: bool,
     /// Request ids of the turns running or queued here: a repeat of one is refused.
     turn_requests: HashSet<String>,
+    /// Which request ids the store may hold for the session, under the cache's lease.
+    known_request_ids: KnownRequestIds,
     /// Interrupting messages so far; a waiting one that is no longer the newest gives up.
     interrupts: u64,
 }
@@ -99,6 +102,7 @@ impl HotSession {
                 running: None,
                 handing_over: false,
                 turn_requests: HashSet::new(),
+                known_request_ids: KnownRequestIds::Unknown,
                 interrupts: 0,
             }),
             turn: tokio::sync::Mutex::new(()),
@@ -260,6 +264,7 @@ impl SessionManager {
             let mut activity = entry.activity();
             activity.cache = Some(ContextCache::empty_after(0));
             activity.cache_epoch = fence.epoch;
+            activity.known_request_ids = KnownRequestIds::none_yet();
         }
         {
             // A create is a call like any other: if the slot's handoff began meanwhile, the
@@ -341,10 +346,12 @@ impl SessionManager {
             };
             {
                 // The cache belongs to the lease it was loaded under: a slot that moved away
-                // and came back finds its sessions' contexts anew in the store.
+                // and came back finds its sessions' contexts (and request ids) anew in the
+                // store.
                 let mut activity = session.activity();
                 if activity.cache_epoch != fence_epoch {
                     activity.cache = None;
+                    activity.known_request_ids = KnownRequestIds::Unknown;
                     activity.cache_epoch = fence_epoch;
                 }
             }

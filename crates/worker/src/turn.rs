@@ -129,7 +129,8 @@ async fn run_turn(
     // A repeated request id: a committed turn is replayed; one whose user message landed
     // but whose reply did not (it was cancelled, or its worker died) runs again on it.
     let mut landed = None;
-    if let Some(id) = request_id {
+    // A session whose every request id this worker knows needs no look-up for a new one.
+    if let Some(id) = request_id.filter(|id| call.session.may_hold_request(id)) {
         match sessions.request_record(call, id).await? {
             None => {}
             Some(RequestRecord { turn: false, .. }) => {
@@ -418,16 +419,17 @@ mod tests {
         start_turn(sessions.clone(), call, pool.clone(), input, None)
     }
 
-    /// Reads deltas until none comes for a moment; panics on anything else.
-    async fn deltas_until_quiet(events: &mut TurnEvents) -> usize {
-        let mut deltas = 0;
+    /// Reads deltas until none comes for a moment and returns their text; panics on
+    /// anything else.
+    async fn deltas_until_quiet(events: &mut TurnEvents) -> String {
+        let mut text = String::new();
         loop {
             match tokio::time::timeout(Duration::from_millis(200), events.recv()).await {
                 Ok(Some(Ok(pb::TurnEvent {
-                    event: Some(pb::turn_event::Event::Delta(_)),
-                }))) => deltas += 1,
+                    event: Some(pb::turn_event::Event::Delta(delta)),
+                }))) => text.push_str(&delta.text),
                 Ok(other) => panic!("only deltas before the commits: {other:?}"),
-                Err(_) => return deltas,
+                Err(_) => return text,
             }
         }
     }
@@ -453,10 +455,13 @@ mod tests {
             .expect("a delta without waiting for the store")
             .unwrap()
             .unwrap();
-        assert!(matches!(first.event, Some(pb::turn_event::Event::Delta(_))));
+        let Some(pb::turn_event::Event::Delta(first)) = first.event else {
+            panic!("a delta first: {first:?}");
+        };
         store.appends().reached().await;
         // The reply is all out, and still no TurnDone: nothing is committed yet.
-        assert!(deltas_until_quiet(&mut events).await >= 1);
+        let rest = deltas_until_quiet(&mut events).await;
+        assert_eq!(first.text + &rest, "echo: durable later");
         assert!(
             store
                 .read_context(session.id, 0, 0)
@@ -480,7 +485,10 @@ mod tests {
         store.follow_ups().close();
         let mut events = start(&sessions, &session, &pool, "second commit held").await;
         store.follow_ups().reached().await;
-        assert!(deltas_until_quiet(&mut events).await >= 1);
+        assert_eq!(
+            deltas_until_quiet(&mut events).await,
+            "echo: second commit held"
+        );
         let stored = store.read_context(session.id, 0, 0).await.unwrap();
         assert_eq!(
             stored.iter().map(|message| message.seq).collect::<Vec<_>>(),
@@ -565,5 +573,44 @@ mod tests {
             (1..=EVENT_BUFFER * 2).contains(&delta_events),
             "{delta_events} events for 206 deltas"
         );
+    }
+
+    #[tokio::test]
+    async fn a_new_request_id_on_a_session_made_here_is_not_looked_up() {
+        let (store, sessions, session, pool) = set_up().await;
+        let turn = |id: &'static str| {
+            let (sessions, pool) = (sessions.clone(), pool.clone());
+            async move {
+                let call = sessions.begin(session.id).await.unwrap();
+                let request = call.session.begin_turn_request(id);
+                let input = TurnInput {
+                    agent_type: "echo".into(),
+                    content: format!("turn {id}"),
+                    request,
+                };
+                let mut events = start_turn(sessions.clone(), call, pool, input, None);
+                turn_done(&mut events).await
+            }
+        };
+        let first = turn("t1").await;
+        assert_eq!((first.user_seq, first.reply_seq), (1, 2));
+        assert_eq!(
+            store.request_record_reads(),
+            0,
+            "every id of the session is known"
+        );
+        // A repeat may be in the store: it is looked up, and replayed.
+        let repeat = turn("t1").await;
+        assert_eq!((repeat.user_seq, repeat.reply_seq), (1, 2));
+        assert_eq!(store.request_record_reads(), 1);
+        let second = turn("t2").await;
+        assert_eq!((second.user_seq, second.reply_seq), (3, 4));
+        assert_eq!(store.request_record_reads(), 1);
+
+        // Loaded again from the store, the session may have ids this worker never saw.
+        sessions.passivate_all().await;
+        let third = turn("t3").await;
+        assert_eq!((third.user_seq, third.reply_seq), (5, 6));
+        assert_eq!(store.request_record_reads(), 2);
     }
 }

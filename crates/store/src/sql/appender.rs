@@ -24,6 +24,8 @@ use crate::{Append, AppendTicket, Appended, Durability, QueuedAppend, Result, St
 
 /// Queued appends per lane before callers wait for room.
 const QUEUE_DEPTH: usize = 4096;
+/// How long a batch of turns' user messages alone waits for a reply to join it.
+const FOLLOW_UP_WAIT: Duration = Duration::from_millis(1);
 /// How long an SQLite commit made without waiting for the disk may stay so when no durable
 /// commit follows (a turn whose agent takes longer, or that ended without a reply).
 pub(super) const UNSYNCED_LIMIT: Duration = Duration::from_millis(20);
@@ -177,19 +179,20 @@ impl Lane {
             if received == 0 {
                 break;
             }
-            if batch.len() < max_batch
+            // Nobody waits on turns' user messages alone before their replies, which a fast
+            // agent makes within the moment: a reply that joins its user message's batch
+            // saves the pair a transaction and a wait for the disk.
+            let deadline = tokio::time::Instant::now() + FOLLOW_UP_WAIT;
+            while batch.len() < max_batch
                 && batch
                     .iter()
                     .all(|request| request.append.durability == Durability::WithNext)
             {
-                // Nobody waits on a batch of user messages alone before their replies: let the
-                // tasks that are ready run first, so that a reply made meanwhile joins it.
-                tokio::task::yield_now().await;
-                while batch.len() < max_batch {
-                    let Ok(request) = receiver.try_recv() else {
-                        break;
-                    };
-                    batch.push(request);
+                let room = max_batch - batch.len();
+                match tokio::time::timeout_at(deadline, receiver.recv_many(&mut batch, room)).await
+                {
+                    Ok(received) if received > 0 => {}
+                    _ => break,
                 }
             }
             let requests = std::mem::take(&mut batch);

@@ -75,6 +75,9 @@ impl SessionManager {
     ) -> Result<PendingAppend> {
         let slot = call.session.slot;
         let fence = self.call_fence(call)?;
+        if let AppendKey::Request { id, .. } = &key {
+            call.session.record_request(id);
+        }
         let at = SystemTime::now();
         // The context keeps its newest max_context_messages: older ones are dropped in the
         // same transaction.

@@ -1,6 +1,8 @@
-//! The order of turns on a session (its double-text policy), and the request ids of the
-//! turns in flight.
+//! The order of turns on a session (its double-text policy), the request ids of the turns
+//! in flight, and which request ids the session can hold at all.
 
+use std::collections::HashSet;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
@@ -9,6 +11,31 @@ use switchyard_core::DoubleText;
 
 use super::{EntryState, HotSession};
 use crate::error::WorkerError;
+
+/// Request ids one session may have before this worker stops keeping them and asks the
+/// store about each turn's instead.
+const MAX_KNOWN_REQUEST_IDS: usize = 1024;
+
+/// What this worker knows of a session's request ids without asking the store.
+pub(super) enum KnownRequestIds {
+    /// Every request id the store may hold for the session (hashed): the session was created
+    /// here under the current lease, and each id was recorded before its write was queued.
+    All(HashSet<u64>),
+    /// The store may hold ids this worker has not seen.
+    Unknown,
+}
+
+impl KnownRequestIds {
+    pub(super) fn none_yet() -> Self {
+        KnownRequestIds::All(HashSet::new())
+    }
+}
+
+fn request_id_hash(request_id: &str) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    request_id.hash(&mut hasher);
+    hasher.finish()
+}
 
 /// A turn's request id, in flight on this worker while this lives.
 pub struct TurnRequest {
@@ -107,6 +134,27 @@ impl HotSession {
         }
         activity.running = Some(token.clone());
         Ok((guard, token))
+    }
+
+    /// Whether the store may hold `request_id` for this session: false only when this worker
+    /// knows every id the session has, and not this one. A new turn needs no look-up then.
+    pub fn may_hold_request(&self, request_id: &str) -> bool {
+        match &self.activity().known_request_ids {
+            KnownRequestIds::All(known) => known.contains(&request_id_hash(request_id)),
+            KnownRequestIds::Unknown => true,
+        }
+    }
+
+    /// Records a request id before its write is queued, so that even a write whose outcome
+    /// is never learned counts.
+    pub(super) fn record_request(&self, request_id: &str) {
+        let mut activity = self.activity();
+        if let KnownRequestIds::All(known) = &mut activity.known_request_ids {
+            known.insert(request_id_hash(request_id));
+            if known.len() > MAX_KNOWN_REQUEST_IDS {
+                activity.known_request_ids = KnownRequestIds::Unknown;
+            }
+        }
     }
 
     /// The session was ended (EndSession, eviction or expiry) while this entry was held.
