@@ -100,6 +100,7 @@ pub struct GatedStore {
     appends: std::sync::Arc<Gate>,
     follow_ups: std::sync::Arc<Gate>,
     request_record_reads: std::sync::atomic::AtomicUsize,
+    system_message_reads: std::sync::atomic::AtomicUsize,
 }
 
 /// Holds the operations that reach it while closed.
@@ -166,6 +167,7 @@ impl GatedStore {
             appends: Default::default(),
             follow_ups: Default::default(),
             request_record_reads: Default::default(),
+            system_message_reads: Default::default(),
         }
     }
 
@@ -182,6 +184,12 @@ impl GatedStore {
     /// How many times a request id was looked up.
     pub fn request_record_reads(&self) -> usize {
         self.request_record_reads
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How many times a session's older system messages were read.
+    pub fn system_message_reads(&self) -> usize {
+        self.system_message_reads
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
@@ -323,6 +331,8 @@ impl crate::SessionStore for GatedStore {
         before_seq: u64,
         limit: u32,
     ) -> crate::Result<Vec<switchyard_core::ContextMessage>> {
+        self.system_message_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.inner
             .read_system_messages(session_id, before_seq, limit)
             .await

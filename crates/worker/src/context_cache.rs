@@ -6,12 +6,16 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use switchyard_core::window::MAX_OLDER_SYSTEM_MESSAGES;
 use switchyard_core::{ContextMessage, Message, Role};
 
 /// Most messages a cache keeps.
 pub const MAX_MESSAGES: usize = 256;
 /// Most bytes of names and contents a cache keeps.
 pub const MAX_TEXT_BYTES: usize = 32 * 1024;
+/// Most bytes of the system messages before the tail that a cache keeps; past it, a turn
+/// asks the store for them.
+pub const MAX_OLDER_SYSTEM_BYTES: usize = 16 * 1024;
 
 #[derive(Clone, Copy)]
 struct Entry {
@@ -27,6 +31,9 @@ pub struct ContextCache {
     first_seq: u64,
     entries: Vec<Entry>,
     text: String,
+    /// The newest [`MAX_OLDER_SYSTEM_MESSAGES`] system messages before `first_seq`, when
+    /// known: a turn's window reaches back to them past the tail.
+    older_system: Option<Vec<ContextMessage>>,
 }
 
 impl ContextCache {
@@ -36,6 +43,8 @@ impl ContextCache {
             first_seq: last_seq + 1,
             entries: Vec::new(),
             text: String::new(),
+            // Nothing is older than the first message.
+            older_system: (last_seq == 0).then(Vec::new),
         }
     }
 
@@ -115,6 +124,19 @@ impl ContextCache {
         if drop == 0 {
             return;
         }
+        if self.older_system.is_some() {
+            // System messages leaving the tail are still part of every window after it.
+            let leaving: Vec<ContextMessage> = (0..drop)
+                .filter(|&index| self.entries[index].role == Role::System)
+                .map(|index| self.message(index))
+                .collect();
+            if let Some(older) = &mut self.older_system {
+                older.extend(leaving);
+                let excess = older.len().saturating_sub(MAX_OLDER_SYSTEM_MESSAGES);
+                older.drain(..excess);
+            }
+        }
+        self.bound_older_system();
         let cut = self.offset(drop);
         self.text.drain(..cut);
         self.entries.drain(..drop);
@@ -147,20 +169,76 @@ impl ContextCache {
         let from = (start - self.first_seq) as usize;
         Some(
             (from..self.entries.len())
-                .map(|index| {
-                    let entry = self.entries[index];
-                    let name_end = entry.start as usize + entry.name_len as usize;
-                    ContextMessage {
-                        seq: self.first_seq + index as u64,
-                        role: entry.role,
-                        name: self.text[entry.start as usize..name_end].to_string(),
-                        content: self.text[name_end..self.offset(index + 1)].to_string(),
-                        created_at: UNIX_EPOCH
-                            + Duration::from_micros(entry.created_us.max(0) as u64),
-                    }
-                })
+                .map(|index| self.message(index))
                 .collect(),
         )
+    }
+
+    /// The newest [`MAX_OLDER_SYSTEM_MESSAGES`] system messages before `before_seq`, in seq
+    /// order, if the cache knows them all: `before_seq` is within the tail and the system
+    /// messages before the tail are known.
+    pub fn system_before(&self, before_seq: u64) -> Option<Vec<ContextMessage>> {
+        if before_seq < self.first_seq {
+            return None;
+        }
+        let older = self.older_system.as_ref()?;
+        let in_tail = (before_seq - self.first_seq).min(self.entries.len() as u64) as usize;
+        let mut found: Vec<ContextMessage> = older
+            .iter()
+            .cloned()
+            .chain(
+                (0..in_tail)
+                    .filter(|&index| self.entries[index].role == Role::System)
+                    .map(|index| self.message(index)),
+            )
+            .collect();
+        let excess = found.len().saturating_sub(MAX_OLDER_SYSTEM_MESSAGES);
+        found.drain(..excess);
+        Some(found)
+    }
+
+    /// Whether the system messages before the tail are known.
+    pub fn knows_system_before_tail(&self) -> bool {
+        self.older_system.is_some()
+    }
+
+    /// Records the system messages before the tail, as the store holds them: the newest
+    /// [`MAX_OLDER_SYSTEM_MESSAGES`] with a seq below [`Self::first_seq`], in seq order.
+    pub fn set_system_before_tail(&mut self, messages: Vec<ContextMessage>) {
+        self.older_system = Some(messages);
+        self.bound_older_system();
+    }
+
+    /// The store dropped every message before `first_kept`.
+    pub fn forget_before(&mut self, first_kept: u64) {
+        if let Some(older) = &mut self.older_system {
+            older.retain(|message| message.seq >= first_kept);
+        }
+    }
+
+    /// Forgets the system messages before the tail when they weigh too much to keep.
+    fn bound_older_system(&mut self) {
+        let bytes: usize = self
+            .older_system
+            .iter()
+            .flatten()
+            .map(|message| message.content.len() + message.name.len())
+            .sum();
+        if bytes > MAX_OLDER_SYSTEM_BYTES {
+            self.older_system = None;
+        }
+    }
+
+    fn message(&self, index: usize) -> ContextMessage {
+        let entry = self.entries[index];
+        let name_end = entry.start as usize + entry.name_len as usize;
+        ContextMessage {
+            seq: self.first_seq + index as u64,
+            role: entry.role,
+            name: self.text[entry.start as usize..name_end].to_string(),
+            content: self.text[name_end..self.offset(index + 1)].to_string(),
+            created_at: UNIX_EPOCH + Duration::from_micros(entry.created_us.max(0) as u64),
+        }
     }
 }
 
@@ -280,5 +358,73 @@ mod tests {
             "a tail that is not the newest"
         );
         assert_eq!(ContextCache::from_tail(&[], 0).unwrap().last_seq(), 0);
+    }
+
+    fn system(content: &str) -> Message {
+        Message {
+            role: Role::System,
+            content: content.to_string(),
+            name: String::new(),
+        }
+    }
+
+    #[test]
+    fn system_messages_leaving_the_tail_are_kept_for_windows() {
+        let mut cache = ContextCache::empty_after(0);
+        let now = SystemTime::now();
+        assert!(cache.append(1, &[system("be brief"), message("hi")], now));
+        assert_eq!(cache.system_before(3).unwrap().len(), 1, "in the tail");
+        // Enough messages to push both out of the tail.
+        for seq in 3..3 + MAX_MESSAGES as u64 {
+            assert!(cache.append(seq, &[message("m")], now));
+        }
+        assert!(cache.first_seq() > 2);
+        let found = cache.system_before(cache.first_seq()).unwrap();
+        assert_eq!(seqs(&found), [1]);
+        assert_eq!(found[0].content, "be brief");
+        assert!(
+            cache.system_before(cache.first_seq() - 1).is_none(),
+            "before the tail"
+        );
+
+        // The store dropped history up to seq 1: so is the old system message.
+        cache.forget_before(2);
+        assert!(cache.system_before(cache.first_seq()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_tail_loaded_from_the_store_learns_its_older_system_messages_once() {
+        let now = SystemTime::now();
+        let tail: Vec<ContextMessage> = (10..=12)
+            .map(|seq| ContextMessage {
+                seq,
+                role: if seq == 11 { Role::System } else { Role::User },
+                content: format!("c{seq}"),
+                name: String::new(),
+                created_at: now,
+            })
+            .collect();
+        let mut cache = ContextCache::from_tail(&tail, 12).unwrap();
+        assert!(!cache.knows_system_before_tail());
+        assert!(cache.system_before(12).is_none());
+        let stored = ContextMessage {
+            seq: 3,
+            role: Role::System,
+            content: "older".into(),
+            name: String::new(),
+            created_at: now,
+        };
+        cache.set_system_before_tail(vec![stored]);
+        assert_eq!(seqs(&cache.system_before(12).unwrap()), [3, 11]);
+        assert_eq!(seqs(&cache.system_before(11).unwrap()), [3]);
+        // Too much to keep: forgotten, and asked for again.
+        cache.set_system_before_tail(vec![ContextMessage {
+            seq: 4,
+            role: Role::System,
+            content: "x".repeat(MAX_OLDER_SYSTEM_BYTES + 1),
+            name: String::new(),
+            created_at: now,
+        }]);
+        assert!(!cache.knows_system_before_tail());
     }
 }

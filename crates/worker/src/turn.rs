@@ -613,4 +613,50 @@ mod tests {
         assert_eq!((third.user_seq, third.reply_seq), (5, 6));
         assert_eq!(store.request_record_reads(), 2);
     }
+
+    #[tokio::test]
+    async fn a_window_past_the_cached_tail_finds_its_system_messages_without_the_store() {
+        let (store, sessions, session, _) = set_up().await;
+        let call = sessions.begin(session.id).await.unwrap();
+        let system = Message {
+            role: Role::System,
+            content: "be brief".into(),
+            name: String::new(),
+        };
+        sessions.append(&call, &[system]).await.unwrap();
+        let user = |n: usize| Message {
+            role: Role::User,
+            content: format!("m{n}"),
+            name: String::new(),
+        };
+        for n in 0..400 {
+            sessions.append(&call, &[user(n)]).await.unwrap();
+        }
+        let window = switchyard_core::ContextWindow::default();
+        let pending = user(400);
+        let context = sessions
+            .context_window(&call, &window, Some(&pending))
+            .await
+            .unwrap();
+        assert_eq!(context.len(), window.max_messages);
+        assert_eq!(
+            (context[0].seq, context[0].content.as_str()),
+            (1, "be brief")
+        );
+        assert_eq!(context.last().unwrap().content, "m400");
+        assert_eq!(store.system_message_reads(), 0, "the cache kept it");
+
+        // Loaded again, the tail asks the store once, then keeps what it learnt.
+        drop(call);
+        sessions.passivate_all().await;
+        let call = sessions.begin(session.id).await.unwrap();
+        for _ in 0..3 {
+            let context = sessions
+                .context_window(&call, &window, Some(&pending))
+                .await
+                .unwrap();
+            assert_eq!(context[0].content, "be brief");
+        }
+        assert_eq!(store.system_message_reads(), 1);
+    }
 }

@@ -128,12 +128,10 @@ impl SessionManager {
         }
         // A bound below the cache's size: the cache may hold what the store dropped.
         let first_kept = history_start(last_seq, keep_last);
-        if activity
-            .cache
-            .as_ref()
-            .is_some_and(|cache| cache.first_seq() < first_kept)
-        {
-            activity.cache = None;
+        match &mut activity.cache {
+            Some(cache) if cache.first_seq() < first_kept => activity.cache = None,
+            Some(cache) => cache.forget_before(first_kept),
+            None => {}
         }
     }
 }

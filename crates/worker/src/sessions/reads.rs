@@ -44,17 +44,54 @@ impl SessionManager {
         }
         let first = newest.first().map_or(1, |message| message.seq);
         let older_system = if first > 1 {
-            self.store
-                .read_system_messages(
-                    call.session.session_id,
-                    first,
-                    MAX_OLDER_SYSTEM_MESSAGES as u32,
-                )
-                .await?
+            self.system_before(call, first).await?
         } else {
             Vec::new()
         };
         Ok(window.select(older_system, newest))
+    }
+
+    /// The newest system messages before `before_seq`: from the tail cache, which asks the
+    /// store once for those before it and then keeps them as the tail moves on.
+    async fn system_before(
+        &self,
+        call: &SessionCall,
+        before_seq: u64,
+    ) -> Result<Vec<ContextMessage>> {
+        let session_id = call.session.session_id;
+        let tail_first = {
+            let activity = call.session.activity();
+            match activity.cache.as_ref() {
+                Some(cache) => {
+                    if let Some(found) = cache.system_before(before_seq) {
+                        return Ok(found);
+                    }
+                    (!cache.knows_system_before_tail() && before_seq >= cache.first_seq())
+                        .then(|| cache.first_seq())
+                }
+                None => None,
+            }
+        };
+        if let Some(tail_first) = tail_first {
+            let older = self
+                .store
+                .read_system_messages(session_id, tail_first, MAX_OLDER_SYSTEM_MESSAGES as u32)
+                .await?;
+            let mut activity = call.session.activity();
+            // Kept only if the tail has not moved meanwhile.
+            if let Some(cache) = activity.cache.as_mut()
+                && cache.first_seq() == tail_first
+            {
+                cache.set_system_before_tail(older);
+                if let Some(found) = cache.system_before(before_seq) {
+                    return Ok(found);
+                }
+            }
+        }
+        Ok(self
+            .store
+            .read_system_messages(session_id, before_seq, MAX_OLDER_SYSTEM_MESSAGES as u32)
+            .await?)
     }
 
     /// The message at `seq` of the call's session, if it is still stored.
