@@ -637,3 +637,163 @@ async fn a_bad_store_url_is_a_clear_error() {
         "{error}"
     );
 }
+
+/// Batches commit in one call unless an append is refused; then they are staged. Exercised
+/// on both SQL stores with what a turn writes (a user message and its reply, with request
+/// ids, in one batch), bounded contexts, and a stale fence.
+async fn batches_commit_at_once_unless_refused(store: Arc<SqlStore>) {
+    use switchyard_store::{Append, AppendKey, Durability, TurnUsage};
+
+    let fence = own_slot(&*store).await;
+    let session = session("at-once");
+    store.create_session(&fence, &session).await.unwrap();
+    let append = |fence: &Fence, content: &str, key: AppendKey, keep_last: u64| Append {
+        fence: fence.clone(),
+        session_id: session.id,
+        messages: Arc::from([text(content)]),
+        at: SystemTime::now(),
+        key,
+        keep_last,
+        durability: Durability::Now,
+    };
+    let usage = TurnUsage {
+        prompt_tokens: 3,
+        completion_tokens: 4,
+        compute_seconds: 0.5,
+    };
+    let before = store.group_commit_stats();
+    for round in 0..4 {
+        let id = format!("turn-{round}");
+        let user = store
+            .queue_append(
+                append(
+                    &fence,
+                    "question",
+                    AppendKey::Request {
+                        id: id.clone(),
+                        turn: true,
+                    },
+                    u64::MAX,
+                ),
+                None,
+            )
+            .await
+            .unwrap();
+        let reply = store
+            .queue_append(
+                append(
+                    &fence,
+                    "answer",
+                    AppendKey::Reply {
+                        id: id.clone(),
+                        usage,
+                    },
+                    u64::MAX,
+                ),
+                Some(user.ticket()),
+            )
+            .await
+            .unwrap();
+        let (user, reply) = (
+            user.outcome().await.unwrap(),
+            reply.outcome().await.unwrap(),
+        );
+        assert_eq!(
+            (user.last_seq, reply.last_seq),
+            (round * 2 + 1, round * 2 + 2)
+        );
+        let record = store
+            .request_record(session.id, &id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (record.last_seq, record.reply),
+            (user.last_seq, Some((reply.last_seq, usage)))
+        );
+    }
+    let after_turns = store.group_commit_stats();
+    assert!(after_turns.batches > before.batches);
+    assert_eq!(
+        after_turns.staged_batches, before.staged_batches,
+        "none refused"
+    );
+
+    // A bound: the oldest messages go, at once while the batch does not drop its own.
+    store
+        .append_keyed(
+            &fence,
+            session.id,
+            &[text("bounded")],
+            SystemTime::now(),
+            &AppendKey::None,
+            5,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        seqs(&store.read_context(session.id, 0, 0).await.unwrap()),
+        [5, 6, 7, 8, 9]
+    );
+    // Three messages in one append bounded to two: the append drops one of its own.
+    store
+        .append_keyed(
+            &fence,
+            session.id,
+            &[text("a"), text("b"), text("c")],
+            SystemTime::now(),
+            &AppendKey::None,
+            2,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        seqs(&store.read_context(session.id, 0, 0).await.unwrap()),
+        [11, 12]
+    );
+    let after_bounds = store.group_commit_stats();
+
+    // Another worker takes the slot: refused, and staged to say so.
+    store
+        .acquire_slots(&worker("b"), Epoch(2), &[fence.slot])
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .append_keyed(
+                &fence,
+                session.id,
+                &[text("late")],
+                SystemTime::now(),
+                &AppendKey::None,
+                u64::MAX
+            )
+            .await,
+        Err(StoreError::Fenced { .. })
+    ));
+    assert_eq!(
+        store.group_commit_stats().staged_batches,
+        after_bounds.staged_batches + 1
+    );
+}
+
+#[tokio::test]
+async fn sqlite_batches_commit_at_once_unless_refused() {
+    let dir = temp_dir("at-once");
+    let store = SqlStore::open(SqlStoreOptions::sqlite_file(&dir.join("store.db")))
+        .await
+        .unwrap();
+    batches_commit_at_once_unless_refused(Arc::new(store)).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn postgres_batches_commit_at_once_unless_refused() {
+    let Some(database) = TestDatabase::create("postgres::batches_commit_at_once").await else {
+        return;
+    };
+    let store = SqlStore::open(SqlStoreOptions::new(database.url.clone()))
+        .await
+        .unwrap();
+    batches_commit_at_once_unless_refused(Arc::new(store)).await;
+}

@@ -14,11 +14,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use sqlx::{AnyConnection, AnyPool};
+use sqlx::AnyPool;
 use tokio::sync::{mpsc, oneshot};
 
 use super::backend::Synchronous;
-use super::batch::{AppendRequest, BatchError, commit_batch};
+use super::batch::{AppendRequest, BatchError, Committed, LaneConnection, commit_batch};
 use super::{Backend, unavailable};
 use crate::{Append, AppendTicket, Appended, Durability, QueuedAppend, Result, StoreError};
 
@@ -43,6 +43,9 @@ pub struct GroupCommitStats {
     pub deferred_batches: u64,
     /// Times a lane made such batches durable itself, no durable batch having followed.
     pub syncs: u64,
+    /// Batches that could not commit in one call (a fence had moved, a session was gone,
+    /// a row was refused) and were staged.
+    pub staged_batches: u64,
 }
 
 #[derive(Default)]
@@ -52,10 +55,14 @@ struct Counters {
     shared_batches: AtomicU64,
     deferred_batches: AtomicU64,
     syncs: AtomicU64,
+    staged_batches: AtomicU64,
 }
 
 impl Counters {
-    fn record(&self, requests: &[AppendRequest], durable: bool) {
+    fn record(&self, requests: &[AppendRequest], durable: bool, staged: bool) {
+        if staged {
+            self.staged_batches.fetch_add(1, Ordering::Relaxed);
+        }
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.appends
             .fetch_add(requests.len() as u64, Ordering::Relaxed);
@@ -78,6 +85,7 @@ impl Counters {
             shared_batches: self.shared_batches.load(Ordering::Relaxed),
             deferred_batches: self.deferred_batches.load(Ordering::Relaxed),
             syncs: self.syncs.load(Ordering::Relaxed),
+            staged_batches: self.staged_batches.load(Ordering::Relaxed),
         }
     }
 }
@@ -149,7 +157,7 @@ struct Lane {
     pool: AnyPool,
     backend: Backend,
     durable: bool,
-    connection: Option<AnyConnection>,
+    connection: Option<LaneConnection>,
     /// SQLite: a batch was committed without waiting for the disk, and no durable commit
     /// has followed yet.
     unsynced: bool,
@@ -232,24 +240,26 @@ impl Lane {
         let durable = requests
             .iter()
             .any(|request| request.append.durability == Durability::Now);
-        let result = self.commit_on_connection(requests, durable).await;
-        match &result {
-            Ok(_) => {
-                self.counters.record(requests, durable);
+        match self.commit_on_connection(requests, durable).await {
+            Ok(committed) => {
+                self.counters.record(requests, durable, committed.staged);
                 if self.backend == Backend::Sqlite && self.durable {
                     self.unsynced = !durable;
                 }
+                Ok(committed.outcomes)
             }
-            Err(_) => self.connection = None,
+            Err(error) => {
+                self.connection = None;
+                Err(error)
+            }
         }
-        result
     }
 
     /// Makes every commit so far durable: one tiny durable commit, whose wait for the disk
     /// covers the WAL written before it. A failure leaves the lane unsynced, to try again.
     async fn sync(&mut self) {
         let synced = match self.connection().await {
-            Ok(connection) => sqlx::Executor::execute(connection, Backend::SQLITE_SYNC)
+            Ok(lane) => sqlx::Executor::execute(&mut lane.connection, Backend::SQLITE_SYNC)
                 .await
                 .map_err(unavailable),
             Err(error) => Err(error),
@@ -270,7 +280,7 @@ impl Lane {
         &mut self,
         requests: &[AppendRequest],
         durable: bool,
-    ) -> Result<Vec<Result<Appended>>, BatchError> {
+    ) -> Result<Committed, BatchError> {
         let synchronous = match (self.durable, durable) {
             (false, _) => Synchronous::Off,
             (true, true) => Synchronous::Full,
@@ -282,10 +292,26 @@ impl Lane {
     }
 
     /// The lane's connection, opened when it has none.
-    async fn connection(&mut self) -> Result<&mut AnyConnection> {
+    async fn connection(&mut self) -> Result<&mut LaneConnection> {
         let connection = match self.connection.take() {
             Some(connection) => connection,
-            None => self.pool.acquire().await.map_err(unavailable)?.detach(),
+            None => {
+                let mut connection = self.pool.acquire().await.map_err(unavailable)?.detach();
+                if self.backend == Backend::Postgres {
+                    // Every statement of a batch finds its rows by primary key, from a JSON
+                    // array whose length PostgreSQL cannot know (it guesses 100 rows): left
+                    // to itself it plans hash joins over whole tables, which cost a scan
+                    // of every message and request id per batch once they grow. Plans are
+                    // generic, so that none is made again per batch.
+                    sqlx::Executor::execute(
+                        &mut connection,
+                        "SET enable_seqscan = off; SET plan_cache_mode = force_generic_plan",
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                }
+                LaneConnection::new(connection)
+            }
         };
         Ok(self.connection.insert(connection))
     }

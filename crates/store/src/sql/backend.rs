@@ -139,8 +139,10 @@ impl Backend {
     /// `$1`: counts `{i: session hex, n: added, t: time}`; `$2`: messages `{s: session hex,
     /// k, r, c, n, t, l: slot, o: owner, e: epoch}`, numbered count − k if their fence
     /// holds; `$3`: bounds `{s, q}`,
-    /// dropping messages up to count − q; `$4`: new request ids `{s, r, k: turn, b}`, whose
-    /// last seq is count − b; `$5`: replies `{s, r, b, p, c, u}`, whose seq is count − b.
+    /// dropping messages up to count − q; `$4`: new request ids `{s, r, k: turn, b, rb, p,
+    /// c, u}`, whose last seq is count − b, and whose reply, when it is in the same batch,
+    /// is count − rb; `$5`: replies `{s, r, b, p, c, u}` to ids kept before, whose seq is
+    /// count − b.
     pub(super) fn sqlite_append_batch(synchronous: Synchronous) -> &'static str {
         macro_rules! append_batch {
             ($synchronous:literal) => {
@@ -168,9 +170,12 @@ impl Backend {
                          JOIN sessions AS s ON s.session_id = unhex(json_extract(j.value, '$.s')) \
                          JOIN messages AS m ON m.session_id = s.session_id \
                           AND m.seq <= s.message_count - json_extract(j.value, '$.q')); \
-                     INSERT INTO request_ids (session_id, request_id, turn, last_seq) \
+                     INSERT INTO request_ids (session_id, request_id, turn, last_seq, reply_seq, \
+                                              prompt_tokens, completion_tokens, compute_us) \
                      SELECT s.session_id, json_extract(j.value, '$.r'), json_extract(j.value, '$.k'), \
-                            s.message_count - json_extract(j.value, '$.b') \
+                            s.message_count - json_extract(j.value, '$.b'), \
+                            s.message_count - json_extract(j.value, '$.rb'), json_extract(j.value, '$.p'), \
+                            json_extract(j.value, '$.c'), json_extract(j.value, '$.u') \
                      FROM json_each($4) AS j \
                      LEFT JOIN sessions AS s ON s.session_id = unhex(json_extract(j.value, '$.s')); \
                      UPDATE request_ids SET reply_seq = j.q, prompt_tokens = j.p, completion_tokens = j.c, compute_us = j.u \
@@ -191,6 +196,64 @@ impl Backend {
             Synchronous::Off => append_batch!("OFF"),
         }
     }
+
+    /// PostgreSQL: a whole batch as one statement, which is its own transaction; the same
+    /// parameters as [`Self::sqlite_append_batch`] after `$1`, the fences `{s, o, e}`, locked
+    /// as in `holding_fences_query`. Its parts all see the snapshot the statement began
+    /// with: messages take their seqs from the updated counts that `counted` returns, and
+    /// the bounds cannot drop messages of this very batch (the caller stages such a batch).
+    pub(super) const POSTGRES_APPEND_BATCH: &'static str = "\
+         WITH held AS ( \
+             SELECT l.slot, l.owner, l.epoch \
+             FROM json_to_recordset($1::json) AS f(s bigint, o text, e bigint) \
+             CROSS JOIN LATERAL ( \
+                 SELECT slot, owner, epoch FROM slot_leases \
+                 WHERE slot = f.s AND owner = f.o AND epoch = f.e AND released = 0 \
+                 FOR SHARE) AS l), \
+         counted AS ( \
+             UPDATE sessions AS s SET message_count = s.message_count + j.n, last_activity_us = j.t \
+             FROM json_to_recordset($2::json) AS j(i text, n bigint, t bigint) \
+             WHERE s.session_id = decode(j.i, 'hex') \
+             RETURNING s.session_id, s.message_count), \
+         inserted AS ( \
+             INSERT INTO messages (session_id, seq, role, content, name, created_at_us) \
+             SELECT decode(m.s, 'hex'), \
+                    CASE WHEN EXISTS (SELECT 1 FROM held AS h \
+                                      WHERE h.slot = m.l AND h.owner = m.o AND h.epoch = m.e) \
+                         THEN (SELECT c.message_count FROM counted AS c \
+                               WHERE c.session_id = decode(m.s, 'hex')) - m.k END, \
+                    m.r, m.c, m.n, m.t \
+             FROM json_to_recordset($3::json) \
+                  AS m(s text, k bigint, r text, c text, n text, t bigint, l bigint, o text, e bigint) \
+             RETURNING 1), \
+         trimmed AS ( \
+             DELETE FROM messages AS d WHERE d.ctid = ANY (ARRAY( \
+                 SELECT x.ctid FROM json_to_recordset($4::json) AS b(s text, q bigint) \
+                 CROSS JOIN LATERAL ( \
+                     SELECT ctid FROM messages \
+                     WHERE session_id = decode(b.s, 'hex') \
+                       AND seq <= (SELECT c.message_count FROM counted AS c \
+                                   WHERE c.session_id = decode(b.s, 'hex')) - b.q) AS x)) \
+             RETURNING 1), \
+         kept AS ( \
+             INSERT INTO request_ids (session_id, request_id, turn, last_seq, reply_seq, \
+                                      prompt_tokens, completion_tokens, compute_us) \
+             SELECT decode(x.s, 'hex'), x.r, x.k, n.message_count - x.b, n.message_count - x.rb, \
+                    x.p, x.c, x.u \
+             FROM json_to_recordset($5::json) \
+                  AS x(s text, r text, k bigint, b bigint, rb bigint, p bigint, c bigint, u bigint) \
+             CROSS JOIN LATERAL (SELECT (SELECT c.message_count FROM counted AS c \
+                                         WHERE c.session_id = decode(x.s, 'hex')) AS message_count) AS n \
+             RETURNING 1), \
+         answered AS ( \
+             UPDATE request_ids AS q \
+             SET reply_seq = (SELECT c.message_count FROM counted AS c \
+                              WHERE c.session_id = q.session_id) - y.b, \
+                 prompt_tokens = y.p, completion_tokens = y.c, compute_us = y.u \
+             FROM json_to_recordset($6::json) AS y(s text, r text, b bigint, p bigint, c bigint, u bigint) \
+             WHERE q.session_id = decode(y.s, 'hex') AND q.request_id = y.r \
+             RETURNING 1) \
+         SELECT encode(session_id, 'hex') AS id, message_count FROM counted";
 
     /// SQLite: a durable commit of one rewritten row, so that the WAL is synced past every
     /// frame before it.

@@ -1,19 +1,23 @@
 //! One group-commit batch: which of its appends write, their seqs, and the statements that
 //! write them, in one transaction whatever the batch size.
 //!
-//! On SQLite every statement is a call to the connection's own thread, and under load each
-//! call waits for that thread and then for the runtime, so a batch is two calls: take the
-//! lock, check the fences and count the sessions' new messages, assuming every fence holds
-//! (if one does not, that transaction is rolled back and the batch staged again); then write
-//! everything and commit. PostgreSQL runs the same statements one by one in a transaction.
+//! A batch is first tried at once ([`at_once`]): one call to the database, which numbers
+//! the messages itself from the counts it updates, assuming every fence holds and every
+//! session exists (nearly always). When one does not, a statement fails before anything is
+//! committed, and the batch is staged ([`staged`]): the fences and counts are read first,
+//! so that each append gets its own outcome.
+
+mod at_once;
+mod staged;
 
 use std::collections::{HashMap, HashSet};
 use std::time::SystemTime;
 
-use sqlx::{AnyConnection, Connection, Executor, Row};
+use sqlx::{AnyConnection, Row};
 use switchyard_core::SessionId;
 use tokio::sync::oneshot;
 
+use self::at_once::AtOnce;
 use super::backend::Synchronous;
 use super::{Backend, micros, requests, unavailable};
 use crate::{Append, AppendKey, AppendTicket, Appended, Fence, Result, StoreError, TurnUsage};
@@ -44,248 +48,86 @@ impl BatchError {
     }
 }
 
+/// A lane's connection, and how it is set to commit.
+pub(super) struct LaneConnection {
+    pub(super) connection: AnyConnection,
+    /// PostgreSQL: the session commits without waiting for its WAL to be flushed.
+    pub(super) asynchronous_commit: bool,
+}
+
+impl LaneConnection {
+    pub(super) fn new(connection: AnyConnection) -> Self {
+        LaneConnection {
+            connection,
+            asynchronous_commit: false,
+        }
+    }
+}
+
+/// A batch committed.
+pub(super) struct Committed {
+    /// One per request.
+    pub(super) outcomes: Vec<Result<Appended>>,
+    /// Whether it could not commit at once.
+    pub(super) staged: bool,
+}
+
 /// Commits every request whose fence holds, whose session exists and whose predecessor
 /// committed. Returns one outcome per request; an error of the whole transaction fails them
 /// all. `synchronous` says whether the commit waits for the disk.
 pub(super) async fn commit_batch(
-    connection: &mut AnyConnection,
+    lane: &mut LaneConnection,
     backend: Backend,
     requests: &[AppendRequest],
     synchronous: Synchronous,
-) -> Result<Vec<Result<Appended>>, BatchError> {
+) -> Result<Committed, BatchError> {
     // Repeated request ids are rare (a retry after a failure): first assume there are none
     // in the store, which the insert of the ids confirms; if one was, start again looking.
     for look_up_ids in [false, true] {
-        let committed = match backend {
+        // Ids only ever appear, so looking them up before the transaction is safe: one that
+        // appears in between fails the insert of the ids, and the batch is staged again.
+        let repeats = find_repeats(&mut lane.connection, backend, requests, look_up_ids)
+            .await
+            .map_err(BatchError::Statement)?;
+        match at_once::commit(lane, backend, requests, &repeats, look_up_ids, synchronous).await {
+            AtOnce::Committed(outcomes) => {
+                return Ok(Committed {
+                    outcomes,
+                    staged: false,
+                });
+            }
+            AtOnce::RequestIdKept => continue,
+            AtOnce::Failed(error) => return Err(error),
+            // A fence that moved, a session that is gone, a row refused: staged, which
+            // finds which.
+            AtOnce::Refused => {}
+        }
+        let staged = match backend {
             Backend::Sqlite => {
-                commit_sqlite(connection, requests, look_up_ids, synchronous).await?
+                staged::commit_sqlite(
+                    &mut lane.connection,
+                    requests,
+                    &repeats,
+                    look_up_ids,
+                    synchronous,
+                )
+                .await?
             }
             Backend::Postgres => {
                 let defer = synchronous != Synchronous::Full;
-                commit_postgres(connection, requests, look_up_ids, defer).await?
+                staged::commit_postgres(&mut lane.connection, requests, look_up_ids, defer).await?
             }
         };
-        if let Some(outcomes) = committed {
-            return Ok(outcomes);
+        if let Some(outcomes) = staged {
+            return Ok(Committed {
+                outcomes,
+                staged: true,
+            });
         }
     }
     Err(BatchError::Statement(StoreError::Unavailable(
         "a request id was kept by another writer during the batch".into(),
     )))
-}
-
-/// How often a batch is staged again because a fence it assumed held did not.
-const FENCE_ATTEMPTS: usize = 3;
-
-/// `None`: a request id was kept already; nothing was written.
-async fn commit_sqlite(
-    connection: &mut AnyConnection,
-    requests: &[AppendRequest],
-    look_up_ids: bool,
-    synchronous: Synchronous,
-) -> Result<Option<Vec<Result<Appended>>>, BatchError> {
-    // Ids only ever appear, so looking them up before the transaction is safe: one that
-    // appears in between fails the insert of the ids, and the batch is staged again.
-    let repeats = find_repeats(connection, Backend::Sqlite, requests, look_up_ids)
-        .await
-        .map_err(BatchError::Statement)?;
-    let fences = FenceSet::of(requests);
-    let fences_json = fences.json().map_err(BatchError::Statement)?;
-    let fast = commit_sqlite_at_once(
-        connection,
-        requests,
-        &fences,
-        &repeats,
-        look_up_ids,
-        synchronous,
-    )
-    .await;
-    match fast {
-        AtOnce::Committed(outcomes) => return Ok(Some(outcomes)),
-        AtOnce::RequestIdKept => return Ok(None),
-        AtOnce::Failed(error) => return Err(error),
-        // A fence that moved or a session that is gone: staged below, which finds which.
-        AtOnce::Refused => {}
-    }
-    let mut assumed = fences.distinct.clone();
-    for _ in 0..FENCE_ATTEMPTS {
-        let plan = plan(requests, &assumed, &repeats);
-        let counts_json = counts_json(&plan.per_session).map_err(BatchError::Statement)?;
-        let rows = sqlx::query(Backend::sqlite_begin_batch(synchronous))
-            .bind(fences_json.clone())
-            .bind(counts_json)
-            .fetch_all(&mut *connection)
-            .await;
-        let rows = match rows {
-            Ok(rows) => rows,
-            Err(error) => return Err(rolled_back(connection, unavailable(error)).await),
-        };
-        let (fence_rows, count_rows): (Vec<_>, Vec<_>) = rows
-            .into_iter()
-            .partition(|row| row.try_column("slot").is_ok());
-        let read = fences
-            .holding(&fence_rows)
-            .and_then(|holding| Ok((holding, parse_counts(&count_rows)?)));
-        let (holding, counts) = match read {
-            Ok(read) => read,
-            Err(error) => return Err(rolled_back(connection, error).await),
-        };
-        if holding != assumed {
-            // A lease moved: the counts added for its appends must not stand.
-            if let Err(error) = connection.execute("ROLLBACK").await {
-                return Err(BatchError::Statement(unavailable(error)));
-            }
-            assumed = holding;
-            continue;
-        }
-        let staged = outcomes(requests, &holding, &repeats, &plan, &counts);
-        return write_sqlite(connection, staged, look_up_ids).await;
-    }
-    Err(BatchError::Statement(StoreError::Unavailable(
-        "the slots' leases kept changing during the batch".into(),
-    )))
-}
-
-/// What [`commit_sqlite_at_once`] did.
-enum AtOnce {
-    Committed(Vec<Result<Appended>>),
-    /// A request id of the batch was kept already: rolled back, nothing written.
-    RequestIdKept,
-    /// A statement refused the batch (a fence, a session, a row): rolled back.
-    Refused,
-    /// The commit failed, or the connection is in an unknown state.
-    Failed(BatchError),
-}
-
-/// The whole batch in one call, assuming every fence holds and every session exists
-/// ([`Backend::sqlite_append_batch`]).
-async fn commit_sqlite_at_once(
-    connection: &mut AnyConnection,
-    requests: &[AppendRequest],
-    fences: &FenceSet<'_>,
-    repeats: &[Repeat],
-    look_up_ids: bool,
-    synchronous: Synchronous,
-) -> AtOnce {
-    let plan = plan(requests, &fences.distinct, repeats);
-    let params = match at_once_params(requests, &fences.distinct, repeats, &plan) {
-        Ok(params) => params,
-        Err(error) => return AtOnce::Failed(BatchError::Statement(error)),
-    };
-    let [counts, messages, bounds, ids, replies] = params;
-    let rows = sqlx::query(Backend::sqlite_append_batch(synchronous))
-        .bind(counts)
-        .bind(messages)
-        .bind(bounds)
-        .bind(ids)
-        .bind(replies)
-        .fetch_all(&mut *connection)
-        .await;
-    let error = match rows {
-        Ok(rows) => {
-            // Committed: the counts tell each append's seqs.
-            return match parse_counts(&rows) {
-                Ok(counts) => AtOnce::Committed(
-                    outcomes(requests, &fences.distinct, repeats, &plan, &counts).outcomes,
-                ),
-                Err(error) => AtOnce::Failed(BatchError::Commit(error)),
-            };
-        }
-        Err(error) => error,
-    };
-    // A statement before COMMIT failed and the transaction is still open: roll it back.
-    // If there is none to roll back, the COMMIT itself failed, and its effect is unknown.
-    match connection.execute("ROLLBACK").await {
-        Ok(_) if !look_up_ids && is_unique_violation(&error) && has_new_ids(requests, repeats) => {
-            AtOnce::RequestIdKept
-        }
-        Ok(_) => AtOnce::Refused,
-        Err(_) => AtOnce::Failed(BatchError::Commit(unavailable(error))),
-    }
-}
-
-fn has_new_ids(requests: &[AppendRequest], repeats: &[Repeat]) -> bool {
-    requests.iter().zip(repeats).any(|(request, repeat)| {
-        matches!(repeat, Repeat::No) && matches!(request.append.key, AppendKey::Request { .. })
-    })
-}
-
-/// The parameters of [`Backend::sqlite_append_batch`] after `$1`: counts, messages, bounds,
-/// new request ids, replies. A message is numbered `count − k`, where `k` is how many of its
-/// session's new messages in this batch follow it.
-fn at_once_params(
-    requests: &[AppendRequest],
-    holding: &HashSet<&Fence>,
-    repeats: &[Repeat],
-    plan: &Plan,
-) -> Result<[String; 5]> {
-    let mut left: HashMap<SessionId, u64> = plan
-        .per_session
-        .iter()
-        .map(|(session_id, (added, _))| (*session_id, *added))
-        .collect();
-    let mut messages = Vec::new();
-    let mut ids = Vec::new();
-    let mut replies = Vec::new();
-    let mut bounds: HashMap<SessionId, u64> = HashMap::new();
-    for (index, request) in requests.iter().enumerate() {
-        let append = &request.append;
-        let bound = bounds.entry(append.session_id).or_insert(u64::MAX);
-        *bound = (*bound).min(append.keep_last.max(1));
-        if !writes(&plan.orphaned, holding, repeats, index, append) {
-            continue;
-        }
-        let Some(left) = left.get_mut(&append.session_id) else {
-            continue;
-        };
-        let session_hex = hex(&append.session_id);
-        for message in append.messages.iter() {
-            *left -= 1;
-            messages.push(serde_json::json!({
-                "s": session_hex,
-                "k": *left,
-                "r": message.role.as_str(),
-                "c": message.content,
-                "n": message.name,
-                "t": micros(append.at),
-                "l": append.fence.slot,
-                "o": append.fence.owner.as_str(),
-                "e": append.fence.epoch.0,
-            }));
-        }
-        match &append.key {
-            AppendKey::None => {}
-            AppendKey::Request { id, turn } => ids.push(serde_json::json!({
-                "s": session_hex, "r": id, "k": i64::from(*turn), "b": *left,
-            })),
-            AppendKey::Reply { id, usage } => replies.push(serde_json::json!({
-                "s": session_hex,
-                "r": id,
-                "b": *left,
-                "p": to_i64(usage.prompt_tokens),
-                "c": to_i64(usage.completion_tokens),
-                "u": (usage.compute_seconds.max(0.0) * 1e6).round() as i64,
-            })),
-        }
-    }
-    let bounds: Vec<serde_json::Value> = bounds
-        .into_iter()
-        .filter(|(session_id, bound)| {
-            *bound < u64::MAX && plan.per_session.contains_key(session_id)
-        })
-        .map(|(session_id, bound)| serde_json::json!({ "s": hex(&session_id), "q": to_i64(bound) }))
-        .collect();
-    let encode = |what: &str, values: &[serde_json::Value]| {
-        serde_json::to_string(values)
-            .map_err(|error| StoreError::Corrupt(format!("{what} do not encode: {error}")))
-    };
-    Ok([
-        counts_json(&plan.per_session)?,
-        encode("messages", &messages)?,
-        encode("bounds", &bounds)?,
-        encode("request ids", &ids)?,
-        encode("replies", &replies)?,
-    ])
 }
 
 fn to_i64(value: u64) -> i64 {
@@ -304,114 +146,10 @@ fn writes(
     !orphaned[index] && holding.contains(&append.fence) && matches!(repeats[index], Repeat::No)
 }
 
-/// The writes of a staged batch and its commit, in one call.
-async fn write_sqlite(
-    connection: &mut AnyConnection,
-    staged: Staged<'_>,
-    look_up_ids: bool,
-) -> Result<Option<Vec<Result<Appended>>>, BatchError> {
-    let params = match staged.sqlite_params() {
-        Ok(params) => params,
-        Err(error) => return Err(rolled_back(connection, error).await),
-    };
-    let [messages, trims, ids, replies] = params;
-    let written = sqlx::query(Backend::SQLITE_WRITE_AND_COMMIT)
-        .bind(messages)
-        .bind(trims)
-        .bind(ids)
-        .bind(replies)
-        .execute(&mut *connection)
-        .await;
-    let Err(error) = written else {
-        return Ok(Some(staged.outcomes));
-    };
-    // A statement before COMMIT failed and the transaction is still open: roll it back.
-    // If there is none to roll back, the COMMIT itself failed, and its effect is unknown.
-    match connection.execute("ROLLBACK").await {
-        Ok(_) if !look_up_ids && !staged.kept.is_empty() && is_unique_violation(&error) => Ok(None),
-        Ok(_) => Err(BatchError::Statement(unavailable(error))),
-        Err(_) => Err(BatchError::Commit(unavailable(error))),
-    }
-}
-
-/// Rolls back an open SQLite transaction after a failed statement.
-async fn rolled_back(connection: &mut AnyConnection, error: StoreError) -> BatchError {
-    if connection.execute("ROLLBACK").await.is_err() {
-        // Without a transaction to roll back the connection is in an unknown state; the lane
-        // drops it on any error anyway.
-        tracing::debug!("no transaction to roll back after a failed statement");
-    }
-    BatchError::Statement(error)
-}
-
 fn is_unique_violation(error: &sqlx::Error) -> bool {
     error
         .as_database_error()
         .is_some_and(|error| error.is_unique_violation())
-}
-
-/// `None`: a request id was kept already; nothing was written.
-async fn commit_postgres(
-    connection: &mut AnyConnection,
-    requests: &[AppendRequest],
-    look_up_ids: bool,
-    defer: bool,
-) -> Result<Option<Vec<Result<Appended>>>, BatchError> {
-    let statement = |error| BatchError::Statement(unavailable(error));
-    let mut transaction = connection
-        .begin_with(Backend::Postgres.begin_write())
-        .await
-        .map_err(statement)?;
-    if defer {
-        transaction
-            .execute("SET LOCAL synchronous_commit = off")
-            .await
-            .map_err(statement)?;
-    }
-    let fences = FenceSet::of(requests);
-    let rows = sqlx::query(Backend::Postgres.holding_fences_query())
-        .bind(fences.json().map_err(BatchError::Statement)?)
-        .fetch_all(&mut *transaction)
-        .await
-        .map_err(statement)?;
-    let holding = fences.holding(&rows).map_err(BatchError::Statement)?;
-    let staged = async {
-        let repeats =
-            find_repeats(&mut transaction, Backend::Postgres, requests, look_up_ids).await?;
-        let plan = plan(requests, &holding, &repeats);
-        let counts = count_messages(&mut transaction, &plan.per_session).await?;
-        Ok(outcomes(requests, &holding, &repeats, &plan, &counts))
-    }
-    .await
-    .map_err(BatchError::Statement)?;
-    let written = async {
-        insert_messages_postgres(&mut transaction, &staged.rows).await?;
-        for (session_id, up_to) in &staged.trims {
-            sqlx::query("DELETE FROM messages WHERE session_id = $1 AND seq <= $2")
-                .bind(session_id.as_bytes().to_vec())
-                .bind(i64::try_from(*up_to).unwrap_or(i64::MAX))
-                .execute(&mut *transaction)
-                .await
-                .map_err(unavailable)?;
-        }
-        let inserted = requests::insert(&mut transaction, Backend::Postgres, &staged.kept).await?;
-        if inserted < staged.kept.len() {
-            return Ok(false);
-        }
-        requests::record_replies(&mut transaction, Backend::Postgres, &staged.replies).await?;
-        Ok(true)
-    }
-    .await
-    .map_err(BatchError::Statement)?;
-    if !written {
-        // Dropped, the transaction rolls back.
-        return Ok(None);
-    }
-    transaction
-        .commit()
-        .await
-        .map_err(|error| BatchError::Commit(unavailable(error)))?;
-    Ok(Some(staged.outcomes))
 }
 
 /// The distinct fences of a batch.
@@ -488,25 +226,6 @@ struct Staged<'r> {
     replies: Vec<(SessionId, &'r str, u64, TurnUsage)>,
     /// Sessions over their bound, and the last seq to drop.
     trims: Vec<(SessionId, u64)>,
-}
-
-impl Staged<'_> {
-    /// The four JSON parameters of [`Backend::SQLITE_WRITE_AND_COMMIT`].
-    fn sqlite_params(&self) -> Result<[String; 4]> {
-        let trims: Vec<serde_json::Value> = self
-            .trims
-            .iter()
-            .map(|(session_id, up_to)| serde_json::json!({ "s": hex(session_id), "q": up_to }))
-            .collect();
-        let trims = serde_json::to_string(&trims)
-            .map_err(|error| StoreError::Corrupt(format!("trims do not encode: {error}")))?;
-        Ok([
-            messages_json(&self.rows)?,
-            trims,
-            requests::new_ids_json(&self.kept)?,
-            requests::replies_json(&self.replies)?,
-        ])
-    }
 }
 
 /// Which requests write, as far as fences, request ids and predecessors tell.
@@ -763,23 +482,6 @@ fn parse_counts(rows: &[sqlx::any::AnyRow]) -> Result<HashMap<SessionId, u64>> {
     Ok(counts)
 }
 
-/// PostgreSQL: adds each session's new messages to its count in one statement and returns
-/// the new counts.
-async fn count_messages(
-    connection: &mut AnyConnection,
-    per_session: &HashMap<SessionId, (u64, SystemTime)>,
-) -> Result<HashMap<SessionId, u64>> {
-    if per_session.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let rows = sqlx::query(Backend::Postgres.count_messages_query())
-        .bind(counts_json(per_session)?)
-        .fetch_all(&mut *connection)
-        .await
-        .map_err(unavailable)?;
-    parse_counts(&rows)
-}
-
 pub(super) fn hex(session_id: &SessionId) -> String {
     session_id
         .as_bytes()
@@ -820,19 +522,4 @@ fn messages_json(rows: &[(&AppendRequest, u64)]) -> Result<String> {
     }
     serde_json::to_string(&messages)
         .map_err(|error| StoreError::Corrupt(format!("messages do not encode: {error}")))
-}
-
-async fn insert_messages_postgres(
-    connection: &mut AnyConnection,
-    rows: &[(&AppendRequest, u64)],
-) -> Result<()> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(Backend::Postgres.insert_messages_query())
-        .bind(messages_json(rows)?)
-        .execute(&mut *connection)
-        .await
-        .map_err(unavailable)?;
-    Ok(())
 }

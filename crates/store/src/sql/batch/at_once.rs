@@ -1,0 +1,234 @@
+//! A whole batch in one call to the database, assuming every fence holds and every session
+//! exists: the statements number the messages themselves from the counts they update
+//! ([`Backend::sqlite_append_batch`], [`Backend::POSTGRES_APPEND_BATCH`]). Anything else
+//! makes a statement fail before anything is committed.
+
+use std::collections::HashMap;
+
+use sqlx::Executor;
+use switchyard_core::SessionId;
+
+use super::{
+    AppendRequest, BatchError, FenceSet, LaneConnection, Plan, Repeat, counts_json, hex,
+    is_unique_violation, outcomes, parse_counts, plan, to_i64, writes,
+};
+use crate::sql::backend::Synchronous;
+use crate::sql::{Backend, micros, unavailable};
+use crate::{AppendKey, Appended, Result, StoreError};
+
+/// What [`commit`] did.
+pub(super) enum AtOnce {
+    Committed(Vec<Result<Appended>>),
+    /// A request id of the batch was kept already: nothing was written.
+    RequestIdKept,
+    /// A statement refused the batch (a fence, a session, a row): nothing was written.
+    Refused,
+    /// The commit failed, or the connection is in an unknown state.
+    Failed(BatchError),
+}
+
+/// Commits the batch in one call if it can.
+pub(super) async fn commit(
+    lane: &mut LaneConnection,
+    backend: Backend,
+    requests: &[AppendRequest],
+    repeats: &[Repeat],
+    look_up_ids: bool,
+    synchronous: Synchronous,
+) -> AtOnce {
+    let fences = FenceSet::of(requests);
+    let plan = plan(requests, &fences.distinct, repeats);
+    let params = match Params::of(requests, &fences, repeats, &plan) {
+        Ok(params) => params,
+        Err(error) => return AtOnce::Failed(BatchError::Statement(error)),
+    };
+    let rows = match backend {
+        Backend::Sqlite => {
+            sqlx::query(Backend::sqlite_append_batch(synchronous))
+                .bind(params.counts)
+                .bind(params.messages)
+                .bind(params.bounds)
+                .bind(params.ids)
+                .bind(params.replies)
+                .fetch_all(&mut lane.connection)
+                .await
+        }
+        Backend::Postgres => {
+            // PostgreSQL's statement cannot drop what it inserts itself.
+            if params.trims_new_messages {
+                return AtOnce::Refused;
+            }
+            let asynchronous = synchronous != Synchronous::Full;
+            if lane.asynchronous_commit != asynchronous {
+                let set = if asynchronous {
+                    "SET synchronous_commit = off"
+                } else {
+                    "SET synchronous_commit = on"
+                };
+                if let Err(error) = lane.connection.execute(set).await {
+                    return AtOnce::Failed(BatchError::Statement(unavailable(error)));
+                }
+                lane.asynchronous_commit = asynchronous;
+            }
+            sqlx::query(Backend::POSTGRES_APPEND_BATCH)
+                .bind(params.fences)
+                .bind(params.counts)
+                .bind(params.messages)
+                .bind(params.bounds)
+                .bind(params.ids)
+                .bind(params.replies)
+                .fetch_all(&mut lane.connection)
+                .await
+        }
+    };
+    let error = match rows {
+        // Committed: the counts tell each append's seqs.
+        Ok(rows) => {
+            return match parse_counts(&rows) {
+                Ok(counts) => AtOnce::Committed(
+                    outcomes(requests, &fences.distinct, repeats, &plan, &counts).outcomes,
+                ),
+                Err(error) => AtOnce::Failed(BatchError::Commit(error)),
+            };
+        }
+        Err(error) => error,
+    };
+    let kept_already =
+        !look_up_ids && is_unique_violation(&error) && has_new_ids(requests, repeats);
+    match backend {
+        // A statement before COMMIT failed and the transaction is still open: roll it back.
+        // If there is none to roll back, the COMMIT itself failed, and its effect is unknown.
+        Backend::Sqlite => match lane.connection.execute("ROLLBACK").await {
+            Ok(_) if kept_already => AtOnce::RequestIdKept,
+            Ok(_) => AtOnce::Refused,
+            Err(_) => AtOnce::Failed(BatchError::Commit(unavailable(error))),
+        },
+        // One statement is its own transaction: one that failed wrote nothing. A broken
+        // connection is not a refusal.
+        Backend::Postgres if error.as_database_error().is_none() => {
+            AtOnce::Failed(BatchError::Commit(unavailable(error)))
+        }
+        Backend::Postgres if kept_already => AtOnce::RequestIdKept,
+        Backend::Postgres => AtOnce::Refused,
+    }
+}
+
+fn has_new_ids(requests: &[AppendRequest], repeats: &[Repeat]) -> bool {
+    requests.iter().zip(repeats).any(|(request, repeat)| {
+        matches!(repeat, Repeat::No) && matches!(request.append.key, AppendKey::Request { .. })
+    })
+}
+
+/// The JSON parameters of the statements. A message is numbered `count − k`, where `k` is
+/// how many of its session's new messages in this batch follow it; a request id's last seq
+/// and a reply's seq are given the same way (`b`, `rb`).
+struct Params {
+    fences: String,
+    counts: String,
+    messages: String,
+    bounds: String,
+    /// New request ids; a turn's reply in the same batch fills in its id's row at once.
+    ids: String,
+    /// Replies to turns whose ids were kept by an earlier batch.
+    replies: String,
+    /// Whether a session's bound drops messages of this very batch.
+    trims_new_messages: bool,
+}
+
+impl Params {
+    fn of(
+        requests: &[AppendRequest],
+        fences: &FenceSet<'_>,
+        repeats: &[Repeat],
+        plan: &Plan,
+    ) -> Result<Self> {
+        let mut left: HashMap<SessionId, u64> = plan
+            .per_session
+            .iter()
+            .map(|(session_id, (added, _))| (*session_id, *added))
+            .collect();
+        let mut messages = Vec::new();
+        let mut ids: Vec<serde_json::Value> = Vec::new();
+        // Where each new id of this batch is in `ids`.
+        let mut new_ids: HashMap<(SessionId, &str), usize> = HashMap::new();
+        let mut replies = Vec::new();
+        let mut bounds: HashMap<SessionId, u64> = HashMap::new();
+        for (index, request) in requests.iter().enumerate() {
+            let append = &request.append;
+            let bound = bounds.entry(append.session_id).or_insert(u64::MAX);
+            *bound = (*bound).min(append.keep_last.max(1));
+            if !writes(&plan.orphaned, &fences.distinct, repeats, index, append) {
+                continue;
+            }
+            let Some(left) = left.get_mut(&append.session_id) else {
+                continue;
+            };
+            let session_hex = hex(&append.session_id);
+            for message in append.messages.iter() {
+                *left -= 1;
+                messages.push(serde_json::json!({
+                    "s": session_hex,
+                    "k": *left,
+                    "r": message.role.as_str(),
+                    "c": message.content,
+                    "n": message.name,
+                    "t": micros(append.at),
+                    "l": append.fence.slot,
+                    "o": append.fence.owner.as_str(),
+                    "e": append.fence.epoch.0,
+                }));
+            }
+            match &append.key {
+                AppendKey::None => {}
+                AppendKey::Request { id, turn } => {
+                    new_ids.insert((append.session_id, id.as_str()), ids.len());
+                    ids.push(serde_json::json!({
+                        "s": session_hex, "r": id, "k": i64::from(*turn), "b": *left,
+                        "rb": null, "p": null, "c": null, "u": null,
+                    }));
+                }
+                AppendKey::Reply { id, usage } => {
+                    let prompt = to_i64(usage.prompt_tokens);
+                    let completion = to_i64(usage.completion_tokens);
+                    let compute_us = (usage.compute_seconds.max(0.0) * 1e6).round() as i64;
+                    match new_ids.get(&(append.session_id, id.as_str())) {
+                        Some(&row) => {
+                            let row = &mut ids[row];
+                            row["rb"] = (*left).into();
+                            row["p"] = prompt.into();
+                            row["c"] = completion.into();
+                            row["u"] = compute_us.into();
+                        }
+                        None => replies.push(serde_json::json!({
+                            "s": session_hex, "r": id, "b": *left,
+                            "p": prompt, "c": completion, "u": compute_us,
+                        })),
+                    }
+                }
+            }
+        }
+        let trims_new_messages = plan.per_session.iter().any(|(session_id, (added, _))| {
+            bounds.get(session_id).is_some_and(|bound| added > bound)
+        });
+        let bounds: Vec<serde_json::Value> = bounds
+            .into_iter()
+            .filter(|(session_id, bound)| {
+                *bound < u64::MAX && plan.per_session.contains_key(session_id)
+            })
+            .map(|(session_id, bound)| serde_json::json!({ "s": hex(&session_id), "q": to_i64(bound) }))
+            .collect();
+        let encode = |what: &str, values: &[serde_json::Value]| {
+            serde_json::to_string(values)
+                .map_err(|error| StoreError::Corrupt(format!("{what} do not encode: {error}")))
+        };
+        Ok(Params {
+            fences: fences.json()?,
+            counts: counts_json(&plan.per_session)?,
+            messages: encode("messages", &messages)?,
+            bounds: encode("bounds", &bounds)?,
+            ids: encode("request ids", &ids)?,
+            replies: encode("replies", &replies)?,
+            trims_new_messages,
+        })
+    }
+}
