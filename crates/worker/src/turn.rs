@@ -179,7 +179,16 @@ async fn run_turn(
         let max_reply_bytes = sessions.limits().max_reply_bytes;
         let forward = async move {
             let mut reply = String::new();
-            while let Some(mut text) = delta_receiver.recv().await {
+            loop {
+                // A caller that leaves stops the forwarding at once: dropping the receiver
+                // makes the agent's next send fail, so it stops at its next delta.
+                let mut text = tokio::select! {
+                    text = delta_receiver.recv() => match text {
+                        Some(text) => text,
+                        None => break,
+                    },
+                    () = events.closed() => return Ok(None),
+                };
                 // Deltas the agent made while the last one was on its way go out as one:
                 // fewer frames and writes on both hops, and the first is never held back.
                 while text.len() < COALESCE_BYTES {
