@@ -65,6 +65,8 @@ for line in sys.stdin:
 pub struct Sandbox {
     pub cluster: DevCluster,
     pub token_key: TokenKey,
+    /// The store every node of the sandbox shares.
+    pub store: Arc<SqlStore>,
     /// Holds the SQLite store; removed when the sandbox stops.
     pub data_dir: PathBuf,
 }
@@ -165,11 +167,12 @@ impl Sandbox {
         ))
         .await
         .expect("store opens");
+        let store = Arc::new(store);
         let mut config = DevClusterConfig::new(
             SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             options.workers,
             token_key.clone(),
-            Arc::new(store),
+            store.clone(),
         )
         .expect("a dev cluster config");
         config.limits = options.limits;
@@ -182,6 +185,7 @@ impl Sandbox {
         let sandbox = Sandbox {
             cluster,
             token_key,
+            store,
             data_dir,
         };
         sandbox.wait_until_serving().await;

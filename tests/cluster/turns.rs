@@ -522,3 +522,50 @@ async fn a_turn_sends_the_newest_messages_that_fit_after_the_instructions() {
     assert_eq!(reply.text, "1,10,11");
     sandbox.stop().await;
 }
+
+/// The nodes of one process share one SQLite file and one group commit: appends of
+/// different workers land in the same transactions.
+#[tokio::test]
+async fn workers_of_one_process_share_the_group_commit() {
+    let sandbox = Sandbox::start().await;
+    let client = sandbox.client().await;
+    // Sessions until three workers hold some.
+    let mut by_worker: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for user in 0..64 {
+        let session = create(&client, &format!("sharer-{user}")).await;
+        by_worker
+            .entry(session.worker_id.clone())
+            .or_default()
+            .push(session.session_id);
+        if by_worker.len() == 3 && by_worker.values().all(|sessions| sessions.len() >= 4) {
+            break;
+        }
+    }
+    assert_eq!(by_worker.len(), 3, "{by_worker:?}");
+    let sessions: Vec<String> = by_worker.into_values().flatten().collect();
+
+    let before = sandbox.store.group_commit_stats();
+    let mut rounds = 0;
+    while sandbox.store.group_commit_stats().shared_batches == before.shared_batches {
+        assert!(rounds < 50, "no batch held appends of two workers in 50 rounds");
+        rounds += 1;
+        let appends = sessions.iter().map(|session_id| {
+            let client = client.clone();
+            async move {
+                client
+                    .append_context(session_id, vec![text("user", "together")])
+                    .await
+            }
+        });
+        for appended in futures::future::join_all(appends).await {
+            appended.unwrap();
+        }
+    }
+    let after = sandbox.store.group_commit_stats();
+    assert!(after.shared_batches > before.shared_batches);
+    assert!(
+        after.batches - before.batches < after.appends - before.appends,
+        "appends were batched: {before:?} -> {after:?}"
+    );
+    sandbox.stop().await;
+}
