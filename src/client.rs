@@ -426,9 +426,22 @@ impl SwitchyardClient {
         agent_type: &str,
         content: &str,
     ) -> Result<TurnReply, Status> {
-        let request_id = new_request_id();
+        self.send_message_collect_with_id(session_id, agent_type, content, &new_request_id())
+            .await
+    }
+
+    /// Runs a turn to its end with the caller's request id, retried after UNAVAILABLE with
+    /// that id. Sent again later with the same id, a turn that committed is replayed, and one
+    /// that did not runs again (on its user message, if that was committed).
+    pub async fn send_message_collect_with_id(
+        &self,
+        session_id: &str,
+        agent_type: &str,
+        content: &str,
+        request_id: &str,
+    ) -> Result<TurnReply, Status> {
         let result = run(&self.retry, || {
-            self.collect_turn(session_id, agent_type, content, &request_id)
+            self.collect_turn(session_id, agent_type, content, request_id)
         })
         .await;
         self.forget_if_gone(session_id, result)

@@ -547,7 +547,10 @@ async fn workers_of_one_process_share_the_group_commit() {
     let before = sandbox.store.group_commit_stats();
     let mut rounds = 0;
     while sandbox.store.group_commit_stats().shared_batches == before.shared_batches {
-        assert!(rounds < 50, "no batch held appends of two workers in 50 rounds");
+        assert!(
+            rounds < 50,
+            "no batch held appends of two workers in 50 rounds"
+        );
         rounds += 1;
         let appends = sessions.iter().map(|session_id| {
             let client = client.clone();

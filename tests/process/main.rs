@@ -14,3 +14,4 @@ mod pressure;
 mod readme;
 mod security;
 mod tls;
+mod turn_crash;
