@@ -64,3 +64,90 @@ fn bench_refuses_an_unknown_scenario() {
         "{stderr}"
     );
 }
+
+/// A first-delta run times turns to their first delta, through the cluster and with the
+/// same agent run alone (here an OpenAI-compatible model that waits 30 ms), and reports
+/// every interval with the watched process's memory and the watched files' size.
+#[test]
+fn bench_times_first_deltas_against_the_agent_alone_and_reports_intervals() {
+    let watched = crate::harness::temp_dir("bench-watch").join("watched");
+    std::fs::write(&watched, vec![b'x'; 4096]).unwrap();
+    let pid = std::process::id().to_string();
+    let output = Command::new(BINARY)
+        .args([
+            "bench",
+            "--scenario",
+            "first-delta",
+            "--llm-delay",
+            "30ms",
+            "--agent-type",
+            "fixed-delay-llm",
+            "--count",
+            "120",
+            "--concurrency",
+            "4",
+            "--users",
+            "4",
+            "--workers",
+            "2",
+            "--store",
+            "memory",
+            "--no-baseline",
+            "--json",
+            "--report-every",
+            "300ms",
+            "--watch-pid",
+            &pid,
+            "--watch-file",
+        ])
+        .arg(&watched)
+        .output()
+        .expect("switchyard bench runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("JSON lines"))
+        .collect();
+    let (report, intervals) = lines.split_last().expect("a report");
+    // Both runs (the agent alone, then through the cluster) last about 1 s: 3 intervals.
+    assert!(intervals.len() >= 4, "{intervals:?}");
+    let mut calls = 0.0;
+    for interval in intervals {
+        assert!(
+            interval["rss_bytes"].as_u64().expect("rss") > 0,
+            "{interval}"
+        );
+        assert!(
+            interval["anon_bytes"].as_u64().expect("anon") > 0,
+            "{interval}"
+        );
+        assert_eq!(interval["file_bytes"], 4096, "{interval}");
+        assert_eq!(interval["errors"], 0, "{interval}");
+        calls += interval["calls_per_second"].as_f64().expect("calls/s");
+    }
+    assert!(calls > 0.0);
+
+    let results = report["results"].as_array().expect("results");
+    let labels: Vec<&str> = results
+        .iter()
+        .map(|result| result["scenario"].as_str().expect("label"))
+        .collect();
+    assert_eq!(labels, ["fixed-delay-llm alone", "first-delta"]);
+    for result in results {
+        assert_eq!(result["calls"], 120, "{result}");
+        assert_eq!(result["errors"], serde_json::json!({}), "{result}");
+        let p50 = result["latency_us"]["p50"].as_f64().expect("p50");
+        // Never less than the model's own delay, and not the whole turn's many seconds.
+        assert!((30_000.0..1_000_000.0).contains(&p50), "{result}");
+    }
+    let added = report["added_to_first_delta_us"]["p50"]
+        .as_f64()
+        .expect("added");
+    assert!(added.is_finite(), "{report}");
+    let _ = std::fs::remove_dir_all(watched.parent().unwrap());
+}

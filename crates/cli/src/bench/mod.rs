@@ -2,14 +2,16 @@
 //! measures a plain single-hop gRPC echo in the same run, so every figure also reads as a
 //! ratio to what this machine can do at all.
 
+mod alone;
 mod baseline;
+mod llm;
 mod load;
 mod security;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use switchyard::bench_pb::EchoRequest;
@@ -19,7 +21,7 @@ use switchyard_store::{MemoryStore, SessionStore, SqlStore, SqlStoreOptions};
 use tonic::transport::{Channel, Endpoint};
 
 use self::baseline::EchoBaseline;
-pub use self::load::{LoadShape, Outcome, Stop};
+pub use self::load::{LoadShape, Measured, Outcome, Stop, Watch};
 use crate::{DevCluster, DevClusterConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -33,8 +35,11 @@ pub enum Scenario {
     AppendOnce,
     /// GetContext of the last --context-messages messages.
     GetContext,
-    /// SendMessage to the echo agent, timed until its final event.
+    /// SendMessage to --agent-type, timed until its final event.
     SendMessage,
+    /// SendMessage to --agent-type, timed until its first delta, beside the same agent
+    /// type run directly in this process (its own time to a first delta).
+    FirstDelta,
     /// 70% GetContext, 20% AppendContext, 10% SendMessage.
     Mixed,
 }
@@ -47,6 +52,7 @@ impl Scenario {
             Scenario::AppendOnce => "append-once",
             Scenario::GetContext => "get-context",
             Scenario::SendMessage => "send-message",
+            Scenario::FirstDelta => "first-delta",
             Scenario::Mixed => "mixed",
         }
     }
@@ -110,6 +116,27 @@ pub struct BenchArgs {
     /// Rounds of --security.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub rounds: u32,
+    /// The agent type of turns.
+    #[arg(long, default_value = "echo")]
+    pub agent_type: String,
+    /// Agent types (TOML, as `switchyard dev --agents`) of the dev cluster bench starts, and
+    /// of the agent first-delta runs directly.
+    #[arg(long)]
+    pub agents: Option<PathBuf>,
+    /// Start a local OpenAI-compatible model answering after this delay, as the agent type
+    /// `fixed-delay-llm` (not with --target).
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "target")]
+    pub llm_delay: Option<Duration>,
+    /// Print the figures of every interval this long (for soaks), not only the totals.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub report_every: Option<Duration>,
+    /// With --report-every: the process whose resident memory each interval shows (the
+    /// target's `switchyard dev`, say).
+    #[arg(long)]
+    pub watch_pid: Option<u32>,
+    /// With --report-every: files whose total size each interval shows (a store's WAL).
+    #[arg(long)]
+    pub watch_file: Vec<PathBuf>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -138,11 +165,36 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
         },
         rate: args.rate,
         progress: !args.json,
+        report_every: args.report_every,
+        watch: Watch {
+            pid: args.watch_pid,
+            files: args.watch_file.clone(),
+        },
+        json: args.json,
     };
 
     if args.security {
         return security::run(&args, shape).await;
     }
+    let llm = match args.llm_delay {
+        Some(delay) => Some(llm::FixedDelayLlm::start(delay).await?),
+        None => None,
+    };
+    let agents = || -> Result<switchyard_agents::AgentCatalog, BoxError> {
+        let mut catalog = crate::agents::load(args.agents.as_deref())?;
+        if let Some(llm) = &llm {
+            let (config, pool) = llm.agent();
+            catalog.register(llm::AGENT_TYPE, config, pool);
+        }
+        Ok(catalog)
+    };
+    let alone = if args.scenario.contains(&Scenario::FirstDelta) {
+        let catalog = agents()?;
+        let pool = catalog.pool(&args.agent_type)?.clone();
+        Some(alone::first_delta(&args, shape.clone(), pool).await)
+    } else {
+        None
+    };
     let baseline = if args.no_baseline {
         None
     } else {
@@ -150,10 +202,10 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
         let payload = vec![b'x'; args.message_size as usize];
         let client = echo.client.clone();
         Some(
-            load::run("raw echo (baseline)", shape, move |_| {
+            load::run("raw echo (baseline)", shape.clone(), move |_| {
                 let mut client = client.clone();
                 let payload = payload.clone();
-                async move { client.echo(EchoRequest { payload }).await.map(|_| ()) }
+                async move { client.echo(EchoRequest { payload }).await.map(|_| None) }
             })
             .await,
         )
@@ -162,7 +214,12 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
     let (url, cluster, data_dir) = match &args.target {
         Some(url) => (url.clone(), None, None),
         None => {
-            let (cluster, data_dir) = start_cluster(&args).await?;
+            let catalog = agents()?;
+            let (cluster, data_dir) = start_cluster_with(&args, |config| {
+                config.agents = catalog;
+                Ok(())
+            })
+            .await?;
             (cluster.coordinator_url(), Some(cluster), data_dir)
         }
     };
@@ -182,7 +239,19 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
     let sessions = Arc::new(prepare(&client, &args).await?);
     let mut outcomes = Vec::with_capacity(args.scenario.len());
     for scenario in &args.scenario {
-        outcomes.push(measure(*scenario, &args, shape, client.clone(), sessions.clone()).await);
+        outcomes.push(
+            measure(
+                *scenario,
+                &args,
+                shape.clone(),
+                client.clone(),
+                sessions.clone(),
+            )
+            .await,
+        );
+    }
+    if let Some(alone) = alone {
+        outcomes.insert(0, alone);
     }
 
     report(&args, &url, cluster.is_some(), baseline.as_ref(), &outcomes);
@@ -193,10 +262,6 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
         let _ = std::fs::remove_dir_all(dir);
     }
     Ok(())
-}
-
-async fn start_cluster(args: &BenchArgs) -> Result<(DevCluster, Option<PathBuf>), BoxError> {
-    start_cluster_with(args, |_| Ok(())).await
 }
 
 /// A dev cluster for the benchmark, with `adjust` applied to its configuration.
@@ -291,10 +356,12 @@ async fn measure(
     let users = args.users as u64;
     let size = args.message_size;
     let last_n = args.context_messages;
+    let agent_type: Arc<str> = args.agent_type.as_str().into();
     let label = scenario.name();
     load::run(label, shape, move |index| {
         let client = client.clone();
         let sessions = sessions.clone();
+        let agent_type = agent_type.clone();
         async move {
             let session = &sessions[(index % sessions.len() as u64) as usize];
             let operation = match scenario {
@@ -313,28 +380,64 @@ async fn measure(
                     client
                         .create_session(&user, [("bench", "yes")])
                         .await
-                        .map(|_| ())
+                        .map(|_| None)
                 }
                 Scenario::Append => client
                     .append_context_with_id(session, vec![message(size)], None)
                     .await
-                    .map(|_| ()),
+                    .map(|_| None),
                 Scenario::AppendOnce => client
                     .append_context(session, vec![message(size)])
                     .await
-                    .map(|_| ()),
-                Scenario::GetContext => client.get_context(session, last_n, 0).await.map(|_| ()),
+                    .map(|_| None),
+                Scenario::GetContext => client.get_context(session, last_n, 0).await.map(|_| None),
                 Scenario::SendMessage | Scenario::Mixed => {
                     let content = "x".repeat(size as usize);
                     client
-                        .send_message_collect(session, "echo", &content)
+                        .send_message_collect(session, &agent_type, &content)
                         .await
-                        .map(|_| ())
+                        .map(|_| None)
+                }
+                Scenario::FirstDelta => {
+                    let content = "x".repeat(size as usize);
+                    first_delta(&client, session, &agent_type, &content).await
                 }
             }
         }
     })
     .await
+}
+
+/// A turn, timed from the call to its first delta (to its end when it has none). The stream
+/// is read to its end either way.
+async fn first_delta(
+    client: &SwitchyardClient,
+    session: &str,
+    agent_type: &str,
+    content: &str,
+) -> Result<Measured, tonic::Status> {
+    let called = Instant::now();
+    let request_id = switchyard::client::new_request_id();
+    let mut stream = client
+        .send_message_with_id(session, agent_type, content, Some(&request_id))
+        .await?;
+    let mut first = None;
+    let mut done = false;
+    while let Some(event) = stream.message().await? {
+        match event.event {
+            Some(pb::turn_event::Event::Delta(_)) => {
+                first.get_or_insert_with(|| called.elapsed());
+            }
+            Some(pb::turn_event::Event::Done(_)) => done = true,
+            None => {}
+        }
+    }
+    if !done {
+        return Err(tonic::Status::unavailable(
+            "the turn's stream ended before its final event",
+        ));
+    }
+    Ok(Some(first.unwrap_or_else(|| called.elapsed())))
 }
 
 fn figures(outcome: &Outcome) -> serde_json::Value {
@@ -372,6 +475,19 @@ fn report(
         .iter()
         .map(|scenario| scenario.name())
         .collect();
+    // What the cluster adds to an agent's own first delta.
+    let alone = outcomes
+        .iter()
+        .find(|outcome| outcome.label.ends_with(" alone"));
+    let through = outcomes
+        .iter()
+        .find(|outcome| outcome.label == Scenario::FirstDelta.name());
+    let added = alone.zip(through).map(|(alone, through)| {
+        (
+            through.quantile_us(0.5) - alone.quantile_us(0.5),
+            through.quantile_us(0.99) - alone.quantile_us(0.99),
+        )
+    });
     if args.json {
         let results: Vec<serde_json::Value> = outcomes
             .iter()
@@ -399,6 +515,7 @@ fn report(
             "context_messages": args.context_messages,
             "baseline": baseline.map(figures),
             "results": results,
+            "added_to_first_delta_us": added.map(|(p50, p99)| serde_json::json!({ "p50": p50, "p99": p99 })),
         });
         println!("{value}");
         return;
@@ -459,6 +576,12 @@ fn report(
     }
     for outcome in outcomes {
         row(outcome);
+    }
+    if let Some((p50, p99)) = added {
+        println!(
+            "added to the agent's own first delta: p50 {p50:+.0}µs, p99 {p99:+.0}µs (first-delta minus {})",
+            alone.map_or("", |alone| alone.label.as_str())
+        );
     }
     for outcome in outcomes {
         if !outcome.errors.is_empty() {

@@ -41,7 +41,7 @@ pub(super) async fn run(args: &BenchArgs, shape: LoadShape) -> Result<(), BoxErr
             if !args.json {
                 eprintln!("  round {round}/{}: {}", args.rounds, variant.name());
             }
-            outcomes[index].push(measure_variant(args, shape, scenario, variant).await?);
+            outcomes[index].push(measure_variant(args, shape.clone(), scenario, variant).await?);
         }
     }
     report(args, scenario.name(), &outcomes);
