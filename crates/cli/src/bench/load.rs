@@ -416,6 +416,10 @@ async fn report_intervals(
         let (latencies, errors) = figures.take();
         let seconds = now.duration_since(last).as_secs_f64().max(1e-9);
         last = now;
+        // The run ended just after a line: a sliver of an interval says nothing.
+        if ending && seconds < every.as_secs_f64() / 10.0 {
+            break;
+        }
         let memory = watch.pid.and_then(process_memory);
         let files: Option<u64> = (!watch.files.is_empty()).then(|| {
             watch
