@@ -287,6 +287,51 @@ impl Backend {
          WHERE request_ids.session_id = j.s AND request_ids.request_id = j.r; \
          COMMIT";
 
+    /// Takes the leases of the slots in the JSON array `$1` for owner `$2` at epoch `$3`,
+    /// where no newer epoch holds them; returns the slots taken. One statement, however
+    /// many slots (the array holds each slot once).
+    pub(super) fn acquire_slots_query(self) -> &'static str {
+        match self {
+            Backend::Sqlite => {
+                "INSERT INTO slot_leases (slot, owner, epoch, released) \
+                 SELECT value, $2, $3, 0 FROM json_each($1) WHERE true \
+                 ON CONFLICT (slot) DO UPDATE SET owner = excluded.owner, epoch = excluded.epoch, released = 0 \
+                 WHERE slot_leases.epoch < excluded.epoch \
+                    OR (slot_leases.epoch = excluded.epoch AND slot_leases.owner = excluded.owner) \
+                 RETURNING slot"
+            }
+            Backend::Postgres => {
+                "INSERT INTO slot_leases (slot, owner, epoch, released) \
+                 SELECT value::bigint, $2, $3, 0 FROM json_array_elements_text($1::json) \
+                 ON CONFLICT (slot) DO UPDATE SET owner = excluded.owner, epoch = excluded.epoch, released = 0 \
+                 WHERE slot_leases.epoch < excluded.epoch \
+                    OR (slot_leases.epoch = excluded.epoch AND slot_leases.owner = excluded.owner) \
+                 RETURNING slot"
+            }
+        }
+    }
+
+    /// Releases the leases named by the JSON array `$1` of fences `{s: slot, o: owner,
+    /// e: epoch}` that are still held as named, in one statement.
+    pub(super) fn release_slots_query(self) -> &'static str {
+        match self {
+            Backend::Sqlite => {
+                "UPDATE slot_leases SET released = 1 \
+                 FROM (SELECT json_extract(value, '$.s') AS slot, json_extract(value, '$.o') AS owner, \
+                              json_extract(value, '$.e') AS epoch FROM json_each($1)) AS f \
+                 WHERE slot_leases.slot = f.slot AND slot_leases.owner = f.owner \
+                   AND slot_leases.epoch = f.epoch AND slot_leases.released = 0"
+            }
+            Backend::Postgres => {
+                "UPDATE slot_leases SET released = 1 \
+                 FROM (SELECT (value->>'s')::bigint AS slot, value->>'o' AS owner, \
+                              (value->>'e')::bigint AS epoch FROM json_array_elements($1::json)) AS f \
+                 WHERE slot_leases.slot = f.slot AND slot_leases.owner = f.owner \
+                   AND slot_leases.epoch = f.epoch AND slot_leases.released = 0"
+            }
+        }
+    }
+
     /// The leases of a set of slots, given as a JSON array in `$1`.
     pub(super) fn slot_leases_query(self) -> &'static str {
         match self {

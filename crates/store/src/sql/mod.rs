@@ -359,31 +359,30 @@ impl SessionStore for SqlStore {
         epoch: Epoch,
         slots: &[Slot],
     ) -> Result<Vec<Slot>> {
-        let mut acquired = Vec::with_capacity(slots.len());
-        let mut transaction = self
-            .pool
-            .begin_with(self.backend.begin_write())
-            .await
-            .map_err(unavailable)?;
-        for &slot in slots {
-            let row = sqlx::query(
-                "INSERT INTO slot_leases (slot, owner, epoch, released) VALUES ($1, $2, $3, 0) \
-                 ON CONFLICT (slot) DO UPDATE SET owner = excluded.owner, epoch = excluded.epoch, released = 0 \
-                 WHERE slot_leases.epoch < excluded.epoch \
-                    OR (slot_leases.epoch = excluded.epoch AND slot_leases.owner = excluded.owner) \
-                 RETURNING slot",
-            )
-            .bind(i64::from(slot))
+        let mut unique = slots.to_vec();
+        unique.sort_unstable();
+        unique.dedup();
+        if unique.is_empty() {
+            return Ok(Vec::new());
+        }
+        let slots_json = serde_json::to_string(&unique)
+            .map_err(|error| corrupt(format!("slots do not encode: {error}")))?;
+        let rows = sqlx::query(self.backend.acquire_slots_query())
+            .bind(slots_json)
             .bind(owner.as_str().to_string())
             .bind(epoch_param(epoch))
-            .fetch_optional(&mut *transaction)
+            .fetch_all(&self.pool)
             .await
             .map_err(unavailable)?;
-            if row.is_some() {
-                acquired.push(slot);
-            }
-        }
-        transaction.commit().await.map_err(unavailable)?;
+        let mut acquired = rows
+            .iter()
+            .map(|row| {
+                let slot: i64 = row.try_get("slot").map_err(unavailable)?;
+                Slot::try_from(slot)
+                    .map_err(|_| corrupt(format!("lease slot {slot} is out of range")))
+            })
+            .collect::<Result<Vec<Slot>>>()?;
+        acquired.sort_unstable();
         Ok(acquired)
     }
 
@@ -414,27 +413,28 @@ impl SessionStore for SqlStore {
     }
 
     async fn release_slots(&self, fences: &[Fence]) -> Result<usize> {
-        let mut released = 0;
-        let mut transaction = self
-            .pool
-            .begin_with(self.backend.begin_write())
-            .await
-            .map_err(unavailable)?;
-        for fence in fences {
-            let result = sqlx::query(
-                "UPDATE slot_leases SET released = 1 \
-                 WHERE slot = $1 AND owner = $2 AND epoch = $3 AND released = 0",
-            )
-            .bind(i64::from(fence.slot))
-            .bind(fence.owner.as_str().to_string())
-            .bind(epoch_param(fence.epoch))
-            .execute(&mut *transaction)
-            .await
-            .map_err(unavailable)?;
-            released += result.rows_affected() as usize;
+        if fences.is_empty() {
+            return Ok(0);
         }
-        transaction.commit().await.map_err(unavailable)?;
-        Ok(released)
+        let fences_json = serde_json::Value::Array(
+            fences
+                .iter()
+                .map(|fence| {
+                    serde_json::json!({
+                        "s": i64::from(fence.slot),
+                        "o": fence.owner.as_str(),
+                        "e": epoch_param(fence.epoch),
+                    })
+                })
+                .collect(),
+        )
+        .to_string();
+        let result = sqlx::query(self.backend.release_slots_query())
+            .bind(fences_json)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(result.rows_affected() as usize)
     }
 
     async fn save_placement(&self, placement: &StoredPlacement) -> Result<bool> {

@@ -4,10 +4,14 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use futures::StreamExt;
 use switchyard_core::{SessionId, Slot};
 
 use super::{EntryState, HotSession, SessionManager};
 use crate::ownership::CANCEL_WAIT;
+
+/// How many sessions' activity a handoff saves at once.
+const SAVE_CONCURRENCY: usize = 8;
 
 impl SessionManager {
     /// The first half of handing `slots` to another worker (the table already routes new
@@ -113,8 +117,11 @@ impl SessionManager {
                 })
                 .collect()
         };
-        for (session, at) in released {
-            self.save_activity(&session, at).await;
-        }
+        // A few at a time: each is a round trip of its own, and a handoff waits for them all.
+        futures::stream::iter(released)
+            .for_each_concurrent(SAVE_CONCURRENCY, |(session, at)| async move {
+                self.save_activity(&session, at).await;
+            })
+            .await;
     }
 }
