@@ -137,6 +137,32 @@ pub struct IdleSession {
     pub last_activity_at: SystemTime,
 }
 
+/// A user's quota override of one resource, as the store keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredLimit {
+    /// The resource's name (`tokens`, `api_calls`, …).
+    pub resource: String,
+    pub limit: f64,
+    /// Zero for resources that are a level, not a rate.
+    pub window_us: u64,
+}
+
+/// A user's usage of one windowed resource, encoded by its owner (the store keeps it whole).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredUsage {
+    pub user_id: UserId,
+    pub resource: String,
+    pub state: String,
+}
+
+/// What the store keeps of a user's quota: overrides, and windowed usage.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UserQuotaRecord {
+    pub overrides: Vec<StoredLimit>,
+    /// `(resource, state)` pairs.
+    pub usage: Vec<(String, String)>,
+}
+
 /// Durable home of sessions and their contexts. Every write returns only after it is
 /// committed, and only if its [`Fence`] still holds, checked in the same transaction.
 #[async_trait]
@@ -290,4 +316,25 @@ pub trait SessionStore: Send + Sync + 'static {
         before: SystemTime,
         limit: usize,
     ) -> Result<Vec<IdleSession>>;
+
+    /// A user's quota overrides and saved usage.
+    async fn load_user_quota(&self, user_id: &UserId) -> Result<UserQuotaRecord>;
+
+    /// Sets overrides of a user's quota (each replaces the one of its resource); `clear`
+    /// first drops every override the user has. One transaction, fenced by the user's slot.
+    async fn set_user_quota(
+        &self,
+        fence: &Fence,
+        user_id: &UserId,
+        overrides: &[StoredLimit],
+        clear: bool,
+    ) -> Result<()>;
+
+    /// Saves usage, each under the fence of its user's slot; entries whose fence no longer
+    /// holds are skipped; of several for one user and resource, the last counts. One
+    /// statement; returns how many (user, resource) rows were saved.
+    async fn save_usage(&self, usage: &[(Fence, StoredUsage)]) -> Result<usize>;
+
+    /// Content bytes of every message of every session of the user.
+    async fn user_storage_bytes(&self, user_id: &UserId) -> Result<u64>;
 }

@@ -1,6 +1,6 @@
 //! `MemoryStore`: sessions and contexts in process memory.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -9,7 +9,7 @@ use switchyard_core::{ContextMessage, Epoch, Message, Session, SessionId, Slot, 
 
 use crate::{
     AppendKey, Appended, Fence, IdleSession, RequestRecord, Result, SessionStore, SlotLease,
-    StoreError, StoredPlacement,
+    StoreError, StoredLimit, StoredPlacement, StoredUsage, UserQuotaRecord,
 };
 
 /// Everything in process memory: nothing survives the process. `switchyard dev --store
@@ -36,6 +36,10 @@ struct Inner {
     /// Holder, epoch, and whether the holder released it.
     leases: HashMap<Slot, (WorkerId, Epoch, bool)>,
     placement: Option<StoredPlacement>,
+    /// Quota overrides per user, by resource.
+    overrides: HashMap<UserId, BTreeMap<String, StoredLimit>>,
+    /// Saved usage per user, by resource.
+    usage: HashMap<UserId, BTreeMap<String, String>>,
 }
 
 impl Inner {
@@ -416,5 +420,81 @@ impl SessionStore for MemoryStore {
                 last_activity_at: session.last_activity_at,
             })
             .collect())
+    }
+
+    async fn load_user_quota(&self, user_id: &UserId) -> Result<UserQuotaRecord> {
+        let inner = self.lock();
+        Ok(UserQuotaRecord {
+            overrides: inner
+                .overrides
+                .get(user_id)
+                .map(|overrides| overrides.values().cloned().collect())
+                .unwrap_or_default(),
+            usage: inner
+                .usage
+                .get(user_id)
+                .map(|usage| {
+                    usage
+                        .iter()
+                        .map(|(resource, state)| (resource.clone(), state.clone()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+    }
+
+    async fn set_user_quota(
+        &self,
+        fence: &Fence,
+        user_id: &UserId,
+        overrides: &[StoredLimit],
+        clear: bool,
+    ) -> Result<()> {
+        let mut inner = self.lock();
+        inner.check(fence)?;
+        let mut kept = if clear {
+            BTreeMap::new()
+        } else {
+            inner.overrides.get(user_id).cloned().unwrap_or_default()
+        };
+        for limit in overrides {
+            kept.insert(limit.resource.clone(), limit.clone());
+        }
+        if kept.is_empty() {
+            inner.overrides.remove(user_id);
+        } else {
+            inner.overrides.insert(user_id.clone(), kept);
+        }
+        Ok(())
+    }
+
+    async fn save_usage(&self, usage: &[(Fence, StoredUsage)]) -> Result<usize> {
+        let mut inner = self.lock();
+        let mut saved = HashSet::new();
+        for (fence, usage) in usage {
+            if inner.check(fence).is_err() {
+                continue;
+            }
+            inner
+                .usage
+                .entry(usage.user_id.clone())
+                .or_default()
+                .insert(usage.resource.clone(), usage.state.clone());
+            saved.insert((&usage.user_id, &usage.resource));
+        }
+        Ok(saved.len())
+    }
+
+    async fn user_storage_bytes(&self, user_id: &UserId) -> Result<u64> {
+        let inner = self.lock();
+        Ok(inner
+            .by_user
+            .get(user_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| inner.sessions.get(id))
+            .flat_map(|stored| stored.messages.iter())
+            .map(|message| message.content.len() as u64)
+            .sum())
     }
 }

@@ -375,4 +375,34 @@ impl crate::SessionStore for GatedStore {
     ) -> crate::Result<Vec<crate::IdleSession>> {
         self.inner.idle_sessions(slots, before, limit).await
     }
+
+    async fn load_user_quota(
+        &self,
+        user_id: &switchyard_core::UserId,
+    ) -> crate::Result<crate::UserQuotaRecord> {
+        self.inner.load_user_quota(user_id).await
+    }
+
+    async fn set_user_quota(
+        &self,
+        fence: &crate::Fence,
+        user_id: &switchyard_core::UserId,
+        overrides: &[crate::StoredLimit],
+        clear: bool,
+    ) -> crate::Result<()> {
+        self.inner
+            .set_user_quota(fence, user_id, overrides, clear)
+            .await
+    }
+
+    async fn save_usage(
+        &self,
+        usage: &[(crate::Fence, crate::StoredUsage)],
+    ) -> crate::Result<usize> {
+        self.inner.save_usage(usage).await
+    }
+
+    async fn user_storage_bytes(&self, user_id: &switchyard_core::UserId) -> crate::Result<u64> {
+        self.inner.user_storage_bytes(user_id).await
+    }
 }

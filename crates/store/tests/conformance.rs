@@ -13,6 +13,8 @@ use switchyard_store::{Fence, MemoryStore, SessionStore, SqlStore, SqlStoreOptio
 
 #[path = "conformance/appends.rs"]
 mod appends;
+#[path = "conformance/quotas.rs"]
+mod quotas;
 
 use appends::{
     a_bounded_context_drops_its_oldest_messages, a_follow_up_commits_only_after_its_predecessor,
@@ -20,6 +22,7 @@ use appends::{
     each_append_of_a_batch_gets_its_own_outcome, request_ids_make_appends_happen_once,
     system_messages_before_a_window,
 };
+use quotas::{quota_overrides_and_usage_are_kept_per_user, storage_bytes_count_a_users_content};
 
 const SLOT: u32 = 3;
 
@@ -506,6 +509,8 @@ conformance!(
     a_bounded_context_drops_its_oldest_messages,
     a_follow_up_commits_only_after_its_predecessor,
     each_append_of_a_batch_gets_its_own_outcome,
+    quota_overrides_and_usage_are_kept_per_user,
+    storage_bytes_count_a_users_content,
 );
 
 fn temp_dir(test: &str) -> PathBuf {

@@ -390,6 +390,10 @@ impl Backend {
                     "system messages",
                     include_str!("../../migrations/sqlite/0005_system_messages.sql"),
                 ),
+                (
+                    "quotas",
+                    include_str!("../../migrations/sqlite/0006_quotas.sql"),
+                ),
             ],
             Backend::Postgres => &[
                 (
@@ -411,6 +415,10 @@ impl Backend {
                 (
                     "system messages",
                     include_str!("../../migrations/postgres/0005_system_messages.sql"),
+                ),
+                (
+                    "quotas",
+                    include_str!("../../migrations/postgres/0006_quotas.sql"),
                 ),
             ],
         }

@@ -8,6 +8,7 @@
 mod appender;
 mod backend;
 mod batch;
+mod quota;
 mod requests;
 
 use std::borrow::Cow;
@@ -28,7 +29,8 @@ pub use self::appender::GroupCommitStats;
 use self::backend::Backend;
 use crate::{
     Append, AppendKey, AppendTicket, Appended, Durability, Fence, IdleSession, QueuedAppend,
-    RequestRecord, Result, SessionStore, SlotLease, StoreError, StoredPlacement,
+    RequestRecord, Result, SessionStore, SlotLease, StoreError, StoredLimit, StoredPlacement,
+    StoredUsage, UserQuotaRecord,
 };
 
 /// How to open a [`SqlStore`].
@@ -720,5 +722,28 @@ impl SessionStore for SqlStore {
                 })
             })
             .collect()
+    }
+
+    async fn load_user_quota(&self, user_id: &UserId) -> Result<UserQuotaRecord> {
+        self.load_user_quota_sql(user_id).await
+    }
+
+    async fn set_user_quota(
+        &self,
+        fence: &Fence,
+        user_id: &UserId,
+        overrides: &[StoredLimit],
+        clear: bool,
+    ) -> Result<()> {
+        self.set_user_quota_sql(fence, user_id, overrides, clear)
+            .await
+    }
+
+    async fn save_usage(&self, usage: &[(Fence, StoredUsage)]) -> Result<usize> {
+        self.save_usage_sql(usage).await
+    }
+
+    async fn user_storage_bytes(&self, user_id: &UserId) -> Result<u64> {
+        self.user_storage_bytes_sql(user_id).await
     }
 }

@@ -1,0 +1,169 @@
+//! Quota overrides and windowed usage in SQL: small, per-user reads, and usage saved many
+//! users at a time in one statement.
+
+use std::collections::BTreeMap;
+
+use sqlx::Row;
+use switchyard_core::UserId;
+
+use super::backend::Backend;
+use super::{SqlStore, corrupt, epoch_param, unavailable};
+use crate::{Fence, Result, StoredLimit, StoredUsage, UserQuotaRecord};
+
+impl Backend {
+    /// Upserts usage from a JSON array in `$1` of `{u: user, r: resource, s: state, slot,
+    /// o: owner, e: epoch}`, each only while its fence holds.
+    fn save_usage_query(self) -> &'static str {
+        match self {
+            Backend::Sqlite => {
+                "INSERT INTO user_usage_windows (user_id, resource, state) \
+                 SELECT json_extract(value, '$.u'), json_extract(value, '$.r'), json_extract(value, '$.s') \
+                 FROM json_each($1) \
+                 WHERE EXISTS (SELECT 1 FROM slot_leases AS l \
+                               WHERE l.slot = json_extract(value, '$.slot') AND l.owner = json_extract(value, '$.o') \
+                                 AND l.epoch = json_extract(value, '$.e') AND l.released = 0) \
+                 ON CONFLICT (user_id, resource) DO UPDATE SET state = excluded.state"
+            }
+            Backend::Postgres => {
+                "INSERT INTO user_usage_windows (user_id, resource, state) \
+                 SELECT value->>'u', value->>'r', value->>'s' FROM json_array_elements($1::json) \
+                 WHERE EXISTS (SELECT 1 FROM slot_leases AS l \
+                               WHERE l.slot = (value->>'slot')::bigint AND l.owner = value->>'o' \
+                                 AND l.epoch = (value->>'e')::bigint AND l.released = 0) \
+                 ON CONFLICT (user_id, resource) DO UPDATE SET state = excluded.state"
+            }
+        }
+    }
+
+    /// Content bytes of a user's messages (`$1`: the user id).
+    fn storage_bytes_query(self) -> &'static str {
+        match self {
+            Backend::Sqlite => {
+                "SELECT COALESCE(SUM(length(CAST(m.content AS BLOB))), 0) AS bytes \
+                 FROM sessions AS s JOIN messages AS m ON m.session_id = s.session_id \
+                 WHERE s.user_id = $1"
+            }
+            Backend::Postgres => {
+                "SELECT COALESCE(SUM(octet_length(m.content)), 0)::bigint AS bytes \
+                 FROM sessions AS s JOIN messages AS m ON m.session_id = s.session_id \
+                 WHERE s.user_id = $1"
+            }
+        }
+    }
+}
+
+impl SqlStore {
+    pub(super) async fn load_user_quota_sql(&self, user_id: &UserId) -> Result<UserQuotaRecord> {
+        let overrides = sqlx::query(
+            "SELECT resource, limit_value, window_us FROM user_quota_overrides \
+             WHERE user_id = $1 ORDER BY resource",
+        )
+        .bind(user_id.as_str().to_string())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?
+        .iter()
+        .map(|row| {
+            let window_us: i64 = row.try_get("window_us").map_err(unavailable)?;
+            Ok(StoredLimit {
+                resource: row.try_get("resource").map_err(unavailable)?,
+                limit: row.try_get("limit_value").map_err(unavailable)?,
+                window_us: u64::try_from(window_us)
+                    .map_err(|_| corrupt("a quota window is negative"))?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+        let usage = sqlx::query(
+            "SELECT resource, state FROM user_usage_windows WHERE user_id = $1 ORDER BY resource",
+        )
+        .bind(user_id.as_str().to_string())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?
+        .iter()
+        .map(|row| {
+            Ok((
+                row.try_get("resource").map_err(unavailable)?,
+                row.try_get("state").map_err(unavailable)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+        Ok(UserQuotaRecord { overrides, usage })
+    }
+
+    pub(super) async fn set_user_quota_sql(
+        &self,
+        fence: &Fence,
+        user_id: &UserId,
+        overrides: &[StoredLimit],
+        clear: bool,
+    ) -> Result<()> {
+        let mut transaction = self.begin_fenced(fence).await?;
+        if clear {
+            sqlx::query("DELETE FROM user_quota_overrides WHERE user_id = $1")
+                .bind(user_id.as_str().to_string())
+                .execute(&mut *transaction)
+                .await
+                .map_err(unavailable)?;
+        }
+        for limit in overrides {
+            sqlx::query(
+                "INSERT INTO user_quota_overrides (user_id, resource, limit_value, window_us) \
+                 VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (user_id, resource) DO UPDATE \
+                 SET limit_value = excluded.limit_value, window_us = excluded.window_us",
+            )
+            .bind(user_id.as_str().to_string())
+            .bind(limit.resource.clone())
+            .bind(limit.limit)
+            .bind(i64::try_from(limit.window_us).unwrap_or(i64::MAX))
+            .execute(&mut *transaction)
+            .await
+            .map_err(unavailable)?;
+        }
+        transaction.commit().await.map_err(unavailable)
+    }
+
+    pub(super) async fn save_usage_sql(&self, usage: &[(Fence, StoredUsage)]) -> Result<usize> {
+        // One row per user and resource: the newest state of each, as given last.
+        let mut newest: BTreeMap<(&str, &str), &(Fence, StoredUsage)> = BTreeMap::new();
+        for entry in usage {
+            newest.insert((entry.1.user_id.as_str(), entry.1.resource.as_str()), entry);
+        }
+        if newest.is_empty() {
+            return Ok(0);
+        }
+        let rows = serde_json::Value::Array(
+            newest
+                .values()
+                .map(|(fence, usage)| {
+                    serde_json::json!({
+                        "u": usage.user_id.as_str(),
+                        "r": usage.resource,
+                        "s": usage.state,
+                        "slot": i64::from(fence.slot),
+                        "o": fence.owner.as_str(),
+                        "e": epoch_param(fence.epoch),
+                    })
+                })
+                .collect(),
+        )
+        .to_string();
+        let result = sqlx::query(self.backend.save_usage_query())
+            .bind(rows)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(result.rows_affected() as usize)
+    }
+
+    pub(super) async fn user_storage_bytes_sql(&self, user_id: &UserId) -> Result<u64> {
+        let row = sqlx::query(self.backend.storage_bytes_query())
+            .bind(user_id.as_str().to_string())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        let bytes: i64 = row.try_get("bytes").map_err(unavailable)?;
+        Ok(u64::try_from(bytes).unwrap_or(0))
+    }
+}
