@@ -29,8 +29,9 @@ async fn a_turn_streams_its_reply_and_lands_in_the_context() {
     assert!(reply.delta_count >= 1, "{} deltas", reply.delta_count);
     assert_eq!((reply.done.user_seq, reply.done.reply_seq), (2, 3));
     let usage = reply.done.usage.unwrap();
-    assert_eq!(usage.prompt_tokens, 2 + 9);
-    assert_eq!(usage.completion_tokens, 10);
+    // Four bytes a token: "you echo" is 8 bytes, the content 43, the reply 49.
+    assert_eq!(usage.prompt_tokens, 2 + 11);
+    assert_eq!(usage.completion_tokens, 13);
 
     let context = client.get_context(&session.session_id, 2, 0).await.unwrap();
     assert_eq!(context.len(), 2);

@@ -59,6 +59,22 @@ pub struct AgentTypeConfig {
     /// How much of the context a turn sends: `{ messages = 200, bytes = 1048576, tokens = … }`.
     #[serde(default)]
     pub context: ContextSettings,
+    /// Reply tokens a turn reserves of the user's `tokens` quota before it runs (default:
+    /// `openai.max_tokens`, else 1024); the real usage settles it after.
+    pub max_reply_tokens: Option<u64>,
+    /// US dollars per 1 000 tokens, for the `cost_usd` quota: `{ prompt_per_1k = 0.5,
+    /// completion_per_1k = 1.5 }` (default: free).
+    #[serde(default)]
+    pub price: PriceSettings,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceSettings {
+    #[serde(default)]
+    pub prompt_per_1k: f64,
+    #[serde(default)]
+    pub completion_per_1k: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -226,6 +242,19 @@ impl AgentsConfig {
                     max_messages: agent.context.messages,
                     max_bytes: agent.context.bytes,
                     max_tokens: agent.context.tokens,
+                },
+                max_reply_tokens: agent
+                    .max_reply_tokens
+                    .or_else(|| {
+                        agent
+                            .openai
+                            .as_ref()
+                            .and_then(|openai| openai.max_tokens.map(u64::from))
+                    })
+                    .unwrap_or(crate::pool::DEFAULT_MAX_REPLY_TOKENS),
+                price: crate::pool::TokenPrice {
+                    prompt_per_1k: agent.price.prompt_per_1k,
+                    completion_per_1k: agent.price.completion_per_1k,
                 },
             };
             pool.validate(name)?;

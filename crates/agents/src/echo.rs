@@ -45,8 +45,10 @@ impl EchoAgent {
     }
 }
 
+/// Tokens as the rest of Switchyard estimates them (four bytes a token), so that a turn's
+/// reservation of the `tokens` quota can match what it reports.
 fn count_tokens(text: &str) -> u64 {
-    text.split_whitespace().count() as u64
+    switchyard_core::window::estimated_tokens(text)
 }
 
 #[async_trait]
@@ -124,8 +126,9 @@ mod tests {
         }
         assert_eq!(deltas.concat(), "echo: hello world");
         assert_eq!(deltas.len(), "echo: hello world".len().div_ceil(4));
-        assert_eq!(usage.prompt_tokens, 2);
-        assert_eq!(usage.completion_tokens, 3);
+        // Four bytes a token: "hello world" is 11 bytes, "echo: hello world" 17.
+        assert_eq!(usage.prompt_tokens, 3);
+        assert_eq!(usage.completion_tokens, 5);
     }
 
     #[tokio::test]

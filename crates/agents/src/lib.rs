@@ -16,7 +16,9 @@ use tokio::sync::mpsc;
 
 pub use echo::{EchoAgent, EchoConfig};
 pub use openai::{OpenAiAgent, OpenAiConfig};
-pub use pool::{AgentPool, PoolConfig, PoolStats, PooledAgent};
+pub use pool::{
+    AgentPool, DEFAULT_MAX_REPLY_TOKENS, PoolConfig, PoolStats, PooledAgent, TokenPrice,
+};
 pub use process::{ProcessAgent, ProcessConfig};
 
 /// What a turn consumed.

@@ -21,7 +21,7 @@ use switchyard_core::ContextWindow;
 use crate::{Agent, AgentError, AgentFactory};
 
 /// Sizes and timeouts of one agent type's pool.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
     /// Instances kept warm even when idle.
     pub min: usize,
@@ -36,7 +36,29 @@ pub struct PoolConfig {
     pub turn_timeout: Duration,
     /// How much of a session's context a turn sends an instance.
     pub context_window: ContextWindow,
+    /// The most tokens a reply is expected to take: a turn reserves this much of the user's
+    /// `tokens` quota (beside its prompt) before it runs, and settles to the real usage after.
+    pub max_reply_tokens: u64,
+    /// What the type's tokens cost, for the `cost_usd` quota.
+    pub price: TokenPrice,
 }
+
+/// US dollars per 1 000 tokens of prompt and of completion.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TokenPrice {
+    pub prompt_per_1k: f64,
+    pub completion_per_1k: f64,
+}
+
+impl TokenPrice {
+    /// The cost of `prompt` and `completion` tokens.
+    pub fn cost(&self, prompt: u64, completion: u64) -> f64 {
+        (prompt as f64 * self.prompt_per_1k + completion as f64 * self.completion_per_1k) / 1000.0
+    }
+}
+
+/// The reply tokens a turn reserves when its agent type names none.
+pub const DEFAULT_MAX_REPLY_TOKENS: u64 = 1024;
 
 impl Default for PoolConfig {
     fn default() -> Self {
@@ -47,6 +69,8 @@ impl Default for PoolConfig {
             acquire_timeout: Duration::from_secs(10),
             turn_timeout: Duration::from_secs(5 * 60),
             context_window: ContextWindow::default(),
+            max_reply_tokens: DEFAULT_MAX_REPLY_TOKENS,
+            price: TokenPrice::default(),
         }
     }
 }
@@ -73,6 +97,16 @@ impl PoolConfig {
             return Err(format!(
                 "agent type {agent_type}: turn_timeout must be longer than 0"
             ));
+        }
+        for (field, price) in [
+            ("price.prompt_per_1k", self.price.prompt_per_1k),
+            ("price.completion_per_1k", self.price.completion_per_1k),
+        ] {
+            if !price.is_finite() || price < 0.0 {
+                return Err(format!(
+                    "agent type {agent_type}: {field} must be a number of dollars, 0 or more"
+                ));
+            }
         }
         Ok(())
     }
