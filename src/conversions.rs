@@ -27,6 +27,22 @@ pub fn system_time_from(timestamp: &prost_types::Timestamp) -> SystemTime {
     UNIX_EPOCH + Duration::new(seconds, nanos.min(999_999_999))
 }
 
+pub fn duration_to_wire(duration: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(duration.as_secs()).unwrap_or(i64::MAX),
+        nanos: duration.subsec_nanos() as i32,
+    }
+}
+
+/// A wire duration; `None` when it is negative or malformed.
+pub fn duration_from_wire(duration: &prost_types::Duration) -> Option<Duration> {
+    let seconds = u64::try_from(duration.seconds).ok()?;
+    let nanos = u32::try_from(duration.nanos)
+        .ok()
+        .filter(|nanos| *nanos < 1_000_000_000)?;
+    Some(Duration::new(seconds, nanos))
+}
+
 /// The wire form of a session hosted by `worker_id`.
 pub fn session_to_wire(session: &Session, worker_id: &WorkerId) -> pb::Session {
     pb::Session {

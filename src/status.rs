@@ -39,6 +39,22 @@ pub fn status_from<E: ServiceError + ?Sized>(error: &E) -> Status {
     }
 }
 
+/// RESOURCE_EXHAUSTED for a quota or rate limit: a `google.rpc.QuotaFailure` violation of
+/// `subject` (e.g. `user:alice`) described by `description` (e.g. `quota tokens`), and a
+/// `google.rpc.RetryInfo` when the wait is known.
+pub fn resource_exhausted(
+    message: String,
+    subject: &str,
+    description: &str,
+    retry_after: Option<std::time::Duration>,
+) -> Status {
+    let mut details = ErrorDetails::with_quota_failure_violation(subject, description);
+    if let Some(wait) = retry_after {
+        details.set_retry_info(Some(wait));
+    }
+    Status::with_error_details(Code::ResourceExhausted, message, details)
+}
+
 /// INVALID_ARGUMENT for `field`, with the message `field: reason` and a BadRequest detail.
 pub fn invalid_argument(field: &str, reason: &str) -> Status {
     Status::with_error_details(

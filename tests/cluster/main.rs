@@ -11,6 +11,7 @@ mod hostile;
 mod isolation;
 mod lifecycle;
 mod placement;
+mod quotas;
 mod reflection;
 mod retries;
 mod turns;

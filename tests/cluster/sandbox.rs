@@ -8,14 +8,20 @@ use std::time::{Duration, Instant};
 use switchyard::SwitchyardClient;
 use switchyard::pb;
 use switchyard::pb::admin_service_client::AdminServiceClient;
-use switchyard_agents::{AgentCatalog, EchoConfig, PoolConfig, ProcessConfig};
+use switchyard_agents::{AgentCatalog, EchoConfig, PoolConfig, ProcessConfig, TokenPrice};
 use switchyard_cli::{DevCluster, DevClusterConfig};
 use switchyard_coordinator::CallerAuth;
 use switchyard_core::{Limits, TokenKey};
 use switchyard_store::{SqlStore, SqlStoreOptions};
+use switchyard_worker::quotas::QuotaConfig;
 use tonic::transport::Channel;
 
 /// Agent type whose turns take about a second: 6 deltas, 150 ms apart.
+/// An echo agent whose turns cost exactly what they reserve: its window is the turn's own
+/// message, and a reply of "echo: ping" is 3 tokens (four bytes a token).
+pub const QUOTA_AGENT: &str = "quota-echo";
+/// What one turn of QUOTA_AGENT on "ping" costs in tokens: 1 of prompt, 3 of reply.
+pub const QUOTA_TURN_TOKENS: u64 = 4;
 pub const SLOW_AGENT: &str = "slow-echo";
 /// Like SLOW_AGENT, with one instance per worker and 200 ms of patience for it.
 pub const SCARCE_AGENT: &str = "scarce-echo";
@@ -80,6 +86,8 @@ pub struct SandboxOptions {
     pub handoff_grace: Duration,
     /// How callers authenticate at the coordinator.
     pub callers: CallerAuth,
+    /// Every user's quota defaults and rate limits.
+    pub quotas: QuotaConfig,
 }
 
 impl Default for SandboxOptions {
@@ -90,6 +98,7 @@ impl Default for SandboxOptions {
             lease: Duration::from_millis(600),
             handoff_grace: Duration::from_secs(5),
             callers: CallerAuth::Open,
+            quotas: QuotaConfig::default(),
         }
     }
 }
@@ -160,6 +169,23 @@ impl Sandbox {
                 ..PoolConfig::default()
             },
         );
+        agents.register(
+            QUOTA_AGENT,
+            Arc::new(EchoConfig::default()),
+            PoolConfig {
+                max: 64,
+                context_window: switchyard_core::ContextWindow {
+                    max_messages: 1,
+                    ..switchyard_core::ContextWindow::default()
+                },
+                max_reply_tokens: 3,
+                price: TokenPrice {
+                    prompt_per_1k: 1.0,
+                    completion_per_1k: 2.0,
+                },
+                ..PoolConfig::default()
+            },
+        );
         // The real default: an embedded SQLite store that every node shares.
         let data_dir = temp_dir();
         let store = SqlStore::open(SqlStoreOptions::sqlite_file(
@@ -181,6 +207,7 @@ impl Sandbox {
         config.handoff_grace = options.handoff_grace;
         config.agents = agents;
         config.callers = options.callers;
+        config.quotas = options.quotas;
         let cluster = DevCluster::start(config).await.expect("cluster starts");
         let sandbox = Sandbox {
             cluster,

@@ -13,6 +13,7 @@ use switchyard_server::{ClientCertificates, ServerLimits, ServerTlsFiles};
 
 use crate::tls::DevTlsFiles;
 use switchyard_store::SessionStore;
+use switchyard_worker::quotas::QuotaConfig;
 use switchyard_worker::{WorkerConfig, WorkerHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -61,6 +62,8 @@ pub struct DevClusterConfig {
     pub agents: AgentCatalog,
     /// The one store every in-process node shares.
     pub store: Arc<dyn SessionStore>,
+    /// Every user's quota defaults and rate limits (none unless set).
+    pub quotas: QuotaConfig,
 }
 
 impl DevClusterConfig {
@@ -86,6 +89,7 @@ impl DevClusterConfig {
             cluster_key,
             callers: CallerAuth::Open,
             store,
+            quotas: QuotaConfig::default(),
             limits: Limits::default(),
             server_limits: ServerLimits::default(),
             reflection: true,
@@ -221,6 +225,7 @@ impl DevCluster {
                 Some(tls) => Some(node_client_tls(tls).load()?),
                 None => None,
             },
+            quotas: self.config.quotas.clone(),
         };
         let handle = switchyard_worker::start(
             config,

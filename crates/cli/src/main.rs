@@ -285,6 +285,60 @@ struct SessionArgs {
 }
 
 #[derive(Args)]
+struct QuotaArgs {
+    /// A default quota of every user, repeatable: RESOURCE=LIMIT/WINDOW per sliding window
+    /// (tokens=100000/1h, api_calls=1000/1m, compute_seconds=600/1h, cost_usd=5/1day) or
+    /// RESOURCE=LIMIT for a level (storage_bytes=50000000, concurrent_turns=4, sessions=5:
+    /// the same as --max-sessions-per-user). None by default: nothing is limited.
+    #[arg(long = "quota", env = "SWITCHYARD_QUOTAS", value_delimiter = ',', value_parser = switchyard_worker::quotas::parse_quota)]
+    quotas: Vec<(
+        switchyard_core::quota::Resource,
+        switchyard_worker::quotas::Limit,
+    )>,
+    /// Calls per user, e.g. 20/s or 600/1m (GCRA); none by default.
+    #[arg(long, env = "SWITCHYARD_USER_RATE")]
+    user_rate: Option<String>,
+    /// The burst a user may make above --user-rate (default: the rate's count).
+    #[arg(long, env = "SWITCHYARD_USER_BURST", requires = "user_rate")]
+    user_burst: Option<u32>,
+    /// Calls per session, e.g. 5/s; none by default.
+    #[arg(long, env = "SWITCHYARD_SESSION_RATE")]
+    session_rate: Option<String>,
+    /// The burst a session may make above --session-rate (default: the rate's count).
+    #[arg(long, env = "SWITCHYARD_SESSION_BURST", requires = "session_rate")]
+    session_burst: Option<u32>,
+}
+
+impl QuotaArgs {
+    /// The quota defaults; `sessions` is --max-sessions-per-user unless a --quota sets it.
+    fn config(
+        &self,
+        sessions: &SessionArgs,
+    ) -> Result<switchyard_worker::quotas::QuotaConfig, BoxError> {
+        use switchyard_worker::quotas::{Limit, QuotaConfig, RateLimit};
+        let mut defaults: std::collections::BTreeMap<_, _> = self.quotas.iter().copied().collect();
+        defaults
+            .entry(switchyard_core::quota::Resource::Sessions)
+            .or_insert(Limit {
+                limit: f64::from(sessions.max_sessions_per_user),
+                window: Duration::ZERO,
+            });
+        let rate = |flag: &str, text: &Option<String>, burst: Option<u32>| {
+            text.as_deref()
+                .map(|text| {
+                    RateLimit::parse(text, burst).map_err(|error| format!("{flag}: {error}"))
+                })
+                .transpose()
+        };
+        Ok(QuotaConfig {
+            defaults,
+            user_rate: rate("--user-rate", &self.user_rate, self.user_burst)?,
+            session_rate: rate("--session-rate", &self.session_rate, self.session_burst)?,
+        })
+    }
+}
+
+#[derive(Args)]
 struct AgentArgs {
     /// TOML file of agent types (backend, role, goal, instructions, pool sizes); without it
     /// only the built-in `echo` agent exists.
@@ -399,6 +453,8 @@ struct WorkerArgs {
     #[command(flatten)]
     sessions: SessionArgs,
     #[command(flatten)]
+    quotas: QuotaArgs,
+    #[command(flatten)]
     inputs: InputLimitArgs,
     #[command(flatten)]
     server: ServerArgs,
@@ -419,6 +475,8 @@ struct DevArgs {
     store: StoreArgs,
     #[command(flatten)]
     sessions: SessionArgs,
+    #[command(flatten)]
+    quotas: QuotaArgs,
     #[command(flatten)]
     inputs: InputLimitArgs,
     #[command(flatten)]
@@ -574,6 +632,7 @@ async fn run_worker(args: WorkerArgs) -> Result<(), BoxError> {
         reflection: args.server.reflection,
         tls,
         coordinator_tls,
+        quotas: args.quotas.config(&args.sessions)?,
     };
     let store = args.store.open().await?;
     let worker = switchyard_worker::start(config, listener, store, shutdown.clone()).await?;
@@ -661,6 +720,7 @@ async fn run_dev(args: DevArgs) -> Result<(), BoxError> {
     let keys_in_use = matches!(callers, CallerAuth::ApiKeys(_));
     config.callers = callers;
     config.limits = limits;
+    config.quotas = args.quotas.config(&args.sessions)?;
     config.server_limits = args.server.server_limits();
     config.reflection = args.server.reflection;
     config.agents = agents;

@@ -14,22 +14,86 @@ use tonic::{Request, Response, Status};
 use crate::error::CoordinatorError;
 use crate::gate::Caller;
 use crate::membership::{Membership, PUBLISH_WAIT, WorkerState};
+use crate::router::Router;
 
 /// How long `DrainWorker` with `wait` waits when the call has no deadline.
 const DRAIN_WAIT: Duration = Duration::from_secs(60);
 
 pub struct Admin {
     membership: Arc<Membership>,
+    /// Quota calls go to the owner of the user's slot, as session calls do.
+    router: Arc<Router>,
 }
 
 impl Admin {
-    pub fn new(membership: Arc<Membership>) -> Self {
-        Admin { membership }
+    pub fn new(membership: Arc<Membership>, router: Arc<Router>) -> Self {
+        Admin { membership, router }
+    }
+
+    async fn forward_user_call<Req, Resp>(
+        &self,
+        method: &'static str,
+        request: Request<Req>,
+        user_id: impl Fn(&Req) -> &str,
+    ) -> Result<Response<Resp>, Status>
+    where
+        Req: prost::Message,
+        Resp: prost::Message + Default,
+    {
+        let caller = request.extensions().get::<Caller>().cloned();
+        let user = user_id(request.get_ref()).to_string();
+        let reply = self
+            .router
+            .forward_user_call(
+                method,
+                &user,
+                caller.as_ref(),
+                request.metadata(),
+                request.get_ref(),
+            )
+            .await?;
+        Ok(Response::new(reply))
     }
 }
 
 #[tonic::async_trait]
 impl AdminService for Admin {
+    async fn set_user_quota(
+        &self,
+        request: Request<pb::SetUserQuotaRequest>,
+    ) -> Result<Response<pb::UserQuota>, Status> {
+        self.forward_user_call(
+            "/switchyard.v1.UserQuotaService/SetUserQuota",
+            request,
+            |request| &request.user_id,
+        )
+        .await
+    }
+
+    async fn get_user_quota(
+        &self,
+        request: Request<pb::GetUserQuotaRequest>,
+    ) -> Result<Response<pb::UserQuota>, Status> {
+        self.forward_user_call(
+            "/switchyard.v1.UserQuotaService/GetUserQuota",
+            request,
+            |request| &request.user_id,
+        )
+        .await
+    }
+
+    async fn get_usage(
+        &self,
+        request: Request<pb::GetUsageRequest>,
+    ) -> Result<Response<pb::GetUsageResponse>, Status> {
+        self.forward_user_call(
+            "/switchyard.v1.UserQuotaService/GetUsage",
+            request,
+            |request| &request.user_id,
+        )
+        .await
+    }
+
     async fn list_workers(
         &self,
         _request: Request<pb::ListWorkersRequest>,

@@ -21,7 +21,13 @@ const MEMBERSHIP: &str = "/switchyard.v1.MembershipService/";
 const ADMIN: &str = "/switchyard.v1.AdminService/";
 const SESSIONS: &str = "/switchyard.v1.SessionService/";
 /// AdminService methods that only read.
-const ADMIN_READS: [&str; 3] = ["ListWorkers", "GetPlacement", "ClusterStatus"];
+const ADMIN_READS: [&str; 5] = [
+    "ListWorkers",
+    "GetPlacement",
+    "ClusterStatus",
+    "GetUserQuota",
+    "GetUsage",
+];
 
 /// How callers of the public services authenticate.
 #[derive(Clone)]

@@ -140,6 +140,13 @@ pub async fn start(
         true,
     ));
     let max_message_bytes = config.server_limits.max_message_bytes;
+    let router = Arc::new(Router::new(
+        membership.clone(),
+        config.token_key.clone(),
+        config.cluster_key.clone(),
+        max_message_bytes,
+        config.worker_tls.clone(),
+    ));
     let server = GrpcServer::new()
         .with_gate(Arc::new(Gate::new(
             config.cluster_key.clone(),
@@ -149,14 +156,11 @@ pub async fn start(
         .with_tls(config.tls.clone())
         .with_limits(config.server_limits)
         .with_reflection(config.reflection)
-        .add_service(SessionProxy::new(Router::new(
+        .add_service(SessionProxy::new(router.clone()))
+        .add_service(AdminServiceServer::new(Admin::new(
             membership.clone(),
-            config.token_key.clone(),
-            config.cluster_key.clone(),
-            max_message_bytes,
-            config.worker_tls.clone(),
+            router,
         )))
-        .add_service(AdminServiceServer::new(Admin::new(membership.clone())))
         .add_service(MembershipServiceServer::new(MembershipGrpc::new(
             membership.clone(),
         )));

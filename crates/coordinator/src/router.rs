@@ -311,6 +311,48 @@ impl Router {
         }
     }
 
+    /// Forwards an internal call about `user_id` (UserQuotaService) to the owner of the
+    /// user's slot, and decodes its reply. `caller` must cover the user.
+    pub async fn forward_user_call<Req, Resp>(
+        &self,
+        path: &'static str,
+        user_id: &str,
+        caller: Option<&Caller>,
+        metadata: &MetadataMap,
+        request: &Req,
+    ) -> Result<Resp, Status>
+    where
+        Req: prost::Message,
+        Resp: prost::Message + Default,
+    {
+        let user_id = UserId::parse(user_id).map_err(CoordinatorError::from)?;
+        Caller::check_user(caller, user_id.as_str())?;
+        let forwarding = Forwarding {
+            slot: slot_of(user_id.as_str(), self.membership.config().slot_count),
+            token: None,
+            deadline: deadline_of(metadata),
+        };
+        let method = Method {
+            path,
+            key: Key::User,
+            streaming: false,
+        };
+        let message = RawMessage(request.encode_to_vec().into());
+        let (response, worker) = self
+            .forward(
+                method,
+                forwarding,
+                message,
+                async |mut grpc, request, path| grpc.unary(request, path, RawCodec).await,
+            )
+            .await?;
+        Resp::decode(response.into_inner().0).map_err(|error| {
+            Status::internal(format!(
+                "worker {worker} answered {path} with an unreadable message: {error}"
+            ))
+        })
+    }
+
     async fn unary(
         &self,
         method: Method,
@@ -383,10 +425,8 @@ pub struct SessionProxy {
 }
 
 impl SessionProxy {
-    pub fn new(router: Router) -> Self {
-        SessionProxy {
-            router: Arc::new(router),
-        }
+    pub fn new(router: Arc<Router>) -> Self {
+        SessionProxy { router }
     }
 }
 

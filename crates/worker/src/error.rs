@@ -55,10 +55,19 @@ pub enum WorkerError {
         "the turn was interrupted by a newer message on its session; what it had committed is kept"
     )]
     Interrupted,
+    /// Boxed: a refusal carries its figures, and errors travel by value on every path.
+    #[error(transparent)]
+    Quota(Box<crate::quotas::QuotaError>),
     #[error(
         "session {0} is moving to another worker and its turn did not finish in time: it was cancelled, keeping its user message and committing no reply; retry"
     )]
     HandedOver(SessionId),
+}
+
+impl From<crate::quotas::QuotaError> for WorkerError {
+    fn from(error: crate::quotas::QuotaError) -> Self {
+        WorkerError::Quota(Box::new(error))
+    }
 }
 
 impl ServiceError for WorkerError {
@@ -80,7 +89,9 @@ impl ServiceError for WorkerError {
             WorkerError::TurnInProgress(_)
             | WorkerError::TurnInFlight(_)
             | WorkerError::Interrupted => ErrorCode::Aborted,
-            WorkerError::TurnQueueFull { .. } => ErrorCode::ResourceExhausted,
+            WorkerError::TurnQueueFull { .. } | WorkerError::Quota(_) => {
+                ErrorCode::ResourceExhausted
+            }
             WorkerError::InvalidMetadata(_) => ErrorCode::InvalidArgument,
         }
     }
@@ -96,6 +107,9 @@ impl ServiceError for WorkerError {
 
 impl From<WorkerError> for Status {
     fn from(error: WorkerError) -> Status {
+        if let WorkerError::Quota(refusal) = &error {
+            return refusal.to_status();
+        }
         let mut status = switchyard::status_from(&error);
         if let WorkerError::NotOwner { epoch, owner, .. } = &error {
             let metadata = status.metadata_mut();

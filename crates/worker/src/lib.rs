@@ -5,6 +5,8 @@ mod error;
 mod gate;
 mod membership;
 mod ownership;
+mod quota_service;
+pub mod quotas;
 mod service;
 mod sessions;
 mod turn;
@@ -15,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use switchyard::pb::session_service_server::SessionServiceServer;
+use switchyard::pb::user_quota_service_server::UserQuotaServiceServer;
 use switchyard::tls::ClientTls;
 use switchyard_agents::AgentCatalog;
 use switchyard_core::{ClusterKey, Limits, Slot, TokenKey, WorkerId};
@@ -55,6 +58,8 @@ pub struct WorkerConfig {
     pub tls: Option<Arc<ServerTls>>,
     /// TLS towards the coordinator (an `https://` coordinator URL).
     pub coordinator_tls: Option<Arc<ClientTls>>,
+    /// Every user's quota defaults and rate limits.
+    pub quotas: quotas::QuotaConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,12 +125,16 @@ pub async fn start(
     )?;
     let registration = membership.register(&shutdown).await?;
     let slot_count = placement.current().slot_count();
-    let sessions = Arc::new(SessionManager::new(
-        store.clone(),
-        placement.clone(),
-        config.limits.clone(),
-        slot_count,
-    ));
+    let sessions = Arc::new(
+        SessionManager::new(
+            store.clone(),
+            placement.clone(),
+            config.limits.clone(),
+            slot_count,
+        )
+        .with_quotas(config.quotas.clone()),
+    );
+    let quotas_task = tokio::spawn(sessions.quotas().clone().run(shutdown.clone()));
 
     // The server stops after membership has left, so the coordinator routes elsewhere
     // before this worker stops answering.
@@ -139,6 +148,8 @@ pub async fn start(
             server_shutdown.cancel();
         })
     };
+    let quota_service =
+        quota_service::WorkerQuotaService::new(placement.clone(), sessions.quotas().clone());
     let service = WorkerSessionService::new(
         worker_id.clone(),
         placement.clone(),
@@ -163,7 +174,8 @@ pub async fn start(
                     SessionServiceServer::new(service)
                         .max_decoding_message_size(max_message_bytes)
                         .max_encoding_message_size(max_message_bytes),
-                );
+                )
+                .add_service(UserQuotaServiceServer::new(quota_service));
             if let Err(error) = server.serve(listener, server_shutdown).await {
                 tracing::error!(%worker_id, %error, "worker server failed");
             }
@@ -187,7 +199,13 @@ pub async fn start(
         worker_id,
         address: local_address,
         shutdown,
-        tasks: vec![membership_task, server_task, upkeep_task, agents_task],
+        tasks: vec![
+            membership_task,
+            server_task,
+            upkeep_task,
+            agents_task,
+            quotas_task,
+        ],
     })
 }
 

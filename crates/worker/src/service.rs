@@ -64,7 +64,11 @@ impl WorkerSessionService {
         let session_id = SessionId::parse(session_id)?;
         let claims = verify_session_token(&self.token_key, metadata, session_id)?;
         self.check_owner(&claims.user_id, metadata).await?;
-        self.sessions.begin(session_id).await
+        self.sessions
+            .quotas()
+            .admit(&claims.user_id, Some(session_id))
+            .await?;
+        self.sessions.begin_for(session_id, &claims.user_id).await
     }
 }
 
@@ -91,6 +95,7 @@ impl SessionService for WorkerSessionService {
         let (metadata, _, message) = request.into_parts();
         let user_id = UserId::parse(message.user_id).map_err(WorkerError::from)?;
         self.check_owner(&user_id, &metadata).await?;
+        self.sessions.quotas().admit(&user_id, None).await?;
         let double_text = DoubleText::parse(&message.double_text).map_err(WorkerError::from)?;
         let (session, evicted) = self
             .sessions
@@ -127,6 +132,7 @@ impl SessionService for WorkerSessionService {
         let (metadata, _, message) = request.into_parts();
         let user_id = UserId::parse(message.user_id).map_err(WorkerError::from)?;
         self.check_owner(&user_id, &metadata).await?;
+        self.sessions.quotas().admit(&user_id, None).await?;
         let sessions = self.sessions.list(&user_id).await?;
         let start = if message.after_session_id.is_empty() {
             0
@@ -169,6 +175,10 @@ impl SessionService for WorkerSessionService {
         let claims = verify_session_token(&self.token_key, &metadata, session_id)
             .map_err(WorkerError::from)?;
         self.check_owner(&claims.user_id, &metadata).await?;
+        self.sessions
+            .quotas()
+            .admit(&claims.user_id, Some(session_id))
+            .await?;
         let slot = self.sessions.slot_of(&claims.user_id);
         let ended = self.sessions.end(session_id, slot).await?;
         if ended {

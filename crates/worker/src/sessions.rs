@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::context_cache::ContextCache;
 use crate::error::{Result, WorkerError};
 use crate::ownership::SlotOwnership;
+use crate::quotas::{QuotaConfig, Quotas};
 
 /// A session this worker has in memory.
 pub struct HotSession {
@@ -127,6 +128,9 @@ impl HotSession {
 /// A call in progress on a session. The session cannot expire or leave memory while one exists.
 pub struct SessionCall {
     pub session: Arc<HotSession>,
+    /// The user the call's token named: its quotas apply to what the call does. `None`
+    /// only for calls made inside the worker.
+    pub user_id: Option<UserId>,
     /// The epoch of the slot's lease when the call began: its writes need that same lease,
     /// so a call that outlives its worker's hold on the slot can never write under a later one.
     fence_epoch: Epoch,
@@ -147,6 +151,7 @@ impl Drop for SessionCall {
 
 pub struct SessionManager {
     store: Arc<dyn SessionStore>,
+    quotas: Arc<Quotas>,
     placement: Arc<SlotOwnership>,
     limits: Limits,
     slot_count: u32,
@@ -166,6 +171,12 @@ impl SessionManager {
         slot_count: u32,
     ) -> Self {
         SessionManager {
+            quotas: Arc::new(Quotas::new(
+                QuotaConfig::default(),
+                store.clone(),
+                placement.clone(),
+                slot_count,
+            )),
             store,
             placement,
             limits,
@@ -180,6 +191,21 @@ impl SessionManager {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// Limits users by `config` from now on.
+    pub fn with_quotas(mut self, config: QuotaConfig) -> Self {
+        self.quotas = Arc::new(Quotas::new(
+            config,
+            self.store.clone(),
+            self.placement.clone(),
+            self.slot_count,
+        ));
+        self
+    }
+
+    pub fn quotas(&self) -> &Arc<Quotas> {
+        &self.quotas
     }
 
     fn hot(&self) -> RwLockWriteGuard<'_, HashMap<SessionId, Arc<HotSession>>> {
@@ -235,7 +261,11 @@ impl SessionManager {
         let fence = self.slot_fence(slot)?;
 
         let existing = self.store.list_user_sessions(&user_id).await?;
-        let excess = self.limits.evictions_before_create(existing.len());
+        // The `sessions` quota, where one applies, is the cap; else the worker's limit.
+        let excess = match self.quotas.session_cap(&user_id).await? {
+            Some(cap) => (existing.len() + 1).saturating_sub(cap),
+            None => self.limits.evictions_before_create(existing.len()),
+        };
         let mut evicted = Vec::with_capacity(excess);
         for victim in existing.iter().take(excess) {
             if self.end(victim.id, slot).await? {
@@ -282,6 +312,13 @@ impl SessionManager {
     /// Starts a call on a session, loading it from the store if it is not in memory. A
     /// session of a slot being handed over, or whose lease this worker does not hold, is
     /// refused (UNAVAILABLE: the caller retries on the new owner) and never enters memory.
+    pub async fn begin_for(&self, session_id: SessionId, user_id: &UserId) -> Result<SessionCall> {
+        let mut call = self.begin(session_id).await?;
+        call.user_id = Some(user_id.clone());
+        Ok(call)
+    }
+
+    /// As [`SessionManager::begin_for`], for a call no user's quota pays for.
     pub async fn begin(&self, session_id: SessionId) -> Result<SessionCall> {
         loop {
             let cached = self.hot_read().get(&session_id).cloned();
@@ -357,6 +394,7 @@ impl SessionManager {
             }
             return Ok(SessionCall {
                 session,
+                user_id: None,
                 fence_epoch,
                 ended: self.call_ended.clone(),
             });
@@ -438,6 +476,8 @@ impl SessionManager {
         }
         let deleted = self.store.delete_session(&fence, session_id).await;
         self.hot().remove(&session_id);
+        // Its bytes no longer count against its user's storage.
+        self.quotas.storage_changed_in(slot);
         deleted.map_err(|error| self.store_error(slot, error))
     }
 }

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use switchyard::pb;
 use switchyard_agents::{AgentError, AgentPool};
+use switchyard_core::window::estimated_tokens;
 use switchyard_core::{Message, Role};
 use switchyard_store::{AppendKey, Durability, RequestRecord, StoreError, TurnUsage};
 use tokio::sync::mpsc;
@@ -159,6 +160,23 @@ async fn run_turn(
     // added in memory when it is not stored yet.
     let pending = landed.is_none().then_some(&user_message);
     let context = sessions.context_window(call, &window, pending).await?;
+    // The user's quotas: a turn they cannot pay for runs no agent and commits nothing.
+    let pool_config = pool.config().clone();
+    let charge = match &call.user_id {
+        Some(user_id) => {
+            let prompt_tokens = context
+                .iter()
+                .map(|message| estimated_tokens(&message.content))
+                .sum();
+            Some(
+                sessions
+                    .quotas()
+                    .begin_turn(user_id, &pool_config, prompt_tokens)
+                    .await?,
+            )
+        }
+        None => None,
+    };
     let answer = async {
         // Waits, first come first served, when every instance of the type is busy.
         let mut agent = tokio::select! {
@@ -300,6 +318,14 @@ async fn run_turn(
     };
     let reply_append = match answered {
         Some(Ok((usage, reply))) => {
+            if let Some(charge) = charge {
+                charge.settle(
+                    &pool_config,
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                    usage.compute_seconds,
+                );
+            }
             let usage = TurnUsage {
                 prompt_tokens: usage.prompt_tokens,
                 completion_tokens: usage.completion_tokens,

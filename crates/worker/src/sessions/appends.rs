@@ -9,11 +9,14 @@ use switchyard_store::{Append, AppendKey, AppendTicket, Appended, Durability, Qu
 
 use super::{SessionCall, SessionManager, history_start};
 use crate::error::Result;
+use crate::quotas::StorageCharge;
 
 /// An append in the store's queue; [`PendingAppend::finish`] waits for its commit and
 /// brings the session's cached tail up to date.
 pub struct PendingAppend {
     queued: QueuedAppend,
+    /// The bytes reserved of the user's `storage_bytes`, given back if the append fails.
+    storage: StorageCharge,
     /// The messages, for the cached tail (shared with the store's queue).
     messages: Arc<[Message]>,
     at: SystemTime,
@@ -29,11 +32,19 @@ impl PendingAppend {
     /// Waits for the commit, then records it on the session.
     pub async fn finish(self, sessions: &SessionManager, call: &SessionCall) -> Result<Appended> {
         let slot = call.session.slot;
-        let appended = self
-            .queued
-            .outcome()
-            .await
-            .map_err(|error| sessions.store_error(slot, error))?;
+        let appended = match self.queued.outcome().await {
+            Ok(appended) => appended,
+            Err(error) => {
+                self.storage.give_back();
+                return Err(sessions.store_error(slot, error));
+            }
+        };
+        if appended.written {
+            self.storage.keep();
+        } else {
+            // A repeat of a request id: nothing new was stored.
+            self.storage.give_back();
+        }
         sessions.record_append(call, &self.messages, self.at, self.keep_last, appended);
         Ok(appended)
     }
@@ -75,6 +86,16 @@ impl SessionManager {
     ) -> Result<PendingAppend> {
         let slot = call.session.slot;
         let fence = self.call_fence(call)?;
+        let storage = match &call.user_id {
+            Some(user_id) => {
+                let bytes = messages
+                    .iter()
+                    .map(|message| message.content.len() as u64)
+                    .sum();
+                self.quotas.reserve_storage(user_id, bytes).await?
+            }
+            None => StorageCharge::none(),
+        };
         if let AppendKey::Request { id, .. } = &key {
             call.session.record_request(id);
         }
@@ -98,6 +119,7 @@ impl SessionManager {
             .map_err(|error| self.store_error(slot, error))?;
         Ok(PendingAppend {
             queued,
+            storage,
             messages,
             at,
             keep_last,
@@ -128,6 +150,12 @@ impl SessionManager {
         }
         // A bound below the cache's size: the cache may hold what the store dropped.
         let first_kept = history_start(last_seq, keep_last);
+        if first_kept > 1
+            && let Some(user_id) = &call.user_id
+        {
+            // Dropped history no longer counts against the user's storage.
+            self.quotas.storage_changed(user_id);
+        }
         match &mut activity.cache {
             Some(cache) if cache.first_seq() < first_kept => activity.cache = None,
             Some(cache) => cache.forget_before(first_kept),

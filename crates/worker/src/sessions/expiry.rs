@@ -106,6 +106,7 @@ impl SessionManager {
         self.hot().remove(&session.session_id);
         let deleted = deleted.map_err(|error| self.store_error(session.slot, error))?;
         if deleted {
+            self.quotas.storage_changed_in(session.slot);
             tracing::info!(session_id = %session.session_id, "idle session expired");
         }
         Ok(deleted)

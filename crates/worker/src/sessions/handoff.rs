@@ -50,6 +50,8 @@ impl SessionManager {
             self.wait_for_calls(in_flight, cancelled_by).await;
         }
         self.release_slots(|slot| !slots.contains(&slot)).await;
+        // The users' usage goes to the store while the leases still allow, for the new owner.
+        self.quotas.hand_over(slots).await;
         cancelled
     }
 
@@ -94,6 +96,7 @@ impl SessionManager {
         }
         hot.clear();
         hot.shrink_to_fit();
+        self.quotas.forget_all();
     }
 
     /// Forgets hot sessions of slots this worker no longer owns, saving their activity
