@@ -11,6 +11,7 @@ mod exactly_once;
 mod harness;
 mod placement;
 mod pressure;
+mod quotas;
 mod readme;
 mod security;
 mod tls;

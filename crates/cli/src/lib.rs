@@ -1,5 +1,6 @@
 //! What the `switchyard` binary runs, as a library so tests start the same thing.
 
+pub mod admin;
 pub mod agents;
 pub mod bench;
 pub mod dev;

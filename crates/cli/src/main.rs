@@ -49,6 +49,9 @@ enum Command {
     /// Make API keys for callers.
     #[command(subcommand, name = "api-key")]
     ApiKey(ApiKeyCommand),
+    /// Show and set a user's quota, and show its usage.
+    #[command(subcommand)]
+    Quota(switchyard_cli::admin::QuotaCommand),
 }
 
 #[derive(Subcommand)]
@@ -73,21 +76,14 @@ struct NewApiKeyArgs {
 
 #[derive(Args)]
 struct DrainArgs {
-    /// The coordinator's URL, e.g. http://coordinator:50051.
-    #[arg(long, env = "SWITCHYARD_COORDINATOR")]
-    coordinator: String,
     /// The worker to drain.
     #[arg(long, env = "SWITCHYARD_WORKER_ID")]
     id: String,
     /// How long to wait for the worker to leave.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     timeout: Duration,
-    /// An API key of scope `admin`, when the coordinator asks for keys.
-    #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
-    api_key: Option<String>,
-    /// CA (PEM) that signed the coordinator's certificate, for an https:// --coordinator.
-    #[arg(long, env = "SWITCHYARD_TLS_CA")]
-    tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    target: switchyard_cli::admin::AdminTarget,
 }
 
 #[derive(Args)]
@@ -516,6 +512,7 @@ fn main() -> ExitCode {
             Command::Bench(args) => switchyard_cli::bench::run(args).await,
             Command::Drain(args) => run_drain(args).await,
             Command::ApiKey(ApiKeyCommand::New(args)) => new_api_key(args),
+            Command::Quota(command) => switchyard_cli::admin::run_quota(command).await,
         }
     });
     match result {
@@ -643,46 +640,18 @@ async fn run_worker(args: WorkerArgs) -> Result<(), BoxError> {
 
 async fn run_drain(args: DrainArgs) -> Result<(), BoxError> {
     use switchyard::pb;
-    use switchyard::pb::admin_service_client::AdminServiceClient;
 
-    let tls = match &args.tls_ca {
-        Some(ca) => Some(
-            ClientTlsFiles {
-                ca: ca.clone(),
-                identity: None,
-            }
-            .load()?,
-        ),
-        None => None,
-    };
-    let channel = switchyard::tls::lazy_channel(&args.coordinator, tls, |endpoint| {
-        endpoint.connect_timeout(Duration::from_secs(5))
-    })
-    .map_err(|error| format!("--coordinator {:?}: {error}", args.coordinator))?;
-    let mut request = tonic::Request::new(pb::DrainWorkerRequest {
+    let mut request = args.target.request(pb::DrainWorkerRequest {
         worker_id: args.id.clone(),
         wait: true,
-    });
+    })?;
     request.set_timeout(args.timeout);
-    if let Some(key) = &args.api_key {
-        let value = format!("Bearer {key}")
-            .parse()
-            .map_err(|_| "--api-key holds characters that cannot be sent in metadata")?;
-        request
-            .metadata_mut()
-            .insert(switchyard::metadata::AUTHORIZATION, value);
-    }
-    let reply = AdminServiceClient::new(channel)
+    let reply = args
+        .target
+        .client()?
         .drain_worker(request)
         .await
-        .map_err(|status| {
-            format!(
-                "{}: {:?}: {}",
-                args.coordinator,
-                status.code(),
-                status.message()
-            )
-        })?
+        .map_err(|status| args.target.failed(status))?
         .into_inner();
     if !reply.left {
         return Err(format!(

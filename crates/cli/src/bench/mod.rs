@@ -4,9 +4,9 @@
 
 mod alone;
 mod baseline;
+mod compare;
 mod llm;
 mod load;
-mod security;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -113,7 +113,12 @@ pub struct BenchArgs {
     /// first. Not with --target.
     #[arg(long, conflicts_with = "target")]
     pub security: bool,
-    /// Rounds of --security.
+    /// Measure the first scenario on two dev clusters, without quotas and with every
+    /// resource limited and both rate limits on (limits never reached), --rounds times
+    /// each in turn; report medians and the ratio. Not with --target.
+    #[arg(long, conflicts_with_all = ["target", "security"])]
+    pub quotas: bool,
+    /// Rounds of --security or --quotas.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub rounds: u32,
     /// The agent type of turns.
@@ -174,7 +179,10 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
     };
 
     if args.security {
-        return security::run(&args, shape).await;
+        return compare::run(&args, shape, &compare::Variant::SECURITY).await;
+    }
+    if args.quotas {
+        return compare::run(&args, shape, &compare::Variant::QUOTAS).await;
     }
     let llm = match args.llm_delay {
         Some(delay) => Some(llm::FixedDelayLlm::start(delay).await?),

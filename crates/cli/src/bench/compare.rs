@@ -1,50 +1,97 @@
-//! `switchyard bench --security`: what API keys and TLS cost a routed call. Three dev
-//! clusters, measured in turn, round after round, so machine noise falls on all alike:
-//! no keys and plaintext (the baseline), API keys, API keys and TLS.
+//! Dev clusters that differ in one thing, measured in turn, round after round, so machine
+//! noise falls on all alike; the first is the baseline.
+//!
+//! - `--security`: what API keys and TLS cost a routed call (no keys and plaintext, API
+//!   keys, API keys and TLS);
+//! - `--quotas`: what quotas and rate limits cost (none, every resource limited and both
+//!   rate limits on, with limits never reached).
 
 use std::sync::Arc;
 
+use std::time::Duration;
 use switchyard::SwitchyardClient;
 use switchyard_coordinator::{ApiKeyRegistry, CallerAuth};
 use switchyard_core::api_key::hash_api_key;
+
+use switchyard_core::quota::Resource;
 use switchyard_core::{ApiKey, ApiKeys, Scope};
+use switchyard_worker::quotas::{Limit, QuotaConfig, RateLimit};
 
 use super::load::{LoadShape, Outcome};
 use super::{BenchArgs, BoxError, connect, measure, micros, prepare, start_cluster_with};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Variant {
+pub(super) enum Variant {
     Plain,
     Keys,
     KeysAndTls,
+    Quotas,
 }
 
 impl Variant {
-    const ALL: [Variant; 3] = [Variant::Plain, Variant::Keys, Variant::KeysAndTls];
+    pub(super) const SECURITY: [Variant; 3] = [Variant::Plain, Variant::Keys, Variant::KeysAndTls];
+    pub(super) const QUOTAS: [Variant; 2] = [Variant::Plain, Variant::Quotas];
 
     fn name(self) -> &'static str {
         match self {
-            Variant::Plain => "no keys, plaintext",
+            Variant::Plain => "plain",
             Variant::Keys => "API keys",
             Variant::KeysAndTls => "API keys and TLS",
+            Variant::Quotas => "quotas and rates on",
         }
+    }
+}
+
+/// Every resource limited, and both rate limits on, far above what a bench can use: the
+/// cost of checking, not of refusing.
+fn unreachable_quotas() -> QuotaConfig {
+    let never = |window: Duration| Limit {
+        limit: 1e15,
+        window,
+    };
+    QuotaConfig {
+        defaults: Resource::ALL
+            .into_iter()
+            .map(|resource| {
+                let window = if resource.is_windowed() {
+                    Duration::from_secs(3600)
+                } else {
+                    Duration::ZERO
+                };
+                (resource, never(window))
+            })
+            .collect(),
+        user_rate: Some(RateLimit {
+            count: 1_000_000,
+            period: Duration::from_secs(1),
+            burst: 1_000_000,
+        }),
+        session_rate: Some(RateLimit {
+            count: 1_000_000,
+            period: Duration::from_secs(1),
+            burst: 1_000_000,
+        }),
     }
 }
 
 const BENCH_KEY: &str = "sy_bench-key-0123456789abcdef0123456789abcdef";
 
-pub(super) async fn run(args: &BenchArgs, shape: LoadShape) -> Result<(), BoxError> {
+pub(super) async fn run(
+    args: &BenchArgs,
+    shape: LoadShape,
+    variants: &[Variant],
+) -> Result<(), BoxError> {
     let scenario = args.scenario[0];
-    let mut outcomes: Vec<Vec<Outcome>> = Variant::ALL.iter().map(|_| Vec::new()).collect();
+    let mut outcomes: Vec<Vec<Outcome>> = variants.iter().map(|_| Vec::new()).collect();
     for round in 1..=args.rounds {
-        for (index, variant) in Variant::ALL.into_iter().enumerate() {
+        for (index, variant) in variants.iter().copied().enumerate() {
             if !args.json {
                 eprintln!("  round {round}/{}: {}", args.rounds, variant.name());
             }
             outcomes[index].push(measure_variant(args, shape.clone(), scenario, variant).await?);
         }
     }
-    report(args, scenario.name(), &outcomes);
+    report(args, scenario.name(), variants, &outcomes);
     Ok(())
 }
 
@@ -63,7 +110,10 @@ async fn measure_variant(
         _ => None,
     };
     let (cluster, data_dir) = start_cluster_with(args, |config| {
-        if variant != Variant::Plain {
+        if variant == Variant::Quotas {
+            config.quotas = unreachable_quotas();
+        }
+        if matches!(variant, Variant::Keys | Variant::KeysAndTls) {
             let keys = ApiKeys::new(vec![ApiKey {
                 name: "bench".into(),
                 hash: hash_api_key(BENCH_KEY),
@@ -81,7 +131,7 @@ async fn measure_variant(
         Some(tls) => SwitchyardClient::connect_tls(url.clone(), &tls.ca).await?,
         None => SwitchyardClient::new(connect(&url).await?),
     };
-    if variant != Variant::Plain {
+    if matches!(variant, Variant::Keys | Variant::KeysAndTls) {
         client = client.with_api_key(BENCH_KEY)?;
     }
     let sessions = Arc::new(prepare(&client, args).await?);
@@ -100,7 +150,7 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
-fn report(args: &BenchArgs, scenario: &str, outcomes: &[Vec<Outcome>]) {
+fn report(args: &BenchArgs, scenario: &str, variants: &[Variant], outcomes: &[Vec<Outcome>]) {
     let summary: Vec<(f64, f64, f64, u64)> = outcomes
         .iter()
         .map(|rounds| {
@@ -127,7 +177,7 @@ fn report(args: &BenchArgs, scenario: &str, outcomes: &[Vec<Outcome>]) {
         .collect();
     let (base_throughput, base_p50, _, _) = summary[0];
     if args.json {
-        let variants: Vec<serde_json::Value> = Variant::ALL
+        let variants: Vec<serde_json::Value> = variants
             .iter()
             .zip(&summary)
             .map(|(variant, (throughput, p50, p99, errors))| {
@@ -162,7 +212,7 @@ fn report(args: &BenchArgs, scenario: &str, outcomes: &[Vec<Outcome>]) {
         "{:<22} {:>10} {:>10} {:>10} {:>8} {:>12} {:>10}",
         "", "calls/s", "p50", "p99", "errors", "× plain/s", "× plain p50"
     );
-    for (variant, (throughput, p50, p99, errors)) in Variant::ALL.iter().zip(&summary) {
+    for (variant, (throughput, p50, p99, errors)) in variants.iter().zip(&summary) {
         println!(
             "{:<22} {:>10.0} {:>10} {:>10} {:>8} {:>12.3} {:>10.3}",
             variant.name(),
