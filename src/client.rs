@@ -294,6 +294,29 @@ impl SwitchyardClient {
         Ok(ended)
     }
 
+    /// Asks for a new token for the session (valid for the token TTL from now), keeps it
+    /// for the session's next calls, and returns it with its expiry.
+    pub async fn refresh_token(
+        &self,
+        session_id: &str,
+    ) -> Result<pb::RefreshTokenResponse, Status> {
+        let message = pb::RefreshTokenRequest {
+            session_id: session_id.to_string(),
+        };
+        let refreshed = run(&self.retry, || async {
+            let request = self.session_request(session_id, message.clone());
+            Ok(self
+                .inner
+                .clone()
+                .refresh_token(request)
+                .await?
+                .into_inner())
+        })
+        .await?;
+        self.set_token(session_id.to_string(), refreshed.token.clone());
+        Ok(refreshed)
+    }
+
     /// Appends messages and returns the sequence number of the last one.
     pub async fn append_context(
         &self,

@@ -14,4 +14,5 @@ mod placement;
 mod quotas;
 mod reflection;
 mod retries;
+mod tokens;
 mod turns;

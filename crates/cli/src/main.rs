@@ -99,6 +99,14 @@ struct KeyArgs {
         hide = true
     )]
     token_key: Option<String>,
+    /// Files of more token keys whose tokens are accepted but which do not sign: a key
+    /// being rotated in, or one being retired (README: "Rotating the token key").
+    #[arg(
+        long = "token-verify-key-file",
+        env = "SWITCHYARD_TOKEN_VERIFY_KEY_FILES",
+        value_delimiter = ','
+    )]
+    token_verify_key_files: Vec<PathBuf>,
     /// File holding the cluster secret (at least 32 bytes), the same on every node: nodes
     /// prove membership with credentials made from it.
     #[arg(long, env = "SWITCHYARD_CLUSTER_SECRET_FILE")]
@@ -115,7 +123,11 @@ struct KeyArgs {
 
 impl KeyArgs {
     fn token_key(&self) -> Result<switchyard_core::TokenKey, keys::KeyError> {
-        keys::load(self.token_key_file.as_deref(), self.token_key.as_deref())
+        let mut key = keys::load(self.token_key_file.as_deref(), self.token_key.as_deref())?;
+        for file in &self.token_verify_key_files {
+            key = key.with_verifier(&keys::load(Some(file), None)?);
+        }
+        Ok(key)
     }
 
     fn cluster_key(&self) -> Result<switchyard_core::ClusterKey, keys::KeyError> {

@@ -10,7 +10,7 @@ pub enum CoordinatorError {
     #[error("no live worker owns slot {0}: the cluster has no live worker; retry")]
     NoOwner(Slot),
     #[error(
-        "worker {worker_id} holds token key {worker_key} but the coordinator holds {coordinator_key}: give every node the same token key"
+        "worker {worker_id} signs with token key {worker_key} but the coordinator accepts only {coordinator_key}: give every node the same token keys (while rotating, add the new key with --token-verify-key-file everywhere first)"
     )]
     TokenKeyMismatch {
         worker_id: String,

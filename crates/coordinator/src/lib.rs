@@ -132,7 +132,7 @@ pub async fn start(
             lease: config.lease,
             handoff_grace: config.handoff_grace,
             epsilon: config.epsilon,
-            token_key_id: config.token_key.id(),
+            token_key_ids: config.token_key.ids(),
             cluster_id: store.cluster_id().await?,
             epoch_floor: store.max_lease_epoch().await?,
         },

@@ -46,7 +46,8 @@ pub struct MembershipConfig {
     pub handoff_grace: Duration,
     /// The bounded-load placement's ε: no worker above ⌈(1+ε)·total/N⌉.
     pub epsilon: f64,
-    pub token_key_id: String,
+    /// Ids of the token keys this cluster accepts; a worker must sign with one of them.
+    pub token_key_ids: Vec<String>,
     pub cluster_id: String,
     /// The highest epoch already used anywhere (store leases, stored table): new tables
     /// start above it.
@@ -281,11 +282,16 @@ impl Membership {
                 coordinator_cluster: self.config.cluster_id.clone(),
             });
         }
-        if token_key_id != self.config.token_key_id {
+        if !self
+            .config
+            .token_key_ids
+            .iter()
+            .any(|id| id == token_key_id)
+        {
             return Err(CoordinatorError::TokenKeyMismatch {
                 worker_id: worker_id.to_string(),
                 worker_key: token_key_id.to_string(),
-                coordinator_key: self.config.token_key_id.clone(),
+                coordinator_key: self.config.token_key_ids.join(", "),
             });
         }
         validate_address(&address)?;

@@ -56,7 +56,7 @@ struct Method {
     streaming: bool,
 }
 
-const METHODS: [Method; 7] = [
+const METHODS: [Method; 8] = [
     Method {
         path: "/switchyard.v1.SessionService/CreateSession",
         key: Key::User,
@@ -91,6 +91,11 @@ const METHODS: [Method; 7] = [
         path: "/switchyard.v1.SessionService/SendMessage",
         key: Key::Session,
         streaming: true,
+    },
+    Method {
+        path: "/switchyard.v1.SessionService/RefreshToken",
+        key: Key::Session,
+        streaming: false,
     },
 ];
 
@@ -518,7 +523,7 @@ mod tests {
                 lease: Duration::from_secs(60),
                 handoff_grace: Duration::from_secs(1),
                 epsilon: 0.25,
-                token_key_id: "key".into(),
+                token_key_ids: vec!["key".into()],
                 cluster_id: "cluster".into(),
                 epoch_floor: switchyard_core::Epoch(0),
             },

@@ -29,7 +29,9 @@ pub enum TokenError {
     Missing,
     #[error("malformed session token")]
     Malformed,
-    #[error("session token was signed with an unknown key")]
+    #[error(
+        "session token: unknown key id (it was signed with a key this cluster no longer accepts)"
+    )]
     UnknownKey,
     #[error("session token signature is invalid")]
     BadSignature,
@@ -51,11 +53,14 @@ pub struct SessionClaims {
     pub expires_at: SystemTime,
 }
 
-/// A session-token signing key.
+/// A session-token signing key, with the other keys whose tokens are still accepted (a
+/// key being rotated in, or one being retired).
 #[derive(Clone)]
 pub struct TokenKey {
     key: hmac::Key,
     id: [u8; 4],
+    /// Keys that verify but do not sign, by id.
+    verifiers: std::sync::Arc<[([u8; 4], hmac::Key)]>,
 }
 
 impl std::fmt::Debug for TokenKey {
@@ -87,12 +92,44 @@ impl TokenKey {
         Ok(TokenKey {
             key: hmac::Key::new(hmac::HMAC_SHA256, secret),
             id,
+            verifiers: std::sync::Arc::from([]),
         })
     }
 
-    /// A short public fingerprint of the key; nodes compare it to learn they share a key.
+    /// This key, also accepting tokens signed by `other` (which it does not sign with).
+    pub fn with_verifier(self, other: &TokenKey) -> TokenKey {
+        if other.id == self.id || self.verifiers.iter().any(|(id, _)| *id == other.id) {
+            return self;
+        }
+        let mut verifiers: Vec<([u8; 4], hmac::Key)> = self.verifiers.iter().cloned().collect();
+        verifiers.push((other.id, other.key.clone()));
+        TokenKey {
+            verifiers: verifiers.into(),
+            ..self
+        }
+    }
+
+    /// A short public fingerprint of the signing key: the key id every token carries.
     pub fn id(&self) -> String {
-        self.id.iter().map(|byte| format!("{byte:02x}")).collect()
+        hex_id(&self.id)
+    }
+
+    /// The ids of every key whose tokens are accepted, the signing key's first.
+    pub fn ids(&self) -> Vec<String> {
+        std::iter::once(&self.id)
+            .chain(self.verifiers.iter().map(|(id, _)| id))
+            .map(hex_id)
+            .collect()
+    }
+
+    fn key_of(&self, id: &[u8]) -> Option<&hmac::Key> {
+        if id == self.id {
+            return Some(&self.key);
+        }
+        self.verifiers
+            .iter()
+            .find(|(known, _)| known == id)
+            .map(|(_, key)| key)
     }
 
     pub fn mint(&self, session_id: SessionId, user_id: &UserId, ttl: Duration) -> String {
@@ -140,10 +177,8 @@ impl TokenKey {
         if payload.len() <= FIXED_PAYLOAD_BYTES || payload[0] != PAYLOAD_VERSION {
             return Err(TokenError::Malformed);
         }
-        if payload[1..5] != self.id {
-            return Err(TokenError::UnknownKey);
-        }
-        hmac::verify(&self.key, &payload, &tag).map_err(|_| TokenError::BadSignature)?;
+        let key = self.key_of(&payload[1..5]).ok_or(TokenError::UnknownKey)?;
+        hmac::verify(key, &payload, &tag).map_err(|_| TokenError::BadSignature)?;
 
         let mut expires = [0u8; 8];
         expires.copy_from_slice(&payload[5..13]);
@@ -165,9 +200,48 @@ impl TokenKey {
     }
 }
 
+fn hex_id(id: &[u8; 4]) -> String {
+    id.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rotation_accepts_both_keys_then_refuses_the_retired_one() {
+        let old = key(1);
+        let new = key(2);
+        let session = SessionId::new_random();
+        let by_old = old.mint(session, &user("ann"), Duration::from_secs(60));
+        // Step 1: the new key is added beside the old, which still signs.
+        let adding = old.clone().with_verifier(&new);
+        assert_eq!(adding.ids(), vec![old.id(), new.id()]);
+        assert!(adding.verify(&by_old, SystemTime::now()).is_ok());
+        // Step 2: the new key signs, the old one still verifies.
+        let swapped = new.clone().with_verifier(&old);
+        let by_new = swapped.mint(session, &user("ann"), Duration::from_secs(60));
+        assert!(adding.verify(&by_new, SystemTime::now()).is_ok());
+        assert!(swapped.verify(&by_old, SystemTime::now()).is_ok());
+        // Step 3: the old key is retired.
+        assert_eq!(
+            new.verify(&by_old, SystemTime::now()),
+            Err(TokenError::UnknownKey)
+        );
+        assert!(
+            TokenError::UnknownKey
+                .to_string()
+                .contains("unknown key id"),
+            "{}",
+            TokenError::UnknownKey
+        );
+        assert!(new.verify(&by_new, SystemTime::now()).is_ok());
+        // A verifier added twice, or the signer itself, is kept once.
+        assert_eq!(
+            swapped.with_verifier(&old).with_verifier(&new).ids().len(),
+            2
+        );
+    }
 
     fn key(byte: u8) -> TokenKey {
         TokenKey::from_secret(&[byte; 32]).unwrap()

@@ -241,6 +241,29 @@ impl SessionService for WorkerSessionService {
         }))
     }
 
+    async fn refresh_token(
+        &self,
+        request: Request<pb::RefreshTokenRequest>,
+    ) -> Result<Response<pb::RefreshTokenResponse>, Status> {
+        let (metadata, _, message) = request.into_parts();
+        // The session must still live, and the call counts like any other.
+        let call = self
+            .begin_session_call(&message.session_id, &metadata)
+            .await?;
+        let user_id = call
+            .user_id
+            .clone()
+            .ok_or_else(|| Status::internal("a session call without its user"))?;
+        let expires_at = std::time::SystemTime::now() + self.sessions.limits().token_ttl;
+        let token = self
+            .token_key
+            .mint_expiring_at(call.session.session_id, &user_id, expires_at);
+        Ok(Response::new(pb::RefreshTokenResponse {
+            token,
+            expires_at: Some(switchyard::conversions::timestamp_from(expires_at)),
+        }))
+    }
+
     type SendMessageStream = ReceiverStream<Result<pb::TurnEvent, Status>>;
 
     async fn send_message(

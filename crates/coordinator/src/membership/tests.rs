@@ -12,7 +12,7 @@ fn config(lease: Duration) -> MembershipConfig {
         lease,
         handoff_grace: Duration::from_secs(1),
         epsilon: 0.25,
-        token_key_id: "key".into(),
+        token_key_ids: vec!["key".into()],
         cluster_id: "cluster".into(),
         epoch_floor: Epoch(0),
     }
