@@ -13,6 +13,9 @@ pub const NODE_CREDENTIAL: &str = "x-switchyard-node";
 pub const AUTHORIZATION: &str = "authorization";
 /// Carries the placement epoch a forwarded request was routed with.
 pub const PLACEMENT_EPOCH: &str = "x-switchyard-epoch";
+/// Set by the coordinator on every forwarded call: the name of the API key the caller was
+/// admitted with (`open` when keys are off), for the workers' audit events.
+pub const CALLER: &str = "x-switchyard-caller";
 /// On a worker's FAILED_PRECONDITION for a slot it does not own: the owner it knows.
 pub const SLOT_OWNER: &str = "x-switchyard-slot-owner";
 /// On a worker's FAILED_PRECONDITION for a slot it does not own: the epoch it knows.

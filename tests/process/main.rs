@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod agents;
+mod audit;
 mod bench;
 mod cluster;
 mod durability;

@@ -22,7 +22,7 @@ use crate::harness::{
 const REGISTER: &str = "/switchyard.v1.MembershipService/Register";
 
 /// Runs `switchyard api-key new` and returns the key and its entry for the key file.
-fn new_key(name: &str, scopes: &[&str], prefix: Option<&str>) -> (String, String) {
+pub(crate) fn new_key(name: &str, scopes: &[&str], prefix: Option<&str>) -> (String, String) {
     let mut args = vec!["api-key", "new", "--name", name];
     for scope in scopes {
         args.extend(["--scope", scope]);
@@ -49,7 +49,7 @@ fn new_key(name: &str, scopes: &[&str], prefix: Option<&str>) -> (String, String
     (key, entry)
 }
 
-fn admin_request<T>(message: T, key: Option<&str>) -> tonic::Request<T> {
+pub(crate) fn admin_request<T>(message: T, key: Option<&str>) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     if let Some(key) = key {
         request
@@ -64,7 +64,7 @@ async fn admin(url: &str) -> AdminServiceClient<Channel> {
 }
 
 /// Waits until `check` holds, for at most `timeout`.
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+pub(crate) async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -76,7 +76,7 @@ where
     }
 }
 
-fn write_keys(path: &Path, entries: &[&str]) {
+pub(crate) fn write_keys(path: &Path, entries: &[&str]) {
     // Written whole and renamed into place, as a mounted Secret changes.
     let staged = path.with_extension("staged");
     std::fs::write(&staged, entries.join("\n")).unwrap();

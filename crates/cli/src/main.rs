@@ -31,6 +31,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How log lines look: `text` for people, `json` (one object per line, with the
+    /// event's fields; audit events have the target `switchyard::audit`) for collectors.
+    #[arg(long, global = true, env = "SWITCHYARD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 #[derive(Subcommand)]
@@ -504,11 +508,14 @@ struct DevArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // A benchmark's own report is what matters; its cluster speaks only of trouble.
-    init_tracing(if matches!(cli.command, Command::Bench(_)) {
-        "warn"
-    } else {
-        "info"
-    });
+    init_tracing(
+        if matches!(cli.command, Command::Bench(_)) {
+            "warn"
+        } else {
+            "info"
+        },
+        cli.log_format == "json",
+    );
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -536,13 +543,20 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(default_level: &str) {
+fn init_tracing(default_level: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        logs.json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init();
+    } else {
+        logs.init();
+    }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -14,7 +14,10 @@ use tonic::{Request, Response, Status};
 use crate::error::CoordinatorError;
 use crate::gate::Caller;
 use crate::membership::{Membership, PUBLISH_WAIT, WorkerState};
-use crate::router::Router;
+use crate::router::{Router, caller_name};
+
+/// The log target of audit events (the workers' too).
+const AUDIT: &str = "switchyard::audit";
 
 /// How long `DrainWorker` with `wait` waits when the call has no deadline.
 const DRAIN_WAIT: Duration = Duration::from_secs(60);
@@ -58,12 +61,24 @@ impl Admin {
 
 #[tonic::async_trait]
 impl AdminService for Admin {
+    async fn erase_user(
+        &self,
+        request: Request<pb::EraseUserRequest>,
+    ) -> Result<Response<pb::EraseUserResponse>, Status> {
+        self.forward_user_call(
+            "/switchyard.v1.UserStateService/EraseUser",
+            request,
+            |request| &request.user_id,
+        )
+        .await
+    }
+
     async fn set_user_quota(
         &self,
         request: Request<pb::SetUserQuotaRequest>,
     ) -> Result<Response<pb::UserQuota>, Status> {
         self.forward_user_call(
-            "/switchyard.v1.UserQuotaService/SetUserQuota",
+            "/switchyard.v1.UserStateService/SetUserQuota",
             request,
             |request| &request.user_id,
         )
@@ -75,7 +90,7 @@ impl AdminService for Admin {
         request: Request<pb::GetUserQuotaRequest>,
     ) -> Result<Response<pb::UserQuota>, Status> {
         self.forward_user_call(
-            "/switchyard.v1.UserQuotaService/GetUserQuota",
+            "/switchyard.v1.UserStateService/GetUserQuota",
             request,
             |request| &request.user_id,
         )
@@ -87,7 +102,7 @@ impl AdminService for Admin {
         request: Request<pb::GetUsageRequest>,
     ) -> Result<Response<pb::GetUsageResponse>, Status> {
         self.forward_user_call(
-            "/switchyard.v1.UserQuotaService/GetUsage",
+            "/switchyard.v1.UserStateService/GetUsage",
             request,
             |request| &request.user_id,
         )
@@ -184,8 +199,9 @@ impl AdminService for Admin {
 
     async fn rebalance(
         &self,
-        _request: Request<pb::RebalanceRequest>,
+        request: Request<pb::RebalanceRequest>,
     ) -> Result<Response<pb::RebalanceResponse>, Status> {
+        let caller = caller_name(request.extensions().get::<Caller>());
         // From the loads of now: every worker heartbeats once more first.
         let lease = self.membership.config().lease;
         if !self.membership.wait_for_fresh_loads(lease).await {
@@ -194,6 +210,13 @@ impl AdminService for Admin {
             );
         }
         let rebalanced = self.membership.rebalance_now();
+        tracing::info!(
+            target: AUDIT,
+            event = "rebalance",
+            caller,
+            outcome = format!("{} slots moved", rebalanced.slots_moved),
+            "audit"
+        );
         // Answer with the table as everyone sees it: published once kept in the store.
         self.membership.wait_until_published(PUBLISH_WAIT).await;
         Ok(Response::new(pb::RebalanceResponse {
@@ -208,6 +231,7 @@ impl AdminService for Admin {
         request: Request<pb::DrainWorkerRequest>,
     ) -> Result<Response<pb::DrainWorkerResponse>, Status> {
         let deadline = deadline_of(request.metadata());
+        let caller = caller_name(request.extensions().get::<Caller>());
         let message = request.into_inner();
         if message.worker_id.is_empty() {
             return Err(CoordinatorError::from(switchyard_core::Error::invalid(
@@ -217,7 +241,19 @@ impl AdminService for Admin {
             .into());
         }
         let worker_id = WorkerId::parse(message.worker_id).map_err(CoordinatorError::from)?;
-        let drained = self.membership.drain(&worker_id)?;
+        let drained = self.membership.drain(&worker_id);
+        tracing::info!(
+            target: AUDIT,
+            event = "drain",
+            caller,
+            worker_id = %worker_id,
+            outcome = match &drained {
+                Ok(drained) => format!("{} slots moved", drained.slots_moved),
+                Err(error) => format!("refused: {error}"),
+            },
+            "audit"
+        );
+        let drained = drained?;
         self.membership.wait_until_published(PUBLISH_WAIT).await;
         let mut left = false;
         if message.wait {

@@ -17,7 +17,7 @@ use http::uri::PathAndQuery;
 use prost::Message as _;
 use switchyard::auth::{node_credential, verify_session_token};
 use switchyard::metadata::{
-    KNOWN_EPOCH, NODE_CREDENTIAL, PLACEMENT_EPOCH, SESSION_TOKEN, deadline_of,
+    CALLER, KNOWN_EPOCH, NODE_CREDENTIAL, PLACEMENT_EPOCH, SESSION_TOKEN, deadline_of,
 };
 use switchyard::status::invalid_argument;
 use switchyard::tls::{ClientTls, lazy_channel};
@@ -123,6 +123,19 @@ struct Forwarding {
     slot: Slot,
     token: Option<AsciiMetadataValue>,
     deadline: Option<Instant>,
+    /// The caller's API key name, for the worker's audit events.
+    caller: AsciiMetadataValue,
+}
+
+/// How a caller is named in audit events: its API key's name, `open` when keys are off.
+pub fn caller_name(caller: Option<&Caller>) -> String {
+    caller.map_or_else(|| "open".to_string(), |Caller(key)| key.name.clone())
+}
+
+fn caller_value(caller: Option<&Caller>) -> AsciiMetadataValue {
+    caller_name(caller)
+        .parse()
+        .unwrap_or_else(|_| AsciiMetadataValue::from_static("unprintable"))
 }
 
 impl Router {
@@ -175,6 +188,7 @@ impl Router {
                     slot: slot_of(user_id.as_str(), slot_count),
                     token: None,
                     deadline: deadline_of(metadata),
+                    caller: caller_value(caller),
                 })
             }
             Key::Session => {
@@ -186,6 +200,7 @@ impl Router {
                     slot: slot_of(claims.user_id.as_str(), slot_count),
                     token: metadata.get(SESSION_TOKEN).cloned(),
                     deadline: deadline_of(metadata),
+                    caller: caller_value(caller),
                 })
             }
         }
@@ -293,6 +308,7 @@ impl Router {
             if let Some(token) = &forwarding.token {
                 metadata.insert(SESSION_TOKEN, token.clone());
             }
+            metadata.insert(CALLER, forwarding.caller.clone());
             if let Some(deadline) = forwarding.deadline {
                 let remaining = deadline.saturating_duration_since(Instant::now());
                 if remaining.is_zero() {
@@ -316,7 +332,7 @@ impl Router {
         }
     }
 
-    /// Forwards an internal call about `user_id` (UserQuotaService) to the owner of the
+    /// Forwards an internal call about `user_id` (UserStateService) to the owner of the
     /// user's slot, and decodes its reply. `caller` must cover the user.
     pub async fn forward_user_call<Req, Resp>(
         &self,
@@ -336,6 +352,7 @@ impl Router {
             slot: slot_of(user_id.as_str(), self.membership.config().slot_count),
             token: None,
             deadline: deadline_of(metadata),
+            caller: caller_value(caller),
         };
         let method = Method {
             path,

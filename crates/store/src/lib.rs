@@ -335,6 +335,10 @@ pub trait SessionStore: Send + Sync + 'static {
     /// statement; returns how many (user, resource) rows were saved.
     async fn save_usage(&self, usage: &[(Fence, StoredUsage)]) -> Result<usize>;
 
+    /// Drops a user's saved usage and quota overrides, in one transaction fenced by the
+    /// user's slot; returns whether there was usage, and whether there were overrides.
+    async fn erase_user_quota(&self, fence: &Fence, user_id: &UserId) -> Result<(bool, bool)>;
+
     /// Content bytes of every message of every session of the user.
     async fn user_storage_bytes(&self, user_id: &UserId) -> Result<u64>;
 }

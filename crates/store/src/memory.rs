@@ -485,6 +485,15 @@ impl SessionStore for MemoryStore {
         Ok(saved.len())
     }
 
+    async fn erase_user_quota(&self, fence: &Fence, user_id: &UserId) -> Result<(bool, bool)> {
+        let mut inner = self.lock();
+        inner.check(fence)?;
+        Ok((
+            inner.usage.remove(user_id).is_some(),
+            inner.overrides.remove(user_id).is_some(),
+        ))
+    }
+
     async fn user_storage_bytes(&self, user_id: &UserId) -> Result<u64> {
         let inner = self.lock();
         Ok(inner

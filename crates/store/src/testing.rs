@@ -402,6 +402,14 @@ impl crate::SessionStore for GatedStore {
         self.inner.save_usage(usage).await
     }
 
+    async fn erase_user_quota(
+        &self,
+        fence: &crate::Fence,
+        user_id: &switchyard_core::UserId,
+    ) -> crate::Result<(bool, bool)> {
+        self.inner.erase_user_quota(fence, user_id).await
+    }
+
     async fn user_storage_bytes(&self, user_id: &switchyard_core::UserId) -> crate::Result<u64> {
         self.inner.user_storage_bytes(user_id).await
     }

@@ -1,15 +1,16 @@
 //! The Switchyard worker: hosts the sessions of the slots the coordinator placed on it.
 
+pub mod audit;
 mod context_cache;
 mod error;
 mod gate;
 mod membership;
 mod ownership;
-mod quota_service;
 pub mod quotas;
 mod service;
 mod sessions;
 mod turn;
+mod user_state;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use switchyard::pb::session_service_server::SessionServiceServer;
-use switchyard::pb::user_quota_service_server::UserQuotaServiceServer;
+use switchyard::pb::user_state_service_server::UserStateServiceServer;
 use switchyard::tls::ClientTls;
 use switchyard_agents::AgentCatalog;
 use switchyard_core::{ClusterKey, Limits, Slot, TokenKey, WorkerId};
@@ -148,8 +149,11 @@ pub async fn start(
             server_shutdown.cancel();
         })
     };
-    let quota_service =
-        quota_service::WorkerQuotaService::new(placement.clone(), sessions.quotas().clone());
+    let user_state = user_state::WorkerUserState::new(
+        placement.clone(),
+        sessions.quotas().clone(),
+        sessions.clone(),
+    );
     let service = WorkerSessionService::new(
         worker_id.clone(),
         placement.clone(),
@@ -175,7 +179,7 @@ pub async fn start(
                         .max_decoding_message_size(max_message_bytes)
                         .max_encoding_message_size(max_message_bytes),
                 )
-                .add_service(UserQuotaServiceServer::new(quota_service));
+                .add_service(UserStateServiceServer::new(user_state));
             if let Err(error) = server.serve(listener, server_shutdown).await {
                 tracing::error!(%worker_id, %error, "worker server failed");
             }

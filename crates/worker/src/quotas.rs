@@ -464,7 +464,6 @@ impl Quotas {
             }
             state.overrides.extend(limits.iter().copied());
         }
-        tracing::info!(target: "switchyard::audit", %user_id, overrides = limits.len(), clear, "quota overrides set");
         self.effective(user_id).await
     }
 
@@ -509,6 +508,20 @@ impl Quotas {
     pub async fn hand_over(&self, slots: &HashSet<Slot>) {
         let saved = self.flush_where(|slot| slots.contains(&slot), true).await;
         tracing::debug!(saved, "quota usage saved for a handoff");
+    }
+
+    /// Drops the user's saved usage and overrides, and forgets its counts here; returns
+    /// whether there was usage and whether there were overrides.
+    pub async fn erase(&self, user_id: &UserId) -> Result<(bool, bool)> {
+        let slot = slot_of(user_id.as_str(), self.slot_count);
+        let fence = self
+            .placement
+            .fence(slot)
+            .ok_or(WorkerError::LeaseNotHeld(slot))?;
+        let forgotten = self.users().remove(user_id);
+        let had_usage = forgotten.is_some_and(|entry| !entry.state().windows.is_empty());
+        let (stored_usage, overrides) = self.store.erase_user_quota(&fence, user_id).await?;
+        Ok((had_usage || stored_usage, overrides))
     }
 
     /// Forgets every user without saving: this worker's leases lapsed.

@@ -17,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
+use crate::audit;
 use crate::error::{Result, WorkerError};
 use crate::ownership::SlotOwnership;
 use crate::sessions::{SessionCall, SessionManager, history_start};
@@ -101,6 +102,23 @@ impl SessionService for WorkerSessionService {
             .sessions
             .create(user_id, metadata_from_wire(message.metadata), double_text)
             .await?;
+        let caller = audit::caller(&metadata);
+        for id in &evicted {
+            audit::event(
+                "session evicted",
+                &caller,
+                &session.user_id,
+                Some(*id),
+                "ended by the sessions limit for a new session",
+            );
+        }
+        audit::event(
+            "session created",
+            &caller,
+            &session.user_id,
+            Some(session.id),
+            "ok",
+        );
         let token = self.token_key.mint(
             session.id,
             &session.user_id,
@@ -181,9 +199,13 @@ impl SessionService for WorkerSessionService {
             .await?;
         let slot = self.sessions.slot_of(&claims.user_id);
         let ended = self.sessions.end(session_id, slot).await?;
-        if ended {
-            tracing::info!(%session_id, "session ended");
-        }
+        audit::event(
+            "session ended",
+            &audit::caller(&metadata),
+            &claims.user_id,
+            Some(session_id),
+            if ended { "ended" } else { "already ended" },
+        );
         Ok(Response::new(pb::EndSessionResponse { ended }))
     }
 

@@ -451,6 +451,18 @@ impl SessionManager {
         Ok(sessions)
     }
 
+    /// Ends every session of the user (for an erasure); returns those it ended.
+    pub async fn end_all_of(&self, user_id: &UserId) -> Result<Vec<SessionId>> {
+        let slot = self.slot_of(user_id);
+        let mut ended = Vec::new();
+        for session in self.store.list_user_sessions(user_id).await? {
+            if self.end(session.id, slot).await? {
+                ended.push(session.id);
+            }
+        }
+        Ok(ended)
+    }
+
     /// Ends a session of `slot` and deletes everything it held; false when it had already ended.
     pub async fn end(&self, session_id: SessionId, slot: Slot) -> Result<bool> {
         let fence = self.slot_fence(slot)?;

@@ -743,6 +743,10 @@ impl SessionStore for SqlStore {
         self.save_usage_sql(usage).await
     }
 
+    async fn erase_user_quota(&self, fence: &Fence, user_id: &UserId) -> Result<(bool, bool)> {
+        self.erase_user_quota_sql(fence, user_id).await
+    }
+
     async fn user_storage_bytes(&self, user_id: &UserId) -> Result<u64> {
         self.user_storage_bytes_sql(user_id).await
     }

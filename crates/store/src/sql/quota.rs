@@ -157,6 +157,32 @@ impl SqlStore {
         Ok(result.rows_affected() as usize)
     }
 
+    pub(super) async fn erase_user_quota_sql(
+        &self,
+        fence: &Fence,
+        user_id: &UserId,
+    ) -> Result<(bool, bool)> {
+        let mut transaction = self.begin_fenced(fence).await?;
+        let mut erased = [false; 2];
+        for (index, statement) in [
+            "DELETE FROM user_usage_windows WHERE user_id = $1",
+            "DELETE FROM user_quota_overrides WHERE user_id = $1",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            erased[index] = sqlx::query(statement)
+                .bind(user_id.as_str().to_string())
+                .execute(&mut *transaction)
+                .await
+                .map_err(unavailable)?
+                .rows_affected()
+                > 0;
+        }
+        transaction.commit().await.map_err(unavailable)?;
+        Ok((erased[0], erased[1]))
+    }
+
     pub(super) async fn user_storage_bytes_sql(&self, user_id: &UserId) -> Result<u64> {
         let row = sqlx::query(self.backend.storage_bytes_query())
             .bind(user_id.as_str().to_string())

@@ -102,11 +102,25 @@ impl SessionManager {
             // From here on a call that tries to begin sees the session as ended.
             activity.state = EntryState::Ended;
         }
+        // Whose it was, for the audit trail (expiry is rare: one read is nothing).
+        let user_id = match self.store.get_session(session.session_id).await {
+            Ok(Some(stored)) => Some(stored.user_id),
+            _ => None,
+        };
         let deleted = self.store.delete_session(&fence, session.session_id).await;
         self.hot().remove(&session.session_id);
         let deleted = deleted.map_err(|error| self.store_error(session.slot, error))?;
         if deleted {
             self.quotas.storage_changed_in(session.slot);
+            if let Some(user_id) = &user_id {
+                crate::audit::event(
+                    "session expired",
+                    "switchyard",
+                    user_id,
+                    Some(session.session_id),
+                    "idle past the idle timeout",
+                );
+            }
             tracing::info!(session_id = %session.session_id, "idle session expired");
         }
         Ok(deleted)

@@ -1,5 +1,6 @@
-//! `UserQuotaService`: AdminService's quota calls, forwarded by the coordinator to the owner
-//! of the user's slot, where the user's limits and usage live.
+//! `UserStateService`: AdminService's calls about one user (quotas, usage, erasure),
+//! forwarded by the coordinator to the owner of the user's slot, where the user's sessions,
+//! limits and usage live.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::time::Duration;
 use switchyard::conversions::{duration_from_wire, duration_to_wire};
 use switchyard::metadata::PLACEMENT_EPOCH;
 use switchyard::pb;
-use switchyard::pb::user_quota_service_server::UserQuotaService;
+use switchyard::pb::user_state_service_server::UserStateService;
 use switchyard_core::quota::Resource;
 use switchyard_core::{Epoch, Error, UserId, slot_of};
 use tonic::{Request, Response, Status};
@@ -16,15 +17,25 @@ use tonic::{Request, Response, Status};
 use crate::error::{Result, WorkerError};
 use crate::ownership::SlotOwnership;
 use crate::quotas::{Limit, Quotas};
+use crate::sessions::SessionManager;
 
-pub struct WorkerQuotaService {
+pub struct WorkerUserState {
     placement: Arc<SlotOwnership>,
     quotas: Arc<Quotas>,
+    sessions: Arc<SessionManager>,
 }
 
-impl WorkerQuotaService {
-    pub fn new(placement: Arc<SlotOwnership>, quotas: Arc<Quotas>) -> Self {
-        WorkerQuotaService { placement, quotas }
+impl WorkerUserState {
+    pub fn new(
+        placement: Arc<SlotOwnership>,
+        quotas: Arc<Quotas>,
+        sessions: Arc<SessionManager>,
+    ) -> Self {
+        WorkerUserState {
+            placement,
+            quotas,
+            sessions,
+        }
     }
 
     /// The user, once this worker is known to own its slot at the request's epoch.
@@ -105,7 +116,7 @@ pub fn quota_to_wire(user_id: &UserId, limits: &BTreeMap<Resource, Limit>) -> pb
 }
 
 #[tonic::async_trait]
-impl UserQuotaService for WorkerQuotaService {
+impl UserStateService for WorkerUserState {
     async fn set_user_quota(
         &self,
         request: Request<pb::SetUserQuotaRequest>,
@@ -117,6 +128,35 @@ impl UserQuotaService for WorkerQuotaService {
             .quotas
             .set_overrides(&user_id, &limits, message.clear)
             .await?;
+        let set: Vec<String> = limits
+            .iter()
+            .map(|(resource, limit)| {
+                if limit.window.is_zero() {
+                    format!("{resource}={}", limit.limit)
+                } else {
+                    format!(
+                        "{resource}={}/{}",
+                        limit.limit,
+                        humantime::format_duration(limit.window)
+                    )
+                }
+            })
+            .collect();
+        crate::audit::event(
+            "quota overrides set",
+            &crate::audit::caller(&metadata),
+            &user_id,
+            None,
+            &format!(
+                "{}{}",
+                if message.clear { "cleared; " } else { "" },
+                if set.is_empty() {
+                    "no overrides".to_string()
+                } else {
+                    set.join(" ")
+                }
+            ),
+        );
         Ok(Response::new(quota_to_wire(&user_id, &effective)))
     }
 
@@ -156,6 +196,35 @@ impl UserQuotaService for WorkerQuotaService {
                     },
                 })
                 .collect(),
+        }))
+    }
+
+    async fn erase_user(
+        &self,
+        request: Request<pb::EraseUserRequest>,
+    ) -> Result<Response<pb::EraseUserResponse>, Status> {
+        let (metadata, _, message) = request.into_parts();
+        let user_id = self.owned_user(message.user_id, &metadata).await?;
+        let caller = crate::audit::caller(&metadata);
+        let ended = self.sessions.end_all_of(&user_id).await?;
+        let (usage_erased, overrides_erased) = self.quotas.erase(&user_id).await?;
+        crate::audit::event(
+            "user erased",
+            &caller,
+            &user_id,
+            None,
+            &format!(
+                "{} sessions ended, usage {}, overrides {}",
+                ended.len(),
+                if usage_erased { "dropped" } else { "none" },
+                if overrides_erased { "dropped" } else { "none" }
+            ),
+        );
+        Ok(Response::new(pb::EraseUserResponse {
+            user_id: user_id.to_string(),
+            session_ids: ended.iter().map(ToString::to_string).collect(),
+            usage_erased,
+            overrides_erased,
         }))
     }
 }
