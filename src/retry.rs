@@ -1,7 +1,9 @@
 //! The SDK's retry policy: which failures are retried, how often, and how long it waits.
 //!
 //! Only UNAVAILABLE is retried (the coordinator reports every failure to reach a worker,
-//! and every slot handoff, with it), and only calls that are safe to repeat: reads,
+//! and every slot handoff, with it), and a call whose connection closed under it (a
+//! coordinator restarting: the client's transport reports it, as CANCELLED or UNKNOWN with
+//! a transport error as its source); and only calls that are safe to repeat: reads,
 //! EndSession, and appends and turns, which the client sends with a request id so that a
 //! repeat happens once. CreateSession is never retried: a repeat would make a second
 //! session.
@@ -32,7 +34,14 @@ where
 
 /// Whether a failed call may be sent again (with the same request id).
 pub fn is_retryable(status: &Status) -> bool {
-    status.code() == Code::Unavailable
+    match status.code() {
+        Code::Unavailable => true,
+        // The connection went away under the call: it may or may not have been served,
+        // like an UNAVAILABLE from a worker that died mid-call.
+        Code::Cancelled | Code::Unknown => std::error::Error::source(status)
+            .is_some_and(|source| source.is::<tonic::transport::Error>()),
+        _ => false,
+    }
 }
 
 #[cfg(test)]

@@ -16,4 +16,5 @@ mod quotas;
 mod readme;
 mod security;
 mod tls;
+mod token_rotation;
 mod turn_crash;
