@@ -4,6 +4,7 @@
 mod memory;
 mod placement;
 mod queued;
+pub mod sealing;
 mod sql;
 #[cfg(feature = "testing")]
 pub mod testing;

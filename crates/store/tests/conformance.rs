@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use switchyard_core::{ContextMessage, Epoch, Message, Role, Session, SessionId, UserId, WorkerId};
+use switchyard_store::sealing::{Kek, KeyRing};
 use switchyard_store::testing::TestDatabase;
 use switchyard_store::{Fence, MemoryStore, SessionStore, SqlStore, SqlStoreOptions, StoreError};
 
@@ -489,6 +490,25 @@ macro_rules! conformance {
                 super::$scenario(std::sync::Arc::new(store)).await;
             })*
         }
+        /// The same, every content and metadata value sealed at rest.
+        mod sqlite_sealed {
+            $(#[tokio::test] async fn $scenario() {
+                let dir = super::temp_dir(stringify!($scenario));
+                let options = super::SqlStoreOptions::sqlite_file(&dir.join("store.db")).with_keys(super::test_keys());
+                let store = super::SqlStore::open(options).await.unwrap();
+                assert!(store.is_sealed());
+                super::$scenario(std::sync::Arc::new(store)).await;
+                let _ = std::fs::remove_dir_all(dir);
+            })*
+        }
+        mod postgres_sealed {
+            $(#[tokio::test] async fn $scenario() {
+                let Some(database) = super::TestDatabase::create(concat!("postgres_sealed::", stringify!($scenario))).await else { return };
+                let options = super::SqlStoreOptions::new(database.url.clone()).with_keys(super::test_keys());
+                let store = super::SqlStore::open(options).await.unwrap();
+                super::$scenario(std::sync::Arc::new(store)).await;
+            })*
+        }
     };
 }
 
@@ -512,6 +532,14 @@ conformance!(
     quota_overrides_and_usage_are_kept_per_user,
     storage_bytes_count_a_users_content,
 );
+
+/// Key-encryption keys for the sealed stores of the suite.
+fn test_keys() -> KeyRing {
+    KeyRing::new(
+        Kek::from_secret(b"a key-encryption key for the conformance suite").unwrap(),
+        Vec::new(),
+    )
+}
 
 fn temp_dir(test: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(

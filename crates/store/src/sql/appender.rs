@@ -10,20 +10,25 @@
 //! waiting and then has nothing to do for [`UNSYNCED_LIMIT`] makes it durable itself; on
 //! PostgreSQL the WAL writer flushes asynchronous commits within `wal_writer_delay`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sqlx::AnyPool;
+use switchyard_core::SessionId;
 use tokio::sync::{mpsc, oneshot};
 
 use super::backend::Synchronous;
-use super::batch::{AppendRequest, BatchError, Committed, LaneConnection, commit_batch};
+use super::batch::{AppendRequest, BatchError, BatchSeal, Committed, LaneConnection, commit_batch};
+use super::sealed::Sealer;
 use super::{Backend, unavailable};
 use crate::{Append, AppendTicket, Appended, Durability, QueuedAppend, Result, StoreError};
 
 /// Queued appends per lane before callers wait for room.
 const QUEUE_DEPTH: usize = 4096;
+/// Sessions whose counts a lane keeps at most; past it, it starts again.
+const MAX_KNOWN_COUNTS: usize = 65_536;
 /// How long a batch of turns' user messages alone waits for a reply to join it.
 const FOLLOW_UP_WAIT: Duration = Duration::from_millis(1);
 /// How long an SQLite commit made without waiting for the disk may stay so when no durable
@@ -104,6 +109,7 @@ impl Appender {
         lanes: usize,
         max_batch: usize,
         durable: bool,
+        sealer: Option<Arc<Sealer>>,
     ) -> Self {
         let counters = Arc::new(Counters::default());
         let lanes = (0..lanes)
@@ -116,6 +122,8 @@ impl Appender {
                     connection: None,
                     unsynced: false,
                     counters: counters.clone(),
+                    sealer: sealer.clone(),
+                    counts: HashMap::new(),
                 };
                 tokio::spawn(lane.run(receiver, max_batch));
                 sender
@@ -162,6 +170,11 @@ struct Lane {
     /// has followed yet.
     unsynced: bool,
     counters: Arc<Counters>,
+    /// A sealed store's keys.
+    sealer: Option<Arc<Sealer>>,
+    /// Sealed stores: each session's message count after this lane's last commit of it,
+    /// so that a batch's messages are numbered (and sealed to their seqs) before it runs.
+    counts: HashMap<SessionId, u64>,
 }
 
 impl Lane {
@@ -287,8 +300,45 @@ impl Lane {
             (true, false) => Synchronous::Normal,
         };
         let backend = self.backend;
-        let connection = self.connection().await.map_err(BatchError::Statement)?;
-        commit_batch(connection, backend, requests, synchronous).await
+        let Some(sealer) = self.sealer.clone() else {
+            let connection = self.connection().await.map_err(BatchError::Statement)?;
+            return commit_batch(connection, backend, requests, synchronous, None).await;
+        };
+        // A sealed store: every session's data key first, then the batch, numbered from
+        // the counts this lane saw last.
+        let deks = sealer
+            .deks(
+                &self.pool,
+                requests.iter().map(|request| request.append.session_id),
+            )
+            .await
+            .map_err(BatchError::Statement)?;
+        if self.counts.len() > MAX_KNOWN_COUNTS {
+            self.counts.clear();
+        }
+        let counts = std::mem::take(&mut self.counts);
+        let seal = BatchSeal {
+            keys: &sealer.keys,
+            deks: &deks,
+            counts: &counts,
+        };
+        let connection = self.connection().await;
+        let committed = match connection {
+            Ok(connection) => {
+                commit_batch(connection, backend, requests, synchronous, Some(&seal)).await
+            }
+            Err(error) => Err(BatchError::Statement(error)),
+        };
+        self.counts = counts;
+        if let Ok(committed) = &committed {
+            for (request, outcome) in requests.iter().zip(&committed.outcomes) {
+                if let Ok(appended) = outcome {
+                    let known = self.counts.entry(request.append.session_id).or_default();
+                    *known = (*known).max(appended.last_seq);
+                }
+            }
+        }
+        committed
     }
 
     /// The lane's connection, opened when it has none.

@@ -137,8 +137,9 @@ impl Backend {
     /// [`Self::sqlite_begin_batch`] does.
     ///
     /// `$1`: counts `{i: session hex, n: added, t: time}`; `$2`: messages `{s: session hex,
-    /// k, r, c, n, t, l: slot, o: owner, e: epoch}`, numbered count − k if their fence
-    /// holds; `$3`: bounds `{s, q}`,
+    /// k, q, r, c, n, t, l: slot, o: owner, e: epoch}`, numbered count − k if their fence
+    /// holds and, when `q` is given (a sealed store numbers and seals them first), it is
+    /// that seq; `$3`: bounds `{s, q}`,
     /// dropping messages up to count − q; `$4`: new request ids `{s, r, k: turn, b, rb, p,
     /// c, u}`, whose last seq is count − b, and whose reply, when it is in the same batch,
     /// is count − rb; `$5`: replies `{s, r, b, p, c, u}` to ids kept before, whose seq is
@@ -160,6 +161,8 @@ impl Backend {
                             CASE WHEN EXISTS (SELECT 1 FROM slot_leases AS l \
                                  WHERE l.slot = json_extract(j.value, '$.l') AND l.owner = json_extract(j.value, '$.o') \
                                    AND l.epoch = json_extract(j.value, '$.e') AND l.released = 0) \
+                                  AND (json_extract(j.value, '$.q') IS NULL \
+                                       OR json_extract(j.value, '$.q') = s.message_count - json_extract(j.value, '$.k')) \
                                  THEN s.message_count - json_extract(j.value, '$.k') END, \
                             json_extract(j.value, '$.r'), json_extract(j.value, '$.c'), \
                             json_extract(j.value, '$.n'), json_extract(j.value, '$.t') \
@@ -220,11 +223,13 @@ impl Backend {
              SELECT decode(m.s, 'hex'), \
                     CASE WHEN EXISTS (SELECT 1 FROM held AS h \
                                       WHERE h.slot = m.l AND h.owner = m.o AND h.epoch = m.e) \
+                          AND (m.q IS NULL OR m.q = (SELECT c.message_count FROM counted AS c \
+                                                     WHERE c.session_id = decode(m.s, 'hex')) - m.k) \
                          THEN (SELECT c.message_count FROM counted AS c \
                                WHERE c.session_id = decode(m.s, 'hex')) - m.k END, \
                     m.r, m.c, m.n, m.t \
              FROM json_to_recordset($3::json) \
-                  AS m(s text, k bigint, r text, c text, n text, t bigint, l bigint, o text, e bigint) \
+                  AS m(s text, k bigint, q bigint, r text, c text, n text, t bigint, l bigint, o text, e bigint) \
              RETURNING 1), \
          trimmed AS ( \
              DELETE FROM messages AS d WHERE d.ctid = ANY (ARRAY( \
@@ -394,6 +399,10 @@ impl Backend {
                     "quotas",
                     include_str!("../../migrations/sqlite/0006_quotas.sql"),
                 ),
+                (
+                    "sealing",
+                    include_str!("../../migrations/sqlite/0007_sealing.sql"),
+                ),
             ],
             Backend::Postgres => &[
                 (
@@ -419,6 +428,10 @@ impl Backend {
                 (
                     "quotas",
                     include_str!("../../migrations/postgres/0006_quotas.sql"),
+                ),
+                (
+                    "sealing",
+                    include_str!("../../migrations/postgres/0007_sealing.sql"),
                 ),
             ],
         }

@@ -19,8 +19,11 @@ use tokio::sync::oneshot;
 
 use self::at_once::AtOnce;
 use super::backend::Synchronous;
+use super::sealed::sealing_error;
 use super::{Backend, micros, requests, unavailable};
+use crate::sealing::{Dek, KeyRing, message_aad};
 use crate::{Append, AppendKey, AppendTicket, Appended, Fence, Result, StoreError, TurnUsage};
+use std::sync::Arc;
 
 pub(super) struct AppendRequest {
     pub(super) append: Append,
@@ -72,6 +75,29 @@ pub(super) struct Committed {
     pub(super) staged: bool,
 }
 
+/// How a batch of a sealed store seals its messages.
+pub(super) struct BatchSeal<'a> {
+    pub(super) keys: &'a KeyRing,
+    /// The data key of every session of the batch that has one.
+    pub(super) deks: &'a HashMap<SessionId, Arc<Dek>>,
+    /// Each session's message count after the lane's last commit of it: the batch numbers
+    /// its messages from these, and the statement checks them.
+    pub(super) counts: &'a HashMap<SessionId, u64>,
+}
+
+impl BatchSeal<'_> {
+    /// `content` sealed for message `seq` of `session_id`.
+    pub(super) fn content(&self, session_id: SessionId, seq: u64, content: &str) -> Result<String> {
+        let dek = self
+            .deks
+            .get(&session_id)
+            .ok_or_else(|| StoreError::Corrupt(format!("session {session_id} has no data key")))?;
+        self.keys
+            .seal(dek, &message_aad(session_id, seq), content)
+            .map_err(sealing_error)
+    }
+}
+
 /// Commits every request whose fence holds, whose session exists and whose predecessor
 /// committed. Returns one outcome per request; an error of the whole transaction fails them
 /// all. `synchronous` says whether the commit waits for the disk.
@@ -80,6 +106,7 @@ pub(super) async fn commit_batch(
     backend: Backend,
     requests: &[AppendRequest],
     synchronous: Synchronous,
+    seal: Option<&BatchSeal<'_>>,
 ) -> Result<Committed, BatchError> {
     // Repeated request ids are rare (a retry after a failure): first assume there are none
     // in the store, which the insert of the ids confirms; if one was, start again looking.
@@ -89,7 +116,17 @@ pub(super) async fn commit_batch(
         let repeats = find_repeats(&mut lane.connection, backend, requests, look_up_ids)
             .await
             .map_err(BatchError::Statement)?;
-        match at_once::commit(lane, backend, requests, &repeats, look_up_ids, synchronous).await {
+        match at_once::commit(
+            lane,
+            backend,
+            requests,
+            &repeats,
+            look_up_ids,
+            synchronous,
+            seal,
+        )
+        .await
+        {
             AtOnce::Committed(outcomes) => {
                 return Ok(Committed {
                     outcomes,
@@ -110,12 +147,14 @@ pub(super) async fn commit_batch(
                     &repeats,
                     look_up_ids,
                     synchronous,
+                    seal,
                 )
                 .await?
             }
             Backend::Postgres => {
                 let defer = synchronous != Synchronous::Full;
-                staged::commit_postgres(&mut lane.connection, requests, look_up_ids, defer).await?
+                staged::commit_postgres(&mut lane.connection, requests, look_up_ids, defer, seal)
+                    .await?
             }
         };
         if let Some(outcomes) = staged {
@@ -503,18 +542,23 @@ pub(super) fn parse_hex_id(text: &str) -> Option<SessionId> {
 
 /// The messages of every writing request, numbered up to its `last_seq`, as one JSON array
 /// (so the statement's text never changes).
-fn messages_json(rows: &[(&AppendRequest, u64)]) -> Result<String> {
+fn messages_json(rows: &[(&AppendRequest, u64)], seal: Option<&BatchSeal<'_>>) -> Result<String> {
     let mut messages = Vec::new();
     for (request, last_seq) in rows {
         let append = &request.append;
         let session_hex = hex(&append.session_id);
         let first_seq = last_seq + 1 - append.messages.len() as u64;
         for (offset, message) in append.messages.iter().enumerate() {
+            let seq = first_seq + offset as u64;
+            let content = match seal {
+                Some(seal) => seal.content(append.session_id, seq, &message.content)?,
+                None => message.content.clone(),
+            };
             messages.push(serde_json::json!({
                 "s": session_hex,
-                "q": first_seq + offset as u64,
+                "q": seq,
                 "r": message.role.as_str(),
-                "c": message.content,
+                "c": content,
                 "n": message.name,
                 "t": micros(append.at),
             }));

@@ -10,10 +10,12 @@ mod backend;
 mod batch;
 mod quota;
 mod requests;
+mod sealed;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -27,6 +29,8 @@ use switchyard_core::{
 use self::appender::Appender;
 pub use self::appender::GroupCommitStats;
 use self::backend::Backend;
+use self::sealed::{Sealer, sealing_error};
+use crate::sealing::{KeyRing, metadata_aad};
 use crate::{
     Append, AppendKey, AppendTicket, Appended, Durability, Fence, IdleSession, QueuedAppend,
     RequestRecord, Result, SessionStore, SlotLease, StoreError, StoredLimit, StoredPlacement,
@@ -46,6 +50,10 @@ pub struct SqlStoreOptions {
     /// SQLite only: wait for the disk on every commit. Turned off only by benchmarks that
     /// measure memory with a million sessions, never by a server.
     pub durable: bool,
+    /// The key-encryption keys: with them, contents and metadata are sealed at rest (a
+    /// plaintext store is sealed when it opens); without them, a sealed store's contents
+    /// cannot be read or written.
+    pub keys: Option<KeyRing>,
 }
 
 impl SqlStoreOptions {
@@ -56,7 +64,14 @@ impl SqlStoreOptions {
             append_lanes: 4,
             max_batch: 256,
             durable: true,
+            keys: None,
         }
+    }
+
+    /// Seals contents and metadata at rest with `keys`.
+    pub fn with_keys(mut self, keys: KeyRing) -> Self {
+        self.keys = Some(keys);
+        self
     }
 
     /// The embedded store: a SQLite file, created if missing.
@@ -70,6 +85,10 @@ pub struct SqlStore {
     backend: Backend,
     cluster_id: String,
     appender: Appender,
+    /// Whether the store's contents are sealed, and the keys to open them when this node
+    /// holds them.
+    sealed: bool,
+    sealer: Option<Arc<Sealer>>,
     /// SQLite: checkpoints the WAL back into the database now and then.
     checkpointer: Option<tokio::task::JoinHandle<()>>,
 }
@@ -160,6 +179,9 @@ impl SqlStore {
                     // durable before it returns (group commit pays for the fsync).
                     connection.execute("PRAGMA journal_mode = WAL").await?;
                     connection.execute(synchronous).await?;
+                    // Deleted rows are overwritten, not left in free pages: what a session
+                    // held is gone from the file when it ends.
+                    connection.execute("PRAGMA secure_delete = ON").await?;
                     // The WAL is cut back to 64 MiB whenever a checkpoint empties it.
                     connection
                         .execute("PRAGMA journal_size_limit = 67108864")
@@ -186,6 +208,22 @@ impl SqlStore {
             .map_err(|error| StoreError::Unavailable(format!("cannot open the store: {error}")))?;
         migrate(&pool, backend).await?;
         let cluster_id = ensure_cluster_id(&pool).await?;
+        let sealer = options
+            .keys
+            .clone()
+            .map(|keys| Arc::new(Sealer::new(keys, backend)));
+        let mut sealed = is_sealed(&pool).await?;
+        if let Some(sealer) = &sealer
+            && !sealed
+        {
+            sealed::seal_store(&pool, backend, sealer).await?;
+            sealed = true;
+        }
+        if sealed && sealer.is_none() {
+            tracing::warn!(
+                "the store is encrypted at rest and this node has no --kek-file: it cannot read or write contexts"
+            );
+        }
         let lanes = match backend {
             Backend::Sqlite => 1,
             Backend::Postgres => options.append_lanes.max(1),
@@ -196,6 +234,7 @@ impl SqlStore {
             lanes,
             options.max_batch.max(1),
             options.durable,
+            sealer.clone(),
         );
         tracing::info!(backend = ?backend, %cluster_id, "session store open");
         let checkpointer = (backend == Backend::Sqlite)
@@ -205,8 +244,78 @@ impl SqlStore {
             backend,
             cluster_id,
             appender,
+            sealed,
+            sealer,
             checkpointer,
         })
+    }
+
+    /// The keys to seal and open contents with, `None` for a plaintext store; an error for
+    /// a sealed store on a node without them.
+    fn sealing(&self) -> Result<Option<&Sealer>> {
+        match (&self.sealer, self.sealed) {
+            (Some(sealer), _) => Ok(Some(sealer)),
+            (None, false) => Ok(None),
+            (None, true) => Err(StoreError::Unavailable(
+                "the store is encrypted at rest and this node has no key-encryption key: give it --kek-file".into(),
+            )),
+        }
+    }
+
+    /// Whether contents are sealed at rest.
+    pub fn is_sealed(&self) -> bool {
+        self.sealed
+    }
+
+    /// Re-wraps every data key that is not under this store's active KEK (the first of its
+    /// keys), online and resumable; `progress` hears how many are done of how many. Returns
+    /// how many were re-wrapped. No message is re-encrypted.
+    pub async fn rotate_kek(&self, progress: impl FnMut(u64, u64)) -> Result<u64> {
+        let sealer = self.sealing()?.ok_or_else(|| {
+            StoreError::Unavailable("the store is not sealed: there is no key to rotate".into())
+        })?;
+        sealed::rewrap_keys(&self.pool, &sealer.keys, progress).await
+    }
+
+    /// Sessions read from rows, their metadata opened (when sealed) and parsed.
+    async fn sessions_from_rows(&self, rows: &[AnyRow]) -> Result<Vec<Session>> {
+        let mut read: Vec<(Session, String)> =
+            rows.iter().map(session_from_row).collect::<Result<_>>()?;
+        if let Some(sealer) = self.sealing()? {
+            let deks = sealer
+                .deks(&self.pool, read.iter().map(|(session, _)| session.id))
+                .await?;
+            for (session, metadata) in &mut read {
+                let dek = deks
+                    .get(&session.id)
+                    .ok_or_else(|| corrupt(format!("session {} has no data key", session.id)))?;
+                *metadata = dek
+                    .open(session.id, &metadata_aad(session.id), metadata)
+                    .map_err(sealing_error)?;
+            }
+        }
+        read.into_iter()
+            .map(|(mut session, metadata)| {
+                session.metadata = serde_json::from_str(&metadata).map_err(|error| {
+                    corrupt(format!("session metadata is not a JSON object: {error}"))
+                })?;
+                Ok(session)
+            })
+            .collect()
+    }
+
+    /// Opens the contents of messages read from a sealed store.
+    async fn opened(
+        &self,
+        session_id: SessionId,
+        mut messages: Vec<ContextMessage>,
+    ) -> Result<Vec<ContextMessage>> {
+        if let Some(sealer) = self.sealing()? {
+            sealer
+                .open_messages(&self.pool, session_id, &mut messages)
+                .await?;
+        }
+        Ok(messages)
     }
 
     /// What the group commit has done since the store opened.
@@ -304,29 +413,39 @@ async fn check_fence(
     }
 }
 
-fn session_from_row(row: &AnyRow) -> Result<Session> {
+/// A session from its row, with its metadata still as stored (sealed, or JSON).
+fn session_from_row(row: &AnyRow) -> Result<(Session, String)> {
     let id: Vec<u8> = row.try_get("session_id").map_err(unavailable)?;
     let id: [u8; 16] = id
         .try_into()
         .map_err(|_| corrupt("a session id is not 16 bytes"))?;
     let user_id: String = row.try_get("user_id").map_err(unavailable)?;
     let metadata: String = row.try_get("metadata").map_err(unavailable)?;
-    let metadata: BTreeMap<String, String> = serde_json::from_str(&metadata)
-        .map_err(|error| corrupt(format!("session metadata is not a JSON object: {error}")))?;
     let slot: i64 = row.try_get("slot").map_err(unavailable)?;
-    Ok(Session {
+    let session = Session {
         id: SessionId::from_bytes(id),
         user_id: UserId::parse(user_id).map_err(|error| corrupt(error.to_string()))?,
         slot: Slot::try_from(slot).map_err(|_| corrupt("a slot is out of range"))?,
         created_at: time_from_micros(row.try_get("created_at_us").map_err(unavailable)?),
         last_activity_at: time_from_micros(row.try_get("last_activity_us").map_err(unavailable)?),
-        metadata,
+        metadata: BTreeMap::new(),
         message_count: count(row.try_get("message_count").map_err(unavailable)?),
         double_text: {
             let policy: String = row.try_get("double_text").map_err(unavailable)?;
             DoubleText::parse(&policy).map_err(|error| corrupt(error.to_string()))?
         },
-    })
+    };
+    Ok((session, metadata))
+}
+
+/// Whether the store says its contents are sealed.
+async fn is_sealed(pool: &AnyPool) -> Result<bool> {
+    let row = sqlx::query("SELECT sealed FROM cluster WHERE singleton = 1")
+        .fetch_one(pool)
+        .await
+        .map_err(unavailable)?;
+    let sealed: i64 = row.try_get("sealed").map_err(unavailable)?;
+    Ok(sealed != 0)
 }
 
 fn message_from_row(row: &AnyRow) -> Result<ContextMessage> {
@@ -475,8 +594,17 @@ impl SessionStore for SqlStore {
     }
 
     async fn create_session(&self, fence: &Fence, session: &Session) -> Result<()> {
-        let metadata = serde_json::to_string(&session.metadata)
+        let mut metadata = serde_json::to_string(&session.metadata)
             .map_err(|error| corrupt(format!("metadata does not encode: {error}")))?;
+        let mut key = None;
+        if let Some(sealer) = self.sealing()? {
+            let (dek, wrapped) = sealer.keys.new_dek(session.id).map_err(sealing_error)?;
+            metadata = sealer
+                .keys
+                .seal(&dek, &metadata_aad(session.id), &metadata)
+                .map_err(sealing_error)?;
+            key = Some((dek, wrapped, sealer));
+        }
         let mut transaction = self.begin_fenced(fence).await?;
         let result = sqlx::query(
             "INSERT INTO sessions (session_id, user_id, slot, created_at_us, last_activity_us, \
@@ -496,7 +624,22 @@ impl SessionStore for SqlStore {
         if result.rows_affected() == 0 {
             return Err(StoreError::SessionExists(session.id));
         }
-        transaction.commit().await.map_err(unavailable)
+        if let Some((_, wrapped, sealer)) = &key {
+            sqlx::query(
+                "INSERT INTO session_keys (session_id, kek_id, wrapped) VALUES ($1, $2, $3)",
+            )
+            .bind(session.id.as_bytes().to_vec())
+            .bind(sealer.keys.active_id().to_string())
+            .bind(wrapped.clone())
+            .execute(&mut *transaction)
+            .await
+            .map_err(unavailable)?;
+        }
+        transaction.commit().await.map_err(unavailable)?;
+        if let Some((dek, _, sealer)) = key {
+            sealer.remember(session.id, dek);
+        }
+        Ok(())
     }
 
     async fn get_session(&self, session_id: SessionId) -> Result<Option<Session>> {
@@ -509,7 +652,13 @@ impl SessionStore for SqlStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(unavailable)?;
-        row.as_ref().map(session_from_row).transpose()
+        match row {
+            Some(row) => Ok(self
+                .sessions_from_rows(std::slice::from_ref(&row))
+                .await?
+                .pop()),
+            None => Ok(None),
+        }
     }
 
     async fn list_user_sessions(&self, user_id: &UserId) -> Result<Vec<Session>> {
@@ -522,15 +671,17 @@ impl SessionStore for SqlStore {
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
-        rows.iter().map(session_from_row).collect()
+        self.sessions_from_rows(&rows).await
     }
 
     async fn delete_session(&self, fence: &Fence, session_id: SessionId) -> Result<bool> {
         let mut transaction = self.begin_fenced(fence).await?;
         let id = session_id.as_bytes().to_vec();
+        // The data key goes with the rows: a copy of them made before cannot be opened.
         for statement in [
             "DELETE FROM messages WHERE session_id = $1",
             "DELETE FROM request_ids WHERE session_id = $1",
+            "DELETE FROM session_keys WHERE session_id = $1",
         ] {
             sqlx::query(statement)
                 .bind(id.clone())
@@ -544,6 +695,9 @@ impl SessionStore for SqlStore {
             .await
             .map_err(unavailable)?;
         transaction.commit().await.map_err(unavailable)?;
+        if let Some(sealer) = &self.sealer {
+            sealer.forget(session_id);
+        }
         Ok(deleted.rows_affected() > 0)
     }
 
@@ -603,7 +757,7 @@ impl SessionStore for SqlStore {
         let mut messages: Vec<ContextMessage> =
             rows.iter().map(message_from_row).collect::<Result<_>>()?;
         messages.reverse();
-        Ok(messages)
+        self.opened(session_id, messages).await
     }
 
     async fn read_context(
@@ -643,7 +797,7 @@ impl SessionStore for SqlStore {
         if messages.is_empty() && self.get_session(session_id).await?.is_none() {
             return Err(StoreError::SessionNotFound(session_id));
         }
-        Ok(messages)
+        self.opened(session_id, messages).await
     }
 
     async fn read_context_page(
@@ -668,7 +822,7 @@ impl SessionStore for SqlStore {
         if messages.is_empty() && self.get_session(session_id).await?.is_none() {
             return Err(StoreError::SessionNotFound(session_id));
         }
-        Ok(messages)
+        self.opened(session_id, messages).await
     }
 
     async fn touch_session(

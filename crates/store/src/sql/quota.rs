@@ -35,8 +35,25 @@ impl Backend {
         }
     }
 
-    /// Content bytes of a user's messages (`$1`: the user id).
-    fn storage_bytes_query(self) -> &'static str {
+    /// Content bytes of a user's messages (`$1`: the user id); of a sealed store, the
+    /// plaintext's, from each record's length (unpadded base64 of nonce, text and tag).
+    fn storage_bytes_query(self, sealed: bool) -> &'static str {
+        match (self, sealed) {
+            (Backend::Sqlite, true) => {
+                "SELECT COALESCE(SUM(length(m.content) * 3 / 4 - 28), 0) AS bytes \
+                 FROM sessions AS s JOIN messages AS m ON m.session_id = s.session_id \
+                 WHERE s.user_id = $1"
+            }
+            (Backend::Postgres, true) => {
+                "SELECT COALESCE(SUM(octet_length(m.content) * 3 / 4 - 28), 0)::bigint AS bytes \
+                 FROM sessions AS s JOIN messages AS m ON m.session_id = s.session_id \
+                 WHERE s.user_id = $1"
+            }
+            _ => self.plain_storage_bytes_query(),
+        }
+    }
+
+    fn plain_storage_bytes_query(self) -> &'static str {
         match self {
             Backend::Sqlite => {
                 "SELECT COALESCE(SUM(length(CAST(m.content AS BLOB))), 0) AS bytes \
@@ -184,7 +201,7 @@ impl SqlStore {
     }
 
     pub(super) async fn user_storage_bytes_sql(&self, user_id: &UserId) -> Result<u64> {
-        let row = sqlx::query(self.backend.storage_bytes_query())
+        let row = sqlx::query(self.backend.storage_bytes_query(self.sealed))
             .bind(user_id.as_str().to_string())
             .fetch_one(&self.pool)
             .await

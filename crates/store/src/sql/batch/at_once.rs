@@ -9,7 +9,7 @@ use sqlx::Executor;
 use switchyard_core::SessionId;
 
 use super::{
-    AppendRequest, BatchError, FenceSet, LaneConnection, Plan, Repeat, counts_json, hex,
+    AppendRequest, BatchError, BatchSeal, FenceSet, LaneConnection, Plan, Repeat, counts_json, hex,
     is_unique_violation, outcomes, parse_counts, plan, to_i64, writes,
 };
 use crate::sql::backend::Synchronous;
@@ -35,10 +35,20 @@ pub(super) async fn commit(
     repeats: &[Repeat],
     look_up_ids: bool,
     synchronous: Synchronous,
+    seal: Option<&BatchSeal<'_>>,
 ) -> AtOnce {
     let fences = FenceSet::of(requests);
     let plan = plan(requests, &fences.distinct, repeats);
-    let params = match Params::of(requests, &fences, repeats, &plan) {
+    // A sealed batch numbers its messages itself, to seal each to its seq: only from counts
+    // the lane knows. Else it is staged, which reads them.
+    if let Some(seal) = seal
+        && plan.per_session.keys().any(|session_id| {
+            !seal.counts.contains_key(session_id) || !seal.deks.contains_key(session_id)
+        })
+    {
+        return AtOnce::Refused;
+    }
+    let params = match Params::of(requests, &fences, repeats, &plan, seal) {
         Ok(params) => params,
         Err(error) => return AtOnce::Failed(BatchError::Statement(error)),
     };
@@ -141,6 +151,7 @@ impl Params {
         fences: &FenceSet<'_>,
         repeats: &[Repeat],
         plan: &Plan,
+        seal: Option<&BatchSeal<'_>>,
     ) -> Result<Self> {
         let mut left: HashMap<SessionId, u64> = plan
             .per_session
@@ -166,11 +177,29 @@ impl Params {
             let session_hex = hex(&append.session_id);
             for message in append.messages.iter() {
                 *left -= 1;
+                // Sealed: the seq this message will have if the session's count is still
+                // the one the lane knows (the statement checks it), sealed to it.
+                let (seq, content) = match seal {
+                    Some(seal) => {
+                        let added = plan
+                            .per_session
+                            .get(&append.session_id)
+                            .map_or(0, |(added, _)| *added);
+                        let known = seal.counts.get(&append.session_id).copied().unwrap_or(0);
+                        let seq = known + added - *left;
+                        (
+                            serde_json::Value::from(seq),
+                            seal.content(append.session_id, seq, &message.content)?,
+                        )
+                    }
+                    None => (serde_json::Value::Null, message.content.clone()),
+                };
                 messages.push(serde_json::json!({
                     "s": session_hex,
                     "k": *left,
+                    "q": seq,
                     "r": message.role.as_str(),
-                    "c": message.content,
+                    "c": content,
                     "n": message.name,
                     "t": micros(append.at),
                     "l": append.fence.slot,

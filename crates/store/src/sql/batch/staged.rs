@@ -8,7 +8,7 @@ use sqlx::{AnyConnection, Connection, Executor, Row};
 use switchyard_core::SessionId;
 
 use super::{
-    AppendRequest, BatchError, FenceSet, Repeat, Staged, counts_json, find_repeats, hex,
+    AppendRequest, BatchError, BatchSeal, FenceSet, Repeat, Staged, counts_json, find_repeats, hex,
     is_unique_violation, messages_json, outcomes, parse_counts, plan,
 };
 use crate::sql::backend::Synchronous;
@@ -25,6 +25,7 @@ pub(super) async fn commit_sqlite(
     repeats: &[Repeat],
     look_up_ids: bool,
     synchronous: Synchronous,
+    seal: Option<&BatchSeal<'_>>,
 ) -> Result<Option<Vec<Result<Appended>>>, BatchError> {
     let fences = FenceSet::of(requests);
     let fences_json = fences.json().map_err(BatchError::Statement)?;
@@ -60,7 +61,7 @@ pub(super) async fn commit_sqlite(
             continue;
         }
         let staged = outcomes(requests, &holding, repeats, &plan, &counts);
-        return write_sqlite(connection, staged, look_up_ids).await;
+        return write_sqlite(connection, staged, look_up_ids, seal).await;
     }
     Err(BatchError::Statement(StoreError::Unavailable(
         "the slots' leases kept changing during the batch".into(),
@@ -72,8 +73,9 @@ async fn write_sqlite(
     connection: &mut AnyConnection,
     staged: Staged<'_>,
     look_up_ids: bool,
+    seal: Option<&BatchSeal<'_>>,
 ) -> Result<Option<Vec<Result<Appended>>>, BatchError> {
-    let params = match staged.sqlite_params() {
+    let params = match staged.sqlite_params(seal) {
         Ok(params) => params,
         Err(error) => return Err(rolled_back(connection, error).await),
     };
@@ -114,6 +116,7 @@ pub(super) async fn commit_postgres(
     requests: &[AppendRequest],
     look_up_ids: bool,
     defer: bool,
+    seal: Option<&BatchSeal<'_>>,
 ) -> Result<Option<Vec<Result<Appended>>>, BatchError> {
     let statement = |error| BatchError::Statement(unavailable(error));
     let mut transaction = connection
@@ -146,7 +149,7 @@ pub(super) async fn commit_postgres(
     .await
     .map_err(BatchError::Statement)?;
     let written = async {
-        insert_messages_postgres(&mut transaction, &staged.rows).await?;
+        insert_messages_postgres(&mut transaction, &staged.rows, seal).await?;
         for (session_id, up_to) in &staged.trims {
             sqlx::query("DELETE FROM messages WHERE session_id = $1 AND seq <= $2")
                 .bind(session_id.as_bytes().to_vec())
@@ -177,7 +180,7 @@ pub(super) async fn commit_postgres(
 
 impl Staged<'_> {
     /// The four JSON parameters of [`Backend::SQLITE_WRITE_AND_COMMIT`].
-    fn sqlite_params(&self) -> Result<[String; 4]> {
+    fn sqlite_params(&self, seal: Option<&BatchSeal<'_>>) -> Result<[String; 4]> {
         let trims: Vec<serde_json::Value> = self
             .trims
             .iter()
@@ -186,7 +189,7 @@ impl Staged<'_> {
         let trims = serde_json::to_string(&trims)
             .map_err(|error| StoreError::Corrupt(format!("trims do not encode: {error}")))?;
         Ok([
-            messages_json(&self.rows)?,
+            messages_json(&self.rows, seal)?,
             trims,
             requests::new_ids_json(&self.kept)?,
             requests::replies_json(&self.replies)?,
@@ -214,12 +217,13 @@ async fn count_messages(
 async fn insert_messages_postgres(
     connection: &mut AnyConnection,
     rows: &[(&AppendRequest, u64)],
+    seal: Option<&BatchSeal<'_>>,
 ) -> Result<()> {
     if rows.is_empty() {
         return Ok(());
     }
     sqlx::query(Backend::Postgres.insert_messages_query())
-        .bind(messages_json(rows)?)
+        .bind(messages_json(rows, seal)?)
         .execute(&mut *connection)
         .await
         .map_err(unavailable)?;
