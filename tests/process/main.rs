@@ -14,6 +14,7 @@ mod placement;
 mod pressure;
 mod quotas;
 mod readme;
+mod sealing;
 mod security;
 mod tls;
 mod token_rotation;

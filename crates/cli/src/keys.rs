@@ -1,24 +1,26 @@
 //! Loading and creating the secrets every node of a cluster shares: the session-token
-//! signing key and the cluster secret (from which node credentials are made).
+//! signing key, the cluster secret (from which node credentials are made) and the
+//! key-encryption keys of the store.
 
 use std::path::{Path, PathBuf};
+use switchyard_store::sealing::{Kek, KeyRing};
 
 use ring::rand::{SecureRandom, SystemRandom};
 use switchyard_core::{ClusterKey, TokenKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("cannot read the token key file {path}: {source}")]
+    #[error("cannot read the key file {path}: {source}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot write the token key file {path}: {source}")]
+    #[error("cannot write the key file {path}: {source}")]
     Write {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("token key from {origin}: {reason}")]
+    #[error("key from {origin}: {reason}")]
     Invalid { origin: String, reason: String },
     #[error(
         "no token key: pass --token-key-file (or set SWITCHYARD_TOKEN_KEY_FILE or SWITCHYARD_TOKEN_KEY) with the same secret of at least 32 bytes on every node"
@@ -55,6 +57,33 @@ pub fn load_cluster_key(file: Option<&Path>, secret: Option<&str>) -> Result<Clu
 }
 
 /// The cluster secret in `data_dir/cluster.key`, created on first use.
+/// The key-encryption keys in `files`: the first wraps new data keys, the others unwrap.
+/// `None` without files.
+pub fn load_keks(files: &[PathBuf]) -> Result<Option<KeyRing>, KeyError> {
+    let mut keks = Vec::with_capacity(files.len());
+    for path in files {
+        let contents = std::fs::read(path).map_err(|source| KeyError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let kek = Kek::from_secret(contents.trim_ascii()).map_err(|error| KeyError::Invalid {
+            origin: path.display().to_string(),
+            reason: error.to_string(),
+        })?;
+        keks.push(kek);
+    }
+    let mut keks = keks.into_iter();
+    Ok(keks
+        .next()
+        .map(|active| KeyRing::new(active, keks.collect())))
+}
+
+/// The key-encryption key in `data_dir/kek.key`, created on first use (`switchyard dev`).
+pub fn load_or_create_kek(data_dir: &Path) -> Result<KeyRing, KeyError> {
+    let path = create_secret_file(data_dir, "kek.key")?;
+    load_keks(&[path])?.ok_or(KeyError::Missing)
+}
+
 pub fn load_or_create_cluster_key(data_dir: &Path) -> Result<ClusterKey, KeyError> {
     let path = create_secret_file(data_dir, "cluster.key")?;
     load_cluster_key(Some(&path), None)

@@ -14,6 +14,7 @@ use switchyard_coordinator::{ApiKeyRegistry, CallerAuth};
 use switchyard_core::{DEFAULT_SLOT_COUNT, Limits, WorkerId};
 use switchyard_server::{ClientCertificates, ServerLimits, ServerTlsFiles};
 use switchyard_store::SessionStore;
+use switchyard_store::{SqlStore, SqlStoreOptions};
 use switchyard_worker::WorkerConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -56,6 +57,23 @@ enum Command {
     /// Show and set a user's quota, and show its usage.
     #[command(subcommand)]
     Quota(switchyard_cli::admin::QuotaCommand),
+    /// Manage the store's key-encryption keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Re-wrap every session's data key under the first --kek-file (the new KEK), online
+    /// and resumable, without re-encrypting any message. Give every KEK still in use after
+    /// it. Nodes must already hold the new KEK first (README: "Rotating the KEK").
+    RotateKek(RotateKekArgs),
+}
+
+#[derive(Args)]
+struct RotateKekArgs {
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 #[derive(Subcommand)]
@@ -250,11 +268,33 @@ struct StoreArgs {
     /// Where the embedded store and dev's token key live.
     #[arg(long, env = "SWITCHYARD_DATA_DIR", default_value = "switchyard-data")]
     data_dir: PathBuf,
+    /// Files of key-encryption keys (32 bytes or more each), repeatable: with them, message
+    /// contents and session metadata are encrypted at rest (a plaintext store is encrypted
+    /// when it opens). The first wraps new sessions' data keys; the others still unwrap, for
+    /// a rotation (`switchyard keys rotate-kek`). `switchyard dev` makes one in --data-dir.
+    #[arg(long = "kek-file", env = "SWITCHYARD_KEK_FILES", value_delimiter = ',')]
+    kek_files: Vec<PathBuf>,
 }
 
 impl StoreArgs {
-    async fn open(&self) -> Result<Arc<dyn SessionStore>, BoxError> {
-        let store = store::open(self.store.as_deref(), &self.data_dir).await?;
+    /// The store; `dev` makes a KEK in the data dir when none is given. `keeps_contexts`:
+    /// this node writes contexts (a worker, dev), so it warns when they would be plaintext.
+    async fn open_as(
+        &self,
+        dev: bool,
+        keeps_contexts: bool,
+    ) -> Result<Arc<dyn SessionStore>, BoxError> {
+        let keys = match keys::load_keks(&self.kek_files)? {
+            Some(keys) => Some(keys),
+            None if dev && self.store.as_deref() != Some("memory") => {
+                Some(keys::load_or_create_kek(&self.data_dir)?)
+            }
+            None => None,
+        };
+        if keys.is_none() && keeps_contexts && self.store.as_deref() != Some("memory") {
+            tracing::warn!("no --kek-file: contexts and metadata are stored in plaintext");
+        }
+        let store = store::open(self.store.as_deref(), &self.data_dir, keys).await?;
         tracing::info!(store = %store::describe(self.store.as_deref(), &self.data_dir), "session store ready");
         Ok(store)
     }
@@ -532,6 +572,7 @@ fn main() -> ExitCode {
             Command::Drain(args) => run_drain(args).await,
             Command::ApiKey(ApiKeyCommand::New(args)) => new_api_key(args),
             Command::Quota(command) => switchyard_cli::admin::run_quota(command).await,
+            Command::Keys(KeysCommand::RotateKek(args)) => run_rotate_kek(args).await,
         }
     });
     match result {
@@ -567,7 +608,7 @@ async fn run_coordinator(args: CoordinatorArgs) -> Result<(), BoxError> {
     let callers = args.callers.callers(args.listen, false)?;
     let shutdown = CancellationToken::new();
     switchyard_server::cancel_on_signal(shutdown.clone());
-    let store = args.store.open().await?;
+    let store = args.store.open_as(false, false).await?;
     let listener = switchyard_server::bind(args.listen).await?;
     let mut config =
         switchyard_coordinator::CoordinatorConfig::new(token_key, cluster_key, callers);
@@ -657,10 +698,45 @@ async fn run_worker(args: WorkerArgs) -> Result<(), BoxError> {
         coordinator_tls,
         quotas: args.quotas.config(&args.sessions)?,
     };
-    let store = args.store.open().await?;
+    let store = args.store.open_as(false, true).await?;
     let worker = switchyard_worker::start(config, listener, store, shutdown.clone()).await?;
     shutdown.cancelled().await;
     worker.stop().await;
+    Ok(())
+}
+
+async fn run_rotate_kek(args: RotateKekArgs) -> Result<(), BoxError> {
+    let args = args.store;
+    let keys = keys::load_keks(&args.kek_files)?.ok_or(
+        "give the new KEK with --kek-file NEW first, then every KEK still in use: --kek-file OLD",
+    )?;
+    let options = match args.store.as_deref() {
+        Some("memory") => return Err("a memory store keeps nothing to rotate".into()),
+        Some(url) => SqlStoreOptions::new(url),
+        None => {
+            let path = args.data_dir.join("switchyard.db");
+            if !path.exists() {
+                return Err(format!(
+                    "no store at {} (give --store or --data-dir)",
+                    path.display()
+                )
+                .into());
+            }
+            SqlStoreOptions::sqlite_file(&path)
+        }
+    };
+    let active = keys.active_id().to_string();
+    let store = SqlStore::open(options.with_keys(keys)).await?;
+    let mut out = std::io::stdout();
+    let rewrapped = store
+        .rotate_kek(|done, of| {
+            let _ = writeln!(out, "re-wrapped {done} of {of} data keys");
+        })
+        .await?;
+    let _ = writeln!(
+        std::io::stdout(),
+        "every data key is wrapped by KEK {active} ({rewrapped} re-wrapped now): the other KEKs can be retired from every node's --kek-file"
+    );
     Ok(())
 }
 
@@ -706,7 +782,7 @@ async fn run_dev(args: DevArgs) -> Result<(), BoxError> {
     let limits = args.sessions.limits(&args.inputs, &args.server)?;
     let token_key = keys::load_or_create(&args.store.data_dir)?;
     let cluster_key = keys::load_or_create_cluster_key(&args.store.data_dir)?;
-    let store = args.store.open().await?;
+    let store = args.store.open_as(true, true).await?;
     let shutdown = CancellationToken::new();
     switchyard_server::cancel_on_signal(shutdown.clone());
     let mut config =

@@ -3,17 +3,26 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use switchyard_store::sealing::KeyRing;
 use switchyard_store::{MemoryStore, SessionStore, SqlStore, SqlStoreOptions, StoreError};
 
 /// Opens the store named by `--store`: `memory`, a `sqlite://` or `postgres://` URL, or,
-/// when none is given, the SQLite file `switchyard.db` in `data_dir`.
+/// when none is given, the SQLite file `switchyard.db` in `data_dir`; with `keys`, its
+/// contents are encrypted at rest.
 pub async fn open(
     store: Option<&str>,
     data_dir: &Path,
+    keys: Option<KeyRing>,
 ) -> Result<Arc<dyn SessionStore>, StoreError> {
+    let with_keys = |options: SqlStoreOptions| match &keys {
+        Some(keys) => options.with_keys(keys.clone()),
+        None => options,
+    };
     match store {
         Some("memory") => Ok(Arc::new(MemoryStore::new())),
-        Some(url) => Ok(Arc::new(SqlStore::open(SqlStoreOptions::new(url)).await?)),
+        Some(url) => Ok(Arc::new(
+            SqlStore::open(with_keys(SqlStoreOptions::new(url))).await?,
+        )),
         None => {
             std::fs::create_dir_all(data_dir).map_err(|error| {
                 StoreError::Unavailable(format!(
@@ -23,7 +32,7 @@ pub async fn open(
             })?;
             let path = data_dir.join("switchyard.db");
             Ok(Arc::new(
-                SqlStore::open(SqlStoreOptions::sqlite_file(&path)).await?,
+                SqlStore::open(with_keys(SqlStoreOptions::sqlite_file(&path))).await?,
             ))
         }
     }

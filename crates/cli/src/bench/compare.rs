@@ -4,7 +4,8 @@
 //! - `--security`: what API keys and TLS cost a routed call (no keys and plaintext, API
 //!   keys, API keys and TLS);
 //! - `--quotas`: what quotas and rate limits cost (none, every resource limited and both
-//!   rate limits on, with limits never reached).
+//!   rate limits on, with limits never reached);
+//! - `--encryption`: what sealing contexts at rest costs (plaintext, sealed).
 
 use std::sync::Arc;
 
@@ -15,6 +16,7 @@ use switchyard_core::api_key::hash_api_key;
 
 use switchyard_core::quota::Resource;
 use switchyard_core::{ApiKey, ApiKeys, Scope};
+use switchyard_store::sealing::{Kek, KeyRing};
 use switchyard_worker::quotas::{Limit, QuotaConfig, RateLimit};
 
 use super::load::{LoadShape, Outcome};
@@ -26,11 +28,13 @@ pub(super) enum Variant {
     Keys,
     KeysAndTls,
     Quotas,
+    Sealed,
 }
 
 impl Variant {
     pub(super) const SECURITY: [Variant; 3] = [Variant::Plain, Variant::Keys, Variant::KeysAndTls];
     pub(super) const QUOTAS: [Variant; 2] = [Variant::Plain, Variant::Quotas];
+    pub(super) const ENCRYPTION: [Variant; 2] = [Variant::Plain, Variant::Sealed];
 
     fn name(self) -> &'static str {
         match self {
@@ -38,6 +42,7 @@ impl Variant {
             Variant::Keys => "API keys",
             Variant::KeysAndTls => "API keys and TLS",
             Variant::Quotas => "quotas and rates on",
+            Variant::Sealed => "encrypted at rest",
         }
     }
 }
@@ -109,7 +114,14 @@ async fn measure_variant(
         )?),
         _ => None,
     };
-    let (cluster, data_dir) = start_cluster_with(args, |config| {
+    let keys = (variant == Variant::Sealed).then(|| {
+        KeyRing::new(
+            Kek::from_secret(b"the benchmark's key-encryption key, 32 bytes+")
+                .expect("a long enough secret"),
+            Vec::new(),
+        )
+    });
+    let (cluster, data_dir) = start_cluster_with(args, keys, |config| {
         if variant == Variant::Quotas {
             config.quotas = unreachable_quotas();
         }

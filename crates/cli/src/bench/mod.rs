@@ -17,6 +17,7 @@ use clap::{Args, ValueEnum};
 use switchyard::bench_pb::EchoRequest;
 use switchyard::{SwitchyardClient, pb};
 use switchyard_core::{Limits, TokenKey};
+use switchyard_store::sealing::KeyRing;
 use switchyard_store::{MemoryStore, SessionStore, SqlStore, SqlStoreOptions};
 use tonic::transport::{Channel, Endpoint};
 
@@ -118,6 +119,11 @@ pub struct BenchArgs {
     /// each in turn; report medians and the ratio. Not with --target.
     #[arg(long, conflicts_with_all = ["target", "security"])]
     pub quotas: bool,
+    /// Measure the first scenario on two dev clusters, with contexts in plaintext and
+    /// encrypted at rest, --rounds times each in turn; report medians and the ratio. With
+    /// the default SQLite store only (each cluster gets a fresh file).
+    #[arg(long, conflicts_with_all = ["target", "security", "quotas"])]
+    pub encryption: bool,
     /// Rounds of --security or --quotas.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub rounds: u32,
@@ -184,6 +190,12 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
     if args.quotas {
         return compare::run(&args, shape, &compare::Variant::QUOTAS).await;
     }
+    if args.encryption {
+        if args.store != "sqlite" {
+            return Err("--encryption measures the default SQLite store: leave --store out".into());
+        }
+        return compare::run(&args, shape, &compare::Variant::ENCRYPTION).await;
+    }
     let llm = match args.llm_delay {
         Some(delay) => Some(llm::FixedDelayLlm::start(delay).await?),
         None => None,
@@ -223,7 +235,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
         Some(url) => (url.clone(), None, None),
         None => {
             let catalog = agents()?;
-            let (cluster, data_dir) = start_cluster_with(&args, |config| {
+            let (cluster, data_dir) = start_cluster_with(&args, None, |config| {
                 config.agents = catalog;
                 Ok(())
             })
@@ -275,8 +287,13 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
 /// A dev cluster for the benchmark, with `adjust` applied to its configuration.
 async fn start_cluster_with(
     args: &BenchArgs,
+    keys: Option<KeyRing>,
     adjust: impl FnOnce(&mut DevClusterConfig) -> Result<(), BoxError>,
 ) -> Result<(DevCluster, Option<PathBuf>), BoxError> {
+    let sealed = |options: SqlStoreOptions| match &keys {
+        Some(keys) => options.with_keys(keys.clone()),
+        None => options,
+    };
     let mut secret = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
         .map_err(|_| "the system random source failed")?;
@@ -286,12 +303,14 @@ async fn start_cluster_with(
         "sqlite" => {
             let dir = std::env::temp_dir().join(format!("switchyard-bench-{}", std::process::id()));
             std::fs::create_dir_all(&dir)?;
-            let store =
-                SqlStore::open(SqlStoreOptions::sqlite_file(&dir.join("switchyard.db"))).await?;
+            let store = SqlStore::open(sealed(SqlStoreOptions::sqlite_file(
+                &dir.join("switchyard.db"),
+            )))
+            .await?;
             (Arc::new(store), Some(dir))
         }
         url => (
-            Arc::new(SqlStore::open(SqlStoreOptions::new(url)).await?),
+            Arc::new(SqlStore::open(sealed(SqlStoreOptions::new(url))).await?),
             None,
         ),
     };
