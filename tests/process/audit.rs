@@ -25,11 +25,22 @@ async fn audit_events_name_who_did_what_and_no_log_line_holds_a_secret_or_conten
     let (ops_key, ops) = new_key("operator", &["admin"], None);
     let keys_file = dir.join("api-keys.toml");
     write_keys(&keys_file, &[&app, &ops]);
-    let json = ["--log-format", "json"];
+    let kek_secret = "the audit test's key-encryption key, 32 bytes+";
+    let kek = dir.join("audit.kek");
+    std::fs::write(&kek, kek_secret).unwrap();
+    let store = format!("sqlite://{}?mode=rwc", dir.join("store.db").display());
+    let node = [
+        "--log-format",
+        "json",
+        "--kek-file",
+        kek.to_str().unwrap(),
+        "--store",
+        store.as_str(),
+    ];
     let mut args = vec!["--api-keys", keys_file.to_str().unwrap()];
-    args.extend(json);
+    args.extend(node);
     let (mut coordinator, url) = spawn_coordinator(&dir, &args);
-    let mut worker = spawn_worker(&dir, &url, "worker-a", &json);
+    let mut worker = spawn_worker(&dir, &url, "worker-a", &node);
     let admin = AdminServiceClient::new(
         tonic::transport::Endpoint::from_shared(url.clone())
             .unwrap()
@@ -53,6 +64,7 @@ async fn audit_events_name_who_did_what_and_no_log_line_holds_a_secret_or_conten
         .with_api_key(&app_key)
         .unwrap();
     let mut secrets: Vec<String> = vec![
+        kek_secret.to_string(),
         app_key.clone(),
         ops_key.clone(),
         TOKEN_KEY.to_string(),

@@ -733,6 +733,13 @@ async fn run_rotate_kek(args: RotateKekArgs) -> Result<(), BoxError> {
             let _ = writeln!(out, "re-wrapped {done} of {of} data keys");
         })
         .await?;
+    tracing::info!(
+        target: "switchyard::audit",
+        event = "kek rotated",
+        caller = "switchyard keys rotate-kek",
+        outcome = format!("{rewrapped} data keys re-wrapped under KEK {active}"),
+        "audit"
+    );
     let _ = writeln!(
         std::io::stdout(),
         "every data key is wrapped by KEK {active} ({rewrapped} re-wrapped now): the other KEKs can be retired from every node's --kek-file"
