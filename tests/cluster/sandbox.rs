@@ -12,6 +12,7 @@ use switchyard_agents::{AgentCatalog, EchoConfig, PoolConfig, ProcessConfig, Tok
 use switchyard_cli::{DevCluster, DevClusterConfig};
 use switchyard_coordinator::CallerAuth;
 use switchyard_core::{Limits, TokenKey};
+use switchyard_store::sealing::{Kek, KeyRing};
 use switchyard_store::{SqlStore, SqlStoreOptions};
 use switchyard_worker::quotas::QuotaConfig;
 use tonic::transport::Channel;
@@ -188,9 +189,14 @@ impl Sandbox {
         );
         // The real default: an embedded SQLite store that every node shares.
         let data_dir = temp_dir();
-        let store = SqlStore::open(SqlStoreOptions::sqlite_file(
-            &data_dir.join("switchyard.db"),
-        ))
+        // Encrypted at rest, as `switchyard dev` is.
+        let store = SqlStore::open(
+            SqlStoreOptions::sqlite_file(&data_dir.join("switchyard.db")).with_keys(KeyRing::new(
+                Kek::from_secret(b"the sandbox's key-encryption key, 32 bytes+")
+                    .expect("a long enough secret"),
+                Vec::new(),
+            )),
+        )
         .await
         .expect("store opens");
         let store = Arc::new(store);

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use switchyard::SwitchyardClient;
+use switchyard::retry::RetryPolicy;
 use switchyard_store::testing::TestDatabase;
 use tokio::sync::Mutex;
 use tonic::Code;
@@ -129,10 +130,17 @@ async fn the_token_key_rotates_under_load_without_a_failed_call() {
     );
     let mut nodes = Nodes::start(dir.clone(), database.url.clone()).await;
 
+    // The coordinator is restarted too (there is one): callers ride out its restart with a
+    // retry budget longer than the SDK's default (which covers a worker failover, ~2 s).
     let client = SwitchyardClient::connect(nodes.url.clone())
         .await
         .unwrap()
-        .with_timeout(Duration::from_secs(20));
+        .with_timeout(Duration::from_secs(20))
+        .with_retry(RetryPolicy {
+            attempts: 30,
+            first_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+        });
     let mut sessions = Vec::new();
     for index in 0..SESSIONS {
         let session = client
@@ -205,7 +213,7 @@ async fn the_token_key_rotates_under_load_without_a_failed_call() {
     assert!(failures.is_empty(), "calls failed: {failures:?}");
     let done = done.load(Ordering::Relaxed);
     assert!(
-        done > before_stop && done > 100,
+        done > before_stop && done >= 10 * SESSIONS as u64,
         "the load ran: {done} calls"
     );
 
