@@ -7,6 +7,7 @@ mod agents;
 mod audit;
 mod bench;
 mod cluster;
+mod ctl;
 mod durability;
 mod exactly_once;
 mod harness;

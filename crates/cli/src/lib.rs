@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod agents;
 pub mod bench;
+pub mod ctl;
 pub mod dev;
 pub mod keys;
 pub mod store;

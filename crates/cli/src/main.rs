@@ -49,7 +49,8 @@ enum Command {
     /// Measure a cluster (or a dev cluster it starts) against a raw gRPC echo baseline.
     Bench(switchyard_cli::bench::BenchArgs),
     /// Drain a worker: move its slots away and wait until it has handed them over and left
-    /// (what a Kubernetes preStop hook runs before the worker pod stops).
+    /// (what a Kubernetes preStop hook runs before the worker pod stops); the same as
+    /// `switchyard ctl drain`.
     Drain(DrainArgs),
     /// Make API keys for callers.
     #[command(subcommand, name = "api-key")]
@@ -57,6 +58,9 @@ enum Command {
     /// Show and set a user's quota, and show its usage.
     #[command(subcommand)]
     Quota(switchyard_cli::admin::QuotaCommand),
+    /// Look at and operate a running cluster through its coordinator: status, workers,
+    /// placement, sessions, context, usage, quota, drain, rebalance (`--json` for scripts).
+    Ctl(switchyard_cli::ctl::CtlArgs),
     /// Manage the store's key-encryption keys.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -573,6 +577,7 @@ fn main() -> ExitCode {
             Command::ApiKey(ApiKeyCommand::New(args)) => new_api_key(args),
             Command::Quota(command) => switchyard_cli::admin::run_quota(command).await,
             Command::Keys(KeysCommand::RotateKek(args)) => run_rotate_kek(args).await,
+            Command::Ctl(args) => switchyard_cli::ctl::run(args).await,
         }
     });
     match result {
@@ -748,38 +753,16 @@ async fn run_rotate_kek(args: RotateKekArgs) -> Result<(), BoxError> {
 }
 
 async fn run_drain(args: DrainArgs) -> Result<(), BoxError> {
-    use switchyard::pb;
-
-    let mut request = args.target.request(pb::DrainWorkerRequest {
-        worker_id: args.id.clone(),
-        wait: true,
-    })?;
-    request.set_timeout(args.timeout);
-    let reply = args
-        .target
-        .client()?
-        .drain_worker(request)
-        .await
-        .map_err(|status| args.target.failed(status))?
-        .into_inner();
-    if !reply.left {
-        return Err(format!(
-            "worker {} has not left within {} (slots moved: {}, epoch {}); it goes on handing over",
-            args.id,
-            humantime::format_duration(args.timeout),
-            reply.slots_moved,
-            reply.epoch
-        )
-        .into());
-    }
-    let _ = writeln!(
-        std::io::stdout(),
-        "worker {} drained: {} slots moved (epoch {}), and it has left the cluster",
-        args.id,
-        reply.slots_moved,
-        reply.epoch
-    );
-    Ok(())
+    use switchyard_cli::ctl::{CtlArgs, CtlCommand, DrainArgs as CtlDrain, run};
+    run(CtlArgs {
+        command: CtlCommand::Drain(CtlDrain {
+            worker_id: args.id,
+            timeout: args.timeout,
+            target: args.target,
+            json: false,
+        }),
+    })
+    .await
 }
 
 async fn run_dev(args: DevArgs) -> Result<(), BoxError> {
