@@ -11,6 +11,7 @@ mod ctl;
 mod durability;
 mod exactly_once;
 mod harness;
+mod metrics;
 mod placement;
 mod pressure;
 mod quotas;

@@ -249,9 +249,23 @@ struct ServerArgs {
     /// Streams one HTTP/2 connection may have open at once.
     #[arg(long, env = "SWITCHYARD_MAX_CONCURRENT_STREAMS", default_value_t = ServerLimits::default().max_concurrent_streams)]
     max_concurrent_streams: u32,
+    /// Serve Prometheus metrics (GET /metrics) on this address; `switchyard dev` serves its
+    /// nodes' together, each sample naming its node. Off by default.
+    #[arg(long, env = "SWITCHYARD_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 impl ServerArgs {
+    /// Starts the Prometheus endpoint, when asked for.
+    fn serve_metrics(&self) -> Result<(), BoxError> {
+        let Some(address) = self.metrics_listen else {
+            return Ok(());
+        };
+        switchyard_cli::metrics::serve(address)?;
+        tracing::info!(%address, "metrics served at http://{address}/metrics");
+        Ok(())
+    }
+
     fn server_limits(&self) -> ServerLimits {
         ServerLimits {
             max_in_flight: self.max_in_flight.max(1),
@@ -608,6 +622,7 @@ fn init_tracing(default_level: &str, json: bool) {
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 async fn run_coordinator(args: CoordinatorArgs) -> Result<(), BoxError> {
+    args.server.serve_metrics()?;
     let token_key = args.keys.token_key()?;
     let cluster_key = args.keys.cluster_key()?;
     let callers = args.callers.callers(args.listen, false)?;
@@ -652,6 +667,7 @@ async fn run_coordinator(args: CoordinatorArgs) -> Result<(), BoxError> {
 }
 
 async fn run_worker(args: WorkerArgs) -> Result<(), BoxError> {
+    args.server.serve_metrics()?;
     let token_key = args.keys.token_key()?;
     let cluster_key = args.keys.cluster_key()?;
     let limits = args.sessions.limits(&args.inputs, &args.server)?;
@@ -766,6 +782,7 @@ async fn run_drain(args: DrainArgs) -> Result<(), BoxError> {
 }
 
 async fn run_dev(args: DevArgs) -> Result<(), BoxError> {
+    args.server.serve_metrics()?;
     validate_timing(args.timing.heartbeat_interval, args.timing.lease)?;
     let agents = switchyard_cli::agents::load(args.agents.agents.as_deref())?;
     let callers = args.callers.callers(args.listen, true)?;
@@ -797,7 +814,12 @@ async fn run_dev(args: DevArgs) -> Result<(), BoxError> {
         )?);
     }
     let cluster = DevCluster::start(config).await?;
-    print_banner(&cluster, &args.store, keys_in_use);
+    print_banner(
+        &cluster,
+        &args.store,
+        keys_in_use,
+        args.server.metrics_listen,
+    );
     shutdown.cancelled().await;
     cluster.stop().await;
     // stdout may be gone (a closed pipe) by now; that is no reason to fail.
@@ -862,7 +884,12 @@ fn validate_timing(heartbeat_interval: Duration, lease: Duration) -> Result<(), 
     Ok(())
 }
 
-fn print_banner(cluster: &DevCluster, store: &StoreArgs, keys_in_use: bool) {
+fn print_banner(
+    cluster: &DevCluster,
+    store: &StoreArgs,
+    keys_in_use: bool,
+    metrics: Option<SocketAddr>,
+) {
     let address = cluster.coordinator_address();
     let mut banner = format!(
         "switchyard dev is running\n  coordinator  {address}  (SessionService, AdminService, health, reflection)\n"
@@ -887,6 +914,10 @@ fn print_banner(cluster: &DevCluster, store: &StoreArgs, keys_in_use: bool) {
             "  tls          on the listener, and mutual TLS between nodes; CA {}\n",
             tls.ca.display()
         );
+    }
+    if let Some(metrics) = metrics {
+        banner +=
+            &format!("  metrics      http://{metrics}/metrics  (every node, by its node label)\n");
     }
     banner += &format!(
         "  data dir     {}\n  store        {}\n\ntry:\n  grpcurl {transport} {address} list\n  \

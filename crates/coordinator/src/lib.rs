@@ -148,6 +148,7 @@ pub async fn start(
         config.worker_tls.clone(),
     ));
     let server = GrpcServer::new()
+        .with_node("coordinator")
         .with_gate(Arc::new(Gate::new(
             config.cluster_key.clone(),
             config.callers.clone(),

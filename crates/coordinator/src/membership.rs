@@ -468,6 +468,7 @@ impl Membership {
                 record.state = WorkerState::Dead;
                 expired += 1;
                 tracing::warn!(worker_id = %record.worker_id, "worker missed its lease, declared dead");
+                metrics::counter!("switchyard_failovers_total").increment(1);
             }
         }
         if expired > 0 {

@@ -1,6 +1,7 @@
 //! The shared gRPC server builder and shutdown handling.
 
 mod admission;
+pub mod metrics;
 pub mod tls;
 
 pub use admission::{CallClass, Gate, OpenGate, ServerLimits};
@@ -47,6 +48,8 @@ pub struct GrpcServer {
     limits: ServerLimits,
     reflection: bool,
     tls: Option<Arc<ServerTls>>,
+    /// The `node` label of this server's call metrics.
+    node: String,
 }
 
 impl Default for GrpcServer {
@@ -65,7 +68,14 @@ impl GrpcServer {
             limits: ServerLimits::default(),
             reflection: true,
             tls: None,
+            node: "node".to_string(),
         }
+    }
+
+    /// Names this node in the call metrics (`node` label): the worker id, or `coordinator`.
+    pub fn with_node(mut self, node: &str) -> Self {
+        self.node = node.to_string();
+        self
     }
 
     /// Serves TLS with `tls` (re-read when its files change), or plaintext with `None`.
@@ -187,6 +197,7 @@ impl GrpcServer {
             .http2_max_pending_accept_reset_streams(Some(64))
             .initial_stream_window_size(Some(1024 * 1024))
             .initial_connection_window_size(Some(4 * 1024 * 1024))
+            .layer(metrics::RpcMetricsLayer::new(&self.node))
             .layer(admission::AdmissionLayer::new(self.gate.clone(), limits))
             .trace_fn(|request| tracing::debug_span!("grpc", path = %request.uri().path()))
             .add_routes(routes.routes());

@@ -27,6 +27,16 @@ pub fn event(
     session_id: Option<SessionId>,
     outcome: &str,
 ) {
+    let kind = match event {
+        "session created" => Some("created"),
+        "session ended" if outcome == "ended" => Some("ended"),
+        "session evicted" => Some("evicted"),
+        "session expired" => Some("expired"),
+        _ => None,
+    };
+    if let Some(kind) = kind {
+        metrics::counter!("switchyard_sessions_total", "event" => kind).increment(1);
+    }
     let session_id = session_id.map(|id| id.to_string()).unwrap_or_default();
     tracing::info!(
         target: TARGET,

@@ -170,6 +170,7 @@ pub async fn start(
         tokio::spawn(async move {
             let max_message_bytes = server_limits.max_message_bytes;
             let server = GrpcServer::new()
+                .with_node(worker_id.as_str())
                 .with_gate(Arc::new(gate::WorkerGate::new(cluster_key)))
                 .with_limits(server_limits)
                 .with_reflection(reflection)
@@ -237,6 +238,10 @@ async fn upkeep(
                 if let Err(error) = sessions.expire_idle(&held).await {
                     tracing::warn!(%worker_id, %error, "idle session expiry failed");
                 }
+                metrics::gauge!("switchyard_sessions_active", "node" => worker_id.to_string(), "state" => "hot")
+                    .set(sessions.hot_count() as f64);
+                metrics::gauge!("switchyard_worker_load", "node" => worker_id.to_string())
+                    .set(sessions.hot_count() as f64);
             }
             changed = tables.changed() => {
                 if changed.is_err() {

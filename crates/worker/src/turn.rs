@@ -47,6 +47,8 @@ pub fn start_turn(
     let (events, receiver) = mpsc::channel(EVENT_BUFFER);
     tokio::spawn(async move {
         let session_id = call.session.session_id;
+        let started = Instant::now();
+        let agent_type = input.agent_type.clone();
         let turn = run_turn(&sessions, &call, pool, &input, &events);
         let result = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline.into(), turn)
@@ -54,6 +56,17 @@ pub fn start_turn(
                 .unwrap_or(Err(WorkerError::DeadlineExceeded)),
             None => turn.await,
         };
+        let outcome = match &result {
+            Ok(()) => "ok",
+            Err(WorkerError::Agent(AgentError::Cancelled)) => "cancelled",
+            Err(WorkerError::Quota(_)) => "refused",
+            Err(WorkerError::DeadlineExceeded | WorkerError::TurnTimedOut { .. }) => "timed_out",
+            Err(_) => "failed",
+        };
+        metrics::counter!("switchyard_turns_total", "agent_type" => agent_type.clone(), "outcome" => outcome)
+            .increment(1);
+        metrics::histogram!("switchyard_turn_duration_seconds", "agent_type" => agent_type)
+            .record(started.elapsed().as_secs_f64());
         match result {
             Ok(()) => {}
             Err(WorkerError::Agent(AgentError::Cancelled)) => {
@@ -119,6 +132,7 @@ async fn run_turn(
     events: &mpsc::Sender<Result<pb::TurnEvent, Status>>,
 ) -> Result<()> {
     let agent_type = input.agent_type.as_str();
+    let turn_started = Instant::now();
     let (_turn, interrupted) = tokio::select! {
         taken = call.session.take_turn(sessions.limits().max_queued_turns) => taken?,
         _ = events.closed() => return Err(AgentError::Cancelled.into()),
@@ -228,6 +242,10 @@ async fn run_turn(
                         agent_type: agent_type.to_string(),
                     });
                 }
+                if reply.is_empty() {
+                    metrics::histogram!("switchyard_turn_first_delta_seconds", "agent_type" => agent_type.to_string())
+                        .record(turn_started.elapsed().as_secs_f64());
+                }
                 reply.push_str(&text);
                 let event = pb::TurnEvent {
                     event: Some(pb::turn_event::Event::Delta(pb::TextDelta { text })),
@@ -318,6 +336,10 @@ async fn run_turn(
     };
     let reply_append = match answered {
         Some(Ok((usage, reply))) => {
+            metrics::counter!("switchyard_tokens_total", "agent_type" => agent_type.to_string(), "kind" => "prompt")
+                .increment(usage.prompt_tokens);
+            metrics::counter!("switchyard_tokens_total", "agent_type" => agent_type.to_string(), "kind" => "completion")
+                .increment(usage.completion_tokens);
             if let Some(charge) = charge {
                 charge.settle(
                     &pool_config,

@@ -64,6 +64,14 @@ impl Membership {
             let epoch = next.epoch().max(state.epoch_floor.next());
             state.placement = next.with_epoch(epoch);
             tracing::info!(epoch = %epoch, workers = placeable.len(), slots_moved, unassigned_slots = state.placement.unassigned_slots(), "placement changed");
+            metrics::gauge!("switchyard_placement_epoch").set(epoch.0 as f64);
+            metrics::counter!("switchyard_slots_moved_total").increment(slots_moved as u64);
+            let counts = state.placement.slot_counts();
+            for worker in &members {
+                let slots = counts.get(worker).copied().unwrap_or(0);
+                metrics::gauge!("switchyard_worker_slots", "worker" => worker.to_string())
+                    .set(f64::from(slots));
+            }
         }
         self.publish(state);
         Rebalanced {

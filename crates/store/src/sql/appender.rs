@@ -253,7 +253,12 @@ impl Lane {
         let durable = requests
             .iter()
             .any(|request| request.append.durability == Durability::Now);
-        match self.commit_on_connection(requests, durable).await {
+        let started = std::time::Instant::now();
+        let result = self.commit_on_connection(requests, durable).await;
+        metrics::histogram!("switchyard_store_commit_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("switchyard_store_batch_size").record(requests.len() as f64);
+        match result {
             Ok(committed) => {
                 self.counters.record(requests, durable, committed.staged);
                 if self.backend == Backend::Sqlite && self.durable {

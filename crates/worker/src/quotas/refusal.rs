@@ -81,6 +81,15 @@ impl QuotaError {
 
     /// The status: RESOURCE_EXHAUSTED with its details.
     pub fn to_status(&self) -> Status {
+        match self {
+            QuotaError::Exhausted { resource, .. } => {
+                metrics::counter!("switchyard_quota_refusals_total", "resource" => resource.name())
+                    .increment(1);
+            }
+            QuotaError::RateLimited { scope, .. } => {
+                metrics::counter!("switchyard_rate_limited_total", "scope" => *scope).increment(1);
+            }
+        }
         let (subject, description) = match self {
             QuotaError::Exhausted {
                 resource, user_id, ..
