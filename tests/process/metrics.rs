@@ -136,15 +136,19 @@ async fn metrics_count_what_the_workload_did_with_bounded_labels() {
     let started = Instant::now();
     let (body, samples) = loop {
         let (body, samples) = scrape(&metrics);
-        if samples
-            .iter()
-            .any(|sample| sample.name == "switchyard_sessions_active")
+        // The workers' and pools' gauges are set as they go round their upkeep.
+        if total(&samples, "switchyard_sessions_active", &[("state", "hot")]) >= 3.0
+            && total(
+                &samples,
+                "switchyard_agent_pool_instances",
+                &[("agent_type", "echo")],
+            ) >= 1.0
         {
             break (body, samples);
         }
         assert!(
             started.elapsed() < Duration::from_secs(15),
-            "no sessions_active in:\n{body}"
+            "the gauges never showed the sessions and the echo instances:\n{body}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
@@ -249,7 +253,10 @@ async fn metrics_count_what_the_workload_did_with_bounded_labels() {
     assert!(total(&samples, "switchyard_tokens_total", &[("kind", "prompt")]) >= 6.0 * 2.0);
     assert!(total(&samples, "switchyard_store_commit_seconds_count", &[]) >= 1.0);
     // Three appends, and each turn's user message and reply: every append in one batch.
-    assert_eq!(total(&samples, "switchyard_store_batch_size_sum", &[]), 3.0 + 6.0 * 2.0);
+    assert_eq!(
+        total(&samples, "switchyard_store_batch_size_sum", &[]),
+        3.0 + 6.0 * 2.0
+    );
     assert_eq!(
         total(&samples, "switchyard_placement_epoch", &[]),
         epoch as f64
@@ -262,6 +269,26 @@ async fn metrics_count_what_the_workload_did_with_bounded_labels() {
             &[("resource", "api_calls")]
         ),
         1.0
+    );
+    assert_eq!(
+        total(
+            &samples,
+            "switchyard_agent_pool_acquire_seconds_count",
+            &[("agent_type", "echo")]
+        ),
+        6.0
+    );
+    assert!(
+        total(
+            &samples,
+            "switchyard_agent_pool_instances",
+            &[("agent_type", "echo")]
+        ) >= 1.0,
+        "{body}"
+    );
+    assert!(
+        body.contains("switchyard_agent_pool_waiters{agent_type=\"echo\"} 0"),
+        "{body}"
     );
     // Bounded labels: no user id and no session id anywhere.
     for id in users

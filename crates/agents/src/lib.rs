@@ -173,6 +173,14 @@ impl AgentCatalog {
                 _ = ticks.tick() => {
                     for pool in self.pools.values() {
                         pool.reap_idle();
+                        let stats = pool.stats();
+                        let agent_type = pool.agent_type().to_string();
+                        metrics::gauge!("switchyard_agent_pool_instances", "agent_type" => agent_type.clone(), "state" => "idle")
+                            .set(stats.idle as f64);
+                        metrics::gauge!("switchyard_agent_pool_instances", "agent_type" => agent_type.clone(), "state" => "busy")
+                            .set(stats.live.saturating_sub(stats.idle) as f64);
+                        metrics::gauge!("switchyard_agent_pool_waiters", "agent_type" => agent_type)
+                            .set(stats.waiting as f64);
                         if let Err(error) = pool.fill_to_min().await {
                             tracing::warn!(agent_type = %pool.agent_type(), %error, "cannot keep the pool's minimum warm");
                         }

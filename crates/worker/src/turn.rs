@@ -193,10 +193,13 @@ async fn run_turn(
     };
     let answer = async {
         // Waits, first come first served, when every instance of the type is busy.
+        let acquiring = Instant::now();
         let mut agent = tokio::select! {
             agent = pool.acquire() => agent?,
             _ = events.closed() => return Err(AgentError::Cancelled.into()),
         };
+        metrics::histogram!("switchyard_agent_pool_acquire_seconds", "agent_type" => agent_type.to_string())
+            .record(acquiring.elapsed().as_secs_f64());
         let (deltas, mut delta_receiver) = mpsc::channel::<String>(EVENT_BUFFER);
         let run = async move {
             let result = agent.agent().run_turn(&context, &deltas).await;
