@@ -65,10 +65,19 @@ async fn ctl_shows_and_operates_the_cluster_as_tables_and_as_json() {
     assert_eq!(status["epoch"], placement.epoch);
     assert!(ctl(&url, &["status"]).starts_with(&format!("serving: epoch {}", placement.epoch)));
 
-    let workers = ctl_json(&url, &["workers"]);
-    let listed = workers["workers"].as_array().unwrap();
-    assert_eq!(listed.len(), 3);
-    assert!(listed.iter().all(|worker| worker["state"] == "active"));
+    // Workers turn active once they hold their slots: wait for that, bounded.
+    let started = std::time::Instant::now();
+    let workers = loop {
+        let workers = ctl_json(&url, &["workers"]);
+        let listed = workers["workers"].as_array().unwrap();
+        assert_eq!(listed.len(), 3);
+        if listed.iter().all(|worker| worker["state"] == "active") {
+            break workers;
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "{workers}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(workers["workers"].as_array().unwrap().len(), 3);
     let table = ctl(&url, &["workers"]);
     assert_eq!(table.lines().count(), 4, "{table}");
     assert!(

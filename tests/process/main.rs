@@ -20,4 +20,5 @@ mod sealing;
 mod security;
 mod tls;
 mod token_rotation;
+mod traces;
 mod turn_crash;

@@ -50,6 +50,8 @@ pub struct DevClusterConfig {
     /// In-flight, receive-budget and HTTP/2 limits of every node's server.
     pub server_limits: ServerLimits,
     pub reflection: bool,
+    /// Every node writes one access-log line per call.
+    pub access_log: bool,
     /// TLS on the coordinator's listener and mutual TLS between the nodes.
     pub tls: Option<DevTlsFiles>,
     pub slot_count: u32,
@@ -93,6 +95,7 @@ impl DevClusterConfig {
             limits: Limits::default(),
             server_limits: ServerLimits::default(),
             reflection: true,
+            access_log: false,
             tls: None,
             slot_count: DEFAULT_SLOT_COUNT,
             heartbeat_interval: Duration::from_millis(500),
@@ -139,6 +142,7 @@ impl DevCluster {
         );
         coordinator_config.server_limits = server_limits(&config);
         coordinator_config.reflection = config.reflection;
+        coordinator_config.access_log = config.access_log;
         if let Some(tls) = &config.tls {
             coordinator_config.tls = Some(
                 ServerTlsFiles {
@@ -210,6 +214,7 @@ impl DevCluster {
             agents: self.config.agents.clone(),
             server_limits: server_limits(&self.config),
             reflection: self.config.reflection,
+            access_log: self.config.access_log,
             tls: match &self.config.tls {
                 Some(tls) => Some(
                     ServerTlsFiles {

@@ -249,6 +249,10 @@ struct ServerArgs {
     /// Streams one HTTP/2 connection may have open at once.
     #[arg(long, env = "SWITCHYARD_MAX_CONCURRENT_STREAMS", default_value_t = ServerLimits::default().max_concurrent_streams)]
     max_concurrent_streams: u32,
+    /// Write one log line per call served (target `switchyard::access`): method, code,
+    /// duration and trace id.
+    #[arg(long, env = "SWITCHYARD_ACCESS_LOG")]
+    access_log: bool,
     /// Serve Prometheus metrics (GET /metrics) on this address; `switchyard dev` serves its
     /// nodes' together, each sample naming its node. Off by default.
     #[arg(long, env = "SWITCHYARD_METRICS_LISTEN")]
@@ -634,6 +638,7 @@ async fn run_coordinator(args: CoordinatorArgs) -> Result<(), BoxError> {
         switchyard_coordinator::CoordinatorConfig::new(token_key, cluster_key, callers);
     config.server_limits = args.server.server_limits();
     config.reflection = args.server.reflection;
+    config.access_log = args.server.access_log;
     config.tls = match (&args.tls.tls_cert, &args.tls.tls_key) {
         (Some(cert), Some(key)) => Some(
             ServerTlsFiles {
@@ -715,6 +720,7 @@ async fn run_worker(args: WorkerArgs) -> Result<(), BoxError> {
         agents: switchyard_cli::agents::load(args.agents.agents.as_deref())?,
         server_limits: args.server.server_limits(),
         reflection: args.server.reflection,
+        access_log: args.server.access_log,
         tls,
         coordinator_tls,
         quotas: args.quotas.config(&args.sessions)?,
@@ -801,6 +807,7 @@ async fn run_dev(args: DevArgs) -> Result<(), BoxError> {
     config.quotas = args.quotas.config(&args.sessions)?;
     config.server_limits = args.server.server_limits();
     config.reflection = args.server.reflection;
+    config.access_log = args.server.access_log;
     config.agents = agents;
     config.slot_count = args.timing.slot_count;
     config.heartbeat_interval = args.timing.heartbeat_interval;

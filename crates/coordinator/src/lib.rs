@@ -46,6 +46,8 @@ pub struct CoordinatorConfig {
     pub server_limits: ServerLimits,
     /// Serve server reflection (grpcurl list/describe).
     pub reflection: bool,
+    /// Write one access-log line per call.
+    pub access_log: bool,
     /// TLS on the listener (callers and workers), re-read when its files change.
     pub tls: Option<Arc<ServerTls>>,
     /// Mutual TLS towards the workers (the cluster CA and this node's certificate). When
@@ -70,6 +72,7 @@ impl CoordinatorConfig {
             callers,
             server_limits: ServerLimits::default(),
             reflection: true,
+            access_log: false,
             tls: None,
             worker_tls: None,
             slot_count: DEFAULT_SLOT_COUNT,
@@ -149,6 +152,10 @@ pub async fn start(
     ));
     let server = GrpcServer::new()
         .with_node("coordinator")
+        .with_call_log(switchyard_server::metrics::CallLog {
+            start_traces: true,
+            access_log: config.access_log,
+        })
         .with_gate(Arc::new(Gate::new(
             config.cluster_key.clone(),
             config.callers.clone(),

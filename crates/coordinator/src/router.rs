@@ -30,6 +30,8 @@ use tonic::server::{Grpc, NamedService, ServerStreamingService, UnaryService};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
+use switchyard_server::metrics::TRACEPARENT;
+
 use crate::error::CoordinatorError;
 use crate::gate::Caller;
 use crate::membership::Membership;
@@ -125,6 +127,8 @@ struct Forwarding {
     deadline: Option<Instant>,
     /// The caller's API key name, for the worker's audit events.
     caller: AsciiMetadataValue,
+    /// The call's W3C trace context (the caller's, or the one started here), passed on.
+    traceparent: Option<AsciiMetadataValue>,
 }
 
 /// How a caller is named in audit events: its API key's name, `open` when keys are off.
@@ -189,6 +193,7 @@ impl Router {
                     token: None,
                     deadline: deadline_of(metadata),
                     caller: caller_value(caller),
+                    traceparent: metadata.get(TRACEPARENT).cloned(),
                 })
             }
             Key::Session => {
@@ -201,6 +206,7 @@ impl Router {
                     token: metadata.get(SESSION_TOKEN).cloned(),
                     deadline: deadline_of(metadata),
                     caller: caller_value(caller),
+                    traceparent: metadata.get(TRACEPARENT).cloned(),
                 })
             }
         }
@@ -309,6 +315,9 @@ impl Router {
                 metadata.insert(SESSION_TOKEN, token.clone());
             }
             metadata.insert(CALLER, forwarding.caller.clone());
+            if let Some(traceparent) = &forwarding.traceparent {
+                metadata.insert(TRACEPARENT, traceparent.clone());
+            }
             if let Some(deadline) = forwarding.deadline {
                 let remaining = deadline.saturating_duration_since(Instant::now());
                 if remaining.is_zero() {
@@ -353,6 +362,7 @@ impl Router {
             token: None,
             deadline: deadline_of(metadata),
             caller: caller_value(caller),
+            traceparent: metadata.get(TRACEPARENT).cloned(),
         };
         let method = Method {
             path,

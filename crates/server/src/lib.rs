@@ -50,6 +50,7 @@ pub struct GrpcServer {
     tls: Option<Arc<ServerTls>>,
     /// The `node` label of this server's call metrics.
     node: String,
+    call_log: metrics::CallLog,
 }
 
 impl Default for GrpcServer {
@@ -69,7 +70,15 @@ impl GrpcServer {
             reflection: true,
             tls: None,
             node: "node".to_string(),
+            call_log: metrics::CallLog::default(),
         }
+    }
+
+    /// Whether calls without a trace context start one here, and whether each call writes
+    /// an access-log line.
+    pub fn with_call_log(mut self, call_log: metrics::CallLog) -> Self {
+        self.call_log = call_log;
+        self
     }
 
     /// Names this node in the call metrics (`node` label): the worker id, or `coordinator`.
@@ -197,7 +206,7 @@ impl GrpcServer {
             .http2_max_pending_accept_reset_streams(Some(64))
             .initial_stream_window_size(Some(1024 * 1024))
             .initial_connection_window_size(Some(4 * 1024 * 1024))
-            .layer(metrics::RpcMetricsLayer::new(&self.node))
+            .layer(metrics::RpcMetricsLayer::new(&self.node, self.call_log))
             .layer(admission::AdmissionLayer::new(self.gate.clone(), limits))
             .trace_fn(|request| tracing::debug_span!("grpc", path = %request.uri().path()))
             .add_routes(routes.routes());

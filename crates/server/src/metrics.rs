@@ -1,5 +1,8 @@
 //! Per-call metrics of every server: `switchyard_rpc_requests_total` and
-//! `switchyard_rpc_duration_seconds`, by `service`, `method`, `code` and `node`.
+//! `switchyard_rpc_duration_seconds`, by `service`, `method`, `code` and `node`; the
+//! call's W3C trace context (kept from the caller's `traceparent`, or started here on the
+//! coordinator, and passed on to the worker); and, with `--access-log`, one log line per
+//! call (target `switchyard::access`) with its method, code, duration and trace id.
 //!
 //! The code is the call's `grpc-status`: from the response headers when the call ended at
 //! once (a refusal, an error), else from the trailers at the end of its body, so a stream
@@ -19,16 +22,55 @@ use tonic::Code;
 use tonic::body::Body;
 use tower_service::Service;
 
+/// The W3C trace context header.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// How a server treats calls beyond counting them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallLog {
+    /// Start a trace for a call that comes without one (the entry point: the coordinator).
+    pub start_traces: bool,
+    /// Write one line per call.
+    pub access_log: bool,
+}
+
 /// Puts [`RpcMetrics`] in front of a server's routes, naming the node in every sample.
 #[derive(Clone)]
 pub struct RpcMetricsLayer {
     node: Arc<str>,
+    log: CallLog,
 }
 
 impl RpcMetricsLayer {
-    pub fn new(node: &str) -> Self {
-        RpcMetricsLayer { node: node.into() }
+    pub fn new(node: &str, log: CallLog) -> Self {
+        RpcMetricsLayer {
+            node: node.into(),
+            log,
+        }
     }
+}
+
+/// The trace id of a valid `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`).
+pub fn trace_id_of(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.split('-');
+    let (version, trace, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |part: &str, len: usize| {
+        part.len() == len && part.bytes().all(|byte| byte.is_ascii_hexdigit())
+    };
+    (hex(version, 2)
+        && hex(trace, 32)
+        && hex(parent, 16)
+        && hex(flags, 2)
+        && trace != "0".repeat(32))
+    .then_some(trace)
+}
+
+/// A new trace context: random trace and span ids, sampled.
+fn new_traceparent() -> String {
+    let trace: u128 = rand::random();
+    let span: u64 = rand::random();
+    format!("00-{:032x}-{:016x}-01", trace.max(1), span.max(1))
 }
 
 impl<S> tower_layer::Layer<S> for RpcMetricsLayer {
@@ -38,6 +80,7 @@ impl<S> tower_layer::Layer<S> for RpcMetricsLayer {
         RpcMetrics {
             inner,
             node: self.node.clone(),
+            log: self.log,
         }
     }
 }
@@ -46,6 +89,7 @@ impl<S> tower_layer::Layer<S> for RpcMetricsLayer {
 pub struct RpcMetrics<S> {
     inner: S,
     node: Arc<str>,
+    log: CallLog,
 }
 
 /// What one call is counted under.
@@ -54,10 +98,12 @@ struct Call {
     method: String,
     node: Arc<str>,
     started: Instant,
+    trace_id: Option<String>,
+    access_log: bool,
 }
 
 impl Call {
-    fn of(path: &str, node: Arc<str>) -> Call {
+    fn of(path: &str, node: Arc<str>, trace_id: Option<String>, access_log: bool) -> Call {
         let (service, method) = path
             .trim_start_matches('/')
             .split_once('/')
@@ -68,6 +114,8 @@ impl Call {
             method: if known { method } else { "unknown" }.to_string(),
             node,
             started: Instant::now(),
+            trace_id,
+            access_log,
         }
     }
 
@@ -84,8 +132,21 @@ impl Call {
             ("node", self.node.to_string()),
         ];
         metrics::counter!("switchyard_rpc_requests_total", &labels).increment(1);
-        metrics::histogram!("switchyard_rpc_duration_seconds", &labels)
-            .record(self.started.elapsed().as_secs_f64());
+        let took = self.started.elapsed();
+        metrics::histogram!("switchyard_rpc_duration_seconds", &labels).record(took.as_secs_f64());
+        if self.access_log {
+            let [(_, service), (_, method), (_, code), (_, node)] = &labels;
+            tracing::info!(
+                target: "switchyard::access",
+                service = service.as_str(),
+                method = method.as_str(),
+                code = code.as_str(),
+                node = node.as_str(),
+                duration_ms = took.as_secs_f64() * 1000.0,
+                trace_id = self.trace_id.as_deref().unwrap_or(""),
+                "call"
+            );
+        }
     }
 }
 
@@ -115,8 +176,26 @@ where
         self.inner.poll_ready(context)
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let call = Call::of(request.uri().path(), self.node.clone());
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        let mut trace_id = request
+            .headers()
+            .get(TRACEPARENT)
+            .and_then(|value| value.to_str().ok())
+            .and_then(trace_id_of)
+            .map(str::to_string);
+        if trace_id.is_none() && self.log.start_traces {
+            let traceparent = new_traceparent();
+            trace_id = trace_id_of(&traceparent).map(str::to_string);
+            if let Ok(value) = http::HeaderValue::from_str(&traceparent) {
+                request.headers_mut().insert(TRACEPARENT, value);
+            }
+        }
+        let call = Call::of(
+            request.uri().path(),
+            self.node.clone(),
+            trace_id,
+            self.log.access_log,
+        );
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await?;
@@ -187,5 +266,30 @@ impl HttpBody for MeasuredBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_contexts_are_read_and_made_as_w3c_says() {
+        assert_eq!(
+            trace_id_of("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473z-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(trace_id_of(bad), None, "{bad:?}");
+        }
+        let made = new_traceparent();
+        assert!(trace_id_of(&made).is_some(), "{made}");
+        assert_ne!(new_traceparent(), made);
     }
 }

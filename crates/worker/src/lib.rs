@@ -54,6 +54,8 @@ pub struct WorkerConfig {
     pub server_limits: ServerLimits,
     /// Serve server reflection.
     pub reflection: bool,
+    /// Write one access-log line per call.
+    pub access_log: bool,
     /// TLS on the listener; with the cluster CA it asks every client (the coordinator) for
     /// a certificate: mutual TLS.
     pub tls: Option<Arc<ServerTls>>,
@@ -166,11 +168,16 @@ pub async fn start(
         let cluster_key = config.cluster_key.clone();
         let server_limits = config.server_limits;
         let reflection = config.reflection;
+        let access_log = config.access_log;
         let tls = config.tls.clone();
         tokio::spawn(async move {
             let max_message_bytes = server_limits.max_message_bytes;
             let server = GrpcServer::new()
                 .with_node(worker_id.as_str())
+                .with_call_log(switchyard_server::metrics::CallLog {
+                    start_traces: false,
+                    access_log,
+                })
                 .with_gate(Arc::new(gate::WorkerGate::new(cluster_key)))
                 .with_limits(server_limits)
                 .with_reflection(reflection)
