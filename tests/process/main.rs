@@ -8,6 +8,7 @@ mod audit;
 mod bench;
 mod cluster;
 mod ctl;
+mod deploy_files;
 mod durability;
 mod exactly_once;
 mod harness;

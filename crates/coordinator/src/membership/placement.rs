@@ -66,8 +66,9 @@ impl Membership {
             tracing::info!(epoch = %epoch, workers = placeable.len(), slots_moved, unassigned_slots = state.placement.unassigned_slots(), "placement changed");
             metrics::gauge!("switchyard_placement_epoch").set(epoch.0 as f64);
             metrics::counter!("switchyard_slots_moved_total").increment(slots_moved as u64);
+            // Every worker known, so one that left or died shows 0 rather than its last count.
             let counts = state.placement.slot_counts();
-            for worker in &members {
+            for worker in state.workers.keys() {
                 let slots = counts.get(worker).copied().unwrap_or(0);
                 metrics::gauge!("switchyard_worker_slots", "worker" => worker.to_string())
                     .set(f64::from(slots));
