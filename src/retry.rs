@@ -2,8 +2,9 @@
 //!
 //! Only UNAVAILABLE is retried (the coordinator reports every failure to reach a worker,
 //! and every slot handoff, with it), and a call whose connection closed under it (a
-//! coordinator restarting: the client's transport reports it, as CANCELLED or UNKNOWN with
-//! a transport error as its source); and only calls that are safe to repeat: reads,
+//! coordinator restarting: the client's own transport reports it, with a transport error
+//! as its source, as CANCELLED, INTERNAL or UNKNOWN); and only calls that are safe to
+//! repeat: reads,
 //! EndSession, and appends and turns, which the client sends with a request id so that a
 //! repeat happens once. CreateSession is never retried: a repeat would make a second
 //! session.
@@ -34,14 +35,12 @@ where
 
 /// Whether a failed call may be sent again (with the same request id).
 pub fn is_retryable(status: &Status) -> bool {
-    match status.code() {
-        Code::Unavailable => true,
-        // The connection went away under the call: it may or may not have been served,
-        // like an UNAVAILABLE from a worker that died mid-call.
-        Code::Cancelled | Code::Unknown => std::error::Error::source(status)
-            .is_some_and(|source| source.is::<tonic::transport::Error>()),
-        _ => false,
-    }
+    // The connection went away under the call (reset, closed, a GOAWAY from a server that
+    // is stopping): the client's transport reports it with whatever code, and the call
+    // may or may not have been served, like an UNAVAILABLE from a worker that died mid-call.
+    status.code() == Code::Unavailable
+        || std::error::Error::source(status)
+            .is_some_and(|source| source.is::<tonic::transport::Error>())
 }
 
 #[cfg(test)]

@@ -39,6 +39,7 @@ pub struct CallLog {
 pub struct RpcMetricsLayer {
     node: Arc<str>,
     log: CallLog,
+    series: Arc<Series>,
 }
 
 impl RpcMetricsLayer {
@@ -46,7 +47,57 @@ impl RpcMetricsLayer {
         RpcMetricsLayer {
             node: node.into(),
             log,
+            series: Arc::default(),
         }
+    }
+}
+
+/// Most distinct (path, code) series kept; past it, calls are counted through the
+/// recorder's own lookup (a path is checked against the known services first, so this is
+/// only reached by many distinct methods of a known service, all refused).
+const MAX_SERIES: usize = 4096;
+
+/// The counter and histogram of each (path, code) this server has seen, so a call costs
+/// two increments, not a label set built and looked up per call.
+#[derive(Default)]
+struct Series {
+    handles: std::sync::RwLock<std::collections::HashMap<String, Vec<(Code, Handles)>>>,
+}
+
+type Handles = (metrics::Counter, metrics::Histogram);
+
+impl Series {
+    fn handles(
+        &self,
+        path: &str,
+        code: Code,
+        labels: impl FnOnce() -> [(&'static str, String); 4],
+    ) -> Handles {
+        if let Some(found) = self
+            .handles
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(path)
+            .and_then(|codes| codes.iter().find(|(known, _)| *known == code))
+        {
+            return found.1.clone();
+        }
+        let labels = labels();
+        let made = (
+            metrics::counter!("switchyard_rpc_requests_total", &labels),
+            metrics::histogram!("switchyard_rpc_duration_seconds", &labels),
+        );
+        let mut handles = self
+            .handles
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if handles.len() < MAX_SERIES || handles.contains_key(path) {
+            handles
+                .entry(path.to_string())
+                .or_default()
+                .push((code, made.clone()));
+        }
+        made
     }
 }
 
@@ -81,6 +132,7 @@ impl<S> tower_layer::Layer<S> for RpcMetricsLayer {
             inner,
             node: self.node.clone(),
             log: self.log,
+            series: self.series.clone(),
         }
     }
 }
@@ -90,52 +142,53 @@ pub struct RpcMetrics<S> {
     inner: S,
     node: Arc<str>,
     log: CallLog,
+    series: Arc<Series>,
 }
 
 /// What one call is counted under.
 struct Call {
-    service: String,
-    method: String,
+    uri: http::Uri,
     node: Arc<str>,
+    series: Arc<Series>,
     started: Instant,
     trace_id: Option<String>,
     access_log: bool,
 }
 
 impl Call {
-    fn of(path: &str, node: Arc<str>, trace_id: Option<String>, access_log: bool) -> Call {
-        let (service, method) = path
+    /// Its labels: service and method (`unknown` for what is not a known service, or a
+    /// method it does not have), code and node.
+    fn labels(&self, code: Code) -> [(&'static str, String); 4] {
+        let (service, method) = self
+            .uri
+            .path()
             .trim_start_matches('/')
             .split_once('/')
             .unwrap_or(("unknown", "unknown"));
         let known = service.starts_with("switchyard.") || service.starts_with("grpc.");
-        Call {
-            service: if known { service } else { "unknown" }.to_string(),
-            method: if known { method } else { "unknown" }.to_string(),
-            node,
-            started: Instant::now(),
-            trace_id,
-            access_log,
-        }
+        let service = if known { service } else { "unknown" };
+        let method = if known && code != Code::Unimplemented {
+            method
+        } else {
+            "unknown"
+        };
+        [
+            ("service", service.to_string()),
+            ("method", method.to_string()),
+            ("code", format!("{code:?}")),
+            ("node", self.node.to_string()),
+        ]
     }
 
     fn record(self, code: Code) {
-        let method = if code == Code::Unimplemented {
-            "unknown".to_string()
-        } else {
-            self.method
-        };
-        let labels = [
-            ("service", self.service),
-            ("method", method),
-            ("code", format!("{code:?}")),
-            ("node", self.node.to_string()),
-        ];
-        metrics::counter!("switchyard_rpc_requests_total", &labels).increment(1);
         let took = self.started.elapsed();
-        metrics::histogram!("switchyard_rpc_duration_seconds", &labels).record(took.as_secs_f64());
+        let (requests, duration) = self
+            .series
+            .handles(self.uri.path(), code, || self.labels(code));
+        requests.increment(1);
+        duration.record(took.as_secs_f64());
         if self.access_log {
-            let [(_, service), (_, method), (_, code), (_, node)] = &labels;
+            let [(_, service), (_, method), (_, code), (_, node)] = self.labels(code);
             tracing::info!(
                 target: "switchyard::access",
                 service = service.as_str(),
@@ -190,12 +243,14 @@ where
                 request.headers_mut().insert(TRACEPARENT, value);
             }
         }
-        let call = Call::of(
-            request.uri().path(),
-            self.node.clone(),
+        let call = Call {
+            uri: request.uri().clone(),
+            node: self.node.clone(),
+            series: self.series.clone(),
+            started: Instant::now(),
             trace_id,
-            self.log.access_log,
-        );
+            access_log: self.log.access_log,
+        };
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await?;
