@@ -7,14 +7,20 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod banner;
+mod key_commands;
+mod quota_flags;
+
+use banner::print_banner;
 use clap::{Args, Parser, Subcommand};
+use key_commands::{KeysCommand, run_rotate_kek};
+use quota_flags::QuotaArgs;
 use switchyard::tls::ClientTlsFiles;
 use switchyard_cli::{DevCluster, DevClusterConfig, keys, store};
 use switchyard_coordinator::{ApiKeyRegistry, CallerAuth};
 use switchyard_core::{DEFAULT_SLOT_COUNT, Limits, WorkerId};
 use switchyard_server::{ClientCertificates, ServerLimits, ServerTlsFiles};
 use switchyard_store::SessionStore;
-use switchyard_store::{SqlStore, SqlStoreOptions};
 use switchyard_worker::WorkerConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -64,20 +70,6 @@ enum Command {
     /// Manage the store's key-encryption keys.
     #[command(subcommand)]
     Keys(KeysCommand),
-}
-
-#[derive(Subcommand)]
-enum KeysCommand {
-    /// Re-wrap every session's data key under the first --kek-file (the new KEK), online
-    /// and resumable, without re-encrypting any message. Give every KEK still in use after
-    /// it. Nodes must already hold the new KEK first (README: "Rotating the KEK").
-    RotateKek(RotateKekArgs),
-}
-
-#[derive(Args)]
-struct RotateKekArgs {
-    #[command(flatten)]
-    store: StoreArgs,
 }
 
 #[derive(Subcommand)]
@@ -356,60 +348,6 @@ struct SessionArgs {
     /// How long session tokens stay valid.
     #[arg(long, env = "SWITCHYARD_TOKEN_TTL", default_value = "7days", value_parser = humantime::parse_duration)]
     token_ttl: Duration,
-}
-
-#[derive(Args)]
-struct QuotaArgs {
-    /// A default quota of every user, repeatable: RESOURCE=LIMIT/WINDOW per sliding window
-    /// (tokens=100000/1h, api_calls=1000/1m, compute_seconds=600/1h, cost_usd=5/1day) or
-    /// RESOURCE=LIMIT for a level (storage_bytes=50000000, concurrent_turns=4, sessions=5:
-    /// the same as --max-sessions-per-user). None by default: nothing is limited.
-    #[arg(long = "quota", env = "SWITCHYARD_QUOTAS", value_delimiter = ',', value_parser = switchyard_worker::quotas::parse_quota)]
-    quotas: Vec<(
-        switchyard_core::quota::Resource,
-        switchyard_worker::quotas::Limit,
-    )>,
-    /// Calls per user, e.g. 20/s or 600/1m (GCRA); none by default.
-    #[arg(long, env = "SWITCHYARD_USER_RATE")]
-    user_rate: Option<String>,
-    /// The burst a user may make above --user-rate (default: the rate's count).
-    #[arg(long, env = "SWITCHYARD_USER_BURST", requires = "user_rate")]
-    user_burst: Option<u32>,
-    /// Calls per session, e.g. 5/s; none by default.
-    #[arg(long, env = "SWITCHYARD_SESSION_RATE")]
-    session_rate: Option<String>,
-    /// The burst a session may make above --session-rate (default: the rate's count).
-    #[arg(long, env = "SWITCHYARD_SESSION_BURST", requires = "session_rate")]
-    session_burst: Option<u32>,
-}
-
-impl QuotaArgs {
-    /// The quota defaults; `sessions` is --max-sessions-per-user unless a --quota sets it.
-    fn config(
-        &self,
-        sessions: &SessionArgs,
-    ) -> Result<switchyard_worker::quotas::QuotaConfig, BoxError> {
-        use switchyard_worker::quotas::{Limit, QuotaConfig, RateLimit};
-        let mut defaults: std::collections::BTreeMap<_, _> = self.quotas.iter().copied().collect();
-        defaults
-            .entry(switchyard_core::quota::Resource::Sessions)
-            .or_insert(Limit {
-                limit: f64::from(sessions.max_sessions_per_user),
-                window: Duration::ZERO,
-            });
-        let rate = |flag: &str, text: &Option<String>, burst: Option<u32>| {
-            text.as_deref()
-                .map(|text| {
-                    RateLimit::parse(text, burst).map_err(|error| format!("{flag}: {error}"))
-                })
-                .transpose()
-        };
-        Ok(QuotaConfig {
-            defaults,
-            user_rate: rate("--user-rate", &self.user_rate, self.user_burst)?,
-            session_rate: rate("--session-rate", &self.session_rate, self.session_burst)?,
-        })
-    }
 }
 
 #[derive(Args)]
@@ -732,48 +670,6 @@ async fn run_worker(args: WorkerArgs) -> Result<(), BoxError> {
     Ok(())
 }
 
-async fn run_rotate_kek(args: RotateKekArgs) -> Result<(), BoxError> {
-    let args = args.store;
-    let keys = keys::load_keks(&args.kek_files)?.ok_or(
-        "give the new KEK with --kek-file NEW first, then every KEK still in use: --kek-file OLD",
-    )?;
-    let options = match args.store.as_deref() {
-        Some("memory") => return Err("a memory store keeps nothing to rotate".into()),
-        Some(url) => SqlStoreOptions::new(url),
-        None => {
-            let path = args.data_dir.join("switchyard.db");
-            if !path.exists() {
-                return Err(format!(
-                    "no store at {} (give --store or --data-dir)",
-                    path.display()
-                )
-                .into());
-            }
-            SqlStoreOptions::sqlite_file(&path)
-        }
-    };
-    let active = keys.active_id().to_string();
-    let store = SqlStore::open(options.with_keys(keys)).await?;
-    let mut out = std::io::stdout();
-    let rewrapped = store
-        .rotate_kek(|done, of| {
-            let _ = writeln!(out, "re-wrapped {done} of {of} data keys");
-        })
-        .await?;
-    tracing::info!(
-        target: "switchyard::audit",
-        event = "kek rotated",
-        caller = "switchyard keys rotate-kek",
-        outcome = format!("{rewrapped} data keys re-wrapped under KEK {active}"),
-        "audit"
-    );
-    let _ = writeln!(
-        std::io::stdout(),
-        "every data key is wrapped by KEK {active} ({rewrapped} re-wrapped now): the other KEKs can be retired from every node's --kek-file"
-    );
-    Ok(())
-}
-
 async fn run_drain(args: DrainArgs) -> Result<(), BoxError> {
     use switchyard_cli::ctl::{CtlArgs, CtlCommand, DrainArgs as CtlDrain, run};
     run(CtlArgs {
@@ -889,51 +785,4 @@ fn validate_timing(heartbeat_interval: Duration, lease: Duration) -> Result<(), 
         ));
     }
     Ok(())
-}
-
-fn print_banner(
-    cluster: &DevCluster,
-    store: &StoreArgs,
-    keys_in_use: bool,
-    metrics: Option<SocketAddr>,
-) {
-    let address = cluster.coordinator_address();
-    let mut banner = format!(
-        "switchyard dev is running\n  coordinator  {address}  (SessionService, AdminService, health, reflection)\n"
-    );
-    banner += if keys_in_use {
-        "  callers      need an API key (authorization: Bearer <key>)\n"
-    } else if address.ip().is_loopback() {
-        "  callers      need no API key: this cluster listens on loopback only\n"
-    } else {
-        "  callers      need no API key (--insecure-no-auth): anyone who reaches it is every user\n"
-    };
-    for worker in cluster.live_workers() {
-        banner += &format!("  worker       {}  {}\n", worker.address, worker.worker_id);
-    }
-    // The grpcurl flags that reach this listener: its CA for TLS, or plaintext.
-    let transport = match cluster.tls_files() {
-        Some(tls) => format!("-cacert {}", tls.ca.display()),
-        None => "-plaintext".to_string(),
-    };
-    if let Some(tls) = cluster.tls_files() {
-        banner += &format!(
-            "  tls          on the listener, and mutual TLS between nodes; CA {}\n",
-            tls.ca.display()
-        );
-    }
-    if let Some(metrics) = metrics {
-        banner +=
-            &format!("  metrics      http://{metrics}/metrics  (every node, by its node label)\n");
-    }
-    banner += &format!(
-        "  data dir     {}\n  store        {}\n\ntry:\n  grpcurl {transport} {address} list\n  \
-         grpcurl {transport} -d '{{\"user_id\": \"alice\"}}' {address} switchyard.v1.SessionService/CreateSession\n\n\
-         Ctrl-C stops it.\n",
-        store.data_dir.display(),
-        switchyard_cli::store::describe(store.store.as_deref(), &store.data_dir)
-    );
-    // A closed stdout must not stop the cluster.
-    let _ = std::io::stdout().write_all(banner.as_bytes());
-    let _ = std::io::stdout().flush();
 }

@@ -11,8 +11,8 @@ mod batch;
 mod quota;
 mod requests;
 mod sealed;
+mod setup;
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -20,8 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::{AnyPool, Executor, Row, SqlSafeStr};
+use sqlx::{AnyPool, Executor, Row};
 use switchyard_core::{
     ContextMessage, DoubleText, Epoch, Message, Role, Session, SessionId, Slot, UserId, WorkerId,
 };
@@ -30,6 +29,7 @@ use self::appender::Appender;
 pub use self::appender::GroupCommitStats;
 use self::backend::Backend;
 use self::sealed::{Sealer, sealing_error};
+use self::setup::{checkpoint_periodically, ensure_cluster_id, is_sealed, migrate};
 use crate::sealing::{KeyRing, metadata_aad};
 use crate::{
     Append, AppendKey, AppendTicket, Appended, Durability, Fence, IdleSession, QueuedAppend,
@@ -97,26 +97,6 @@ impl Drop for SqlStore {
     fn drop(&mut self) {
         if let Some(checkpointer) = self.checkpointer.take() {
             checkpointer.abort();
-        }
-    }
-}
-
-/// How often an SQLite store checkpoints its WAL in full. SQLite's own checkpoints (every
-/// 1 000 pages) cannot finish while a reader is behind; this one waits for them.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
-
-/// Checkpoints the WAL into the database and truncates it, every [`CHECKPOINT_INTERVAL`].
-async fn checkpoint_periodically(pool: AnyPool) {
-    let mut interval = tokio::time::interval(CHECKPOINT_INTERVAL);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    interval.tick().await;
-    loop {
-        interval.tick().await;
-        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-            .execute(&pool)
-            .await
-        {
-            tracing::warn!(%error, "WAL checkpoint failed; trying again later");
         }
     }
 }
@@ -250,74 +230,6 @@ impl SqlStore {
         })
     }
 
-    /// The keys to seal and open contents with, `None` for a plaintext store; an error for
-    /// a sealed store on a node without them.
-    fn sealing(&self) -> Result<Option<&Sealer>> {
-        match (&self.sealer, self.sealed) {
-            (Some(sealer), _) => Ok(Some(sealer)),
-            (None, false) => Ok(None),
-            (None, true) => Err(StoreError::Unavailable(
-                "the store is encrypted at rest and this node has no key-encryption key: give it --kek-file".into(),
-            )),
-        }
-    }
-
-    /// Whether contents are sealed at rest.
-    pub fn is_sealed(&self) -> bool {
-        self.sealed
-    }
-
-    /// Re-wraps every data key that is not under this store's active KEK (the first of its
-    /// keys), online and resumable; `progress` hears how many are done of how many. Returns
-    /// how many were re-wrapped. No message is re-encrypted.
-    pub async fn rotate_kek(&self, progress: impl FnMut(u64, u64)) -> Result<u64> {
-        let sealer = self.sealing()?.ok_or_else(|| {
-            StoreError::Unavailable("the store is not sealed: there is no key to rotate".into())
-        })?;
-        sealed::rewrap_keys(&self.pool, &sealer.keys, progress).await
-    }
-
-    /// Sessions read from rows, their metadata opened (when sealed) and parsed.
-    async fn sessions_from_rows(&self, rows: &[AnyRow]) -> Result<Vec<Session>> {
-        let mut read: Vec<(Session, String)> =
-            rows.iter().map(session_from_row).collect::<Result<_>>()?;
-        if let Some(sealer) = self.sealing()? {
-            let deks = sealer
-                .deks(&self.pool, read.iter().map(|(session, _)| session.id))
-                .await?;
-            for (session, metadata) in &mut read {
-                let dek = deks
-                    .get(&session.id)
-                    .ok_or_else(|| corrupt(format!("session {} has no data key", session.id)))?;
-                *metadata = dek
-                    .open(session.id, &metadata_aad(session.id), metadata)
-                    .map_err(sealing_error)?;
-            }
-        }
-        read.into_iter()
-            .map(|(mut session, metadata)| {
-                session.metadata = serde_json::from_str(&metadata).map_err(|error| {
-                    corrupt(format!("session metadata is not a JSON object: {error}"))
-                })?;
-                Ok(session)
-            })
-            .collect()
-    }
-
-    /// Opens the contents of messages read from a sealed store.
-    async fn opened(
-        &self,
-        session_id: SessionId,
-        mut messages: Vec<ContextMessage>,
-    ) -> Result<Vec<ContextMessage>> {
-        if let Some(sealer) = self.sealing()? {
-            sealer
-                .open_messages(&self.pool, session_id, &mut messages)
-                .await?;
-        }
-        Ok(messages)
-    }
-
     /// What the group commit has done since the store opened.
     pub fn group_commit_stats(&self) -> GroupCommitStats {
         self.appender.stats()
@@ -333,63 +245,6 @@ impl SqlStore {
         check_fence(&mut transaction, self.backend, fence).await?;
         Ok(transaction)
     }
-}
-
-async fn migrate(pool: &AnyPool, backend: Backend) -> Result<()> {
-    let migrations: Vec<Migration> = backend
-        .migrations()
-        .iter()
-        .enumerate()
-        .map(|(index, (description, sql))| {
-            Migration::new(
-                index as i64 + 1,
-                Cow::Borrowed(*description),
-                MigrationType::Simple,
-                sql.into_sql_str(),
-                false,
-            )
-        })
-        .collect();
-    let migrator = Migrator {
-        migrations: Cow::Owned(migrations),
-        ..Migrator::DEFAULT
-    };
-    let failed = |error: sqlx::migrate::MigrateError| {
-        StoreError::Unavailable(format!("store migration failed: {error}"))
-    };
-    match backend {
-        // PostgreSQL: the migrator takes an advisory lock, so nodes starting together
-        // migrate one at a time.
-        Backend::Postgres => migrator.run(pool).await.map_err(failed),
-        // SQLite has no such lock: hold the write lock around the whole migration instead,
-        // so processes sharing one file do not race (each migration runs as a savepoint).
-        Backend::Sqlite => {
-            let mut transaction = pool
-                .begin_with("BEGIN IMMEDIATE")
-                .await
-                .map_err(unavailable)?;
-            migrator.run(&mut *transaction).await.map_err(failed)?;
-            transaction.commit().await.map_err(unavailable)
-        }
-    }
-}
-
-async fn ensure_cluster_id(pool: &AnyPool) -> Result<String> {
-    let candidate = format!("cluster-{}", SessionId::new_random());
-    sqlx::query(
-        "INSERT INTO cluster (singleton, cluster_id, created_at_us) VALUES (1, $1, $2) \
-         ON CONFLICT (singleton) DO NOTHING",
-    )
-    .bind(candidate)
-    .bind(micros(SystemTime::now()))
-    .execute(pool)
-    .await
-    .map_err(unavailable)?;
-    let row = sqlx::query("SELECT cluster_id FROM cluster WHERE singleton = 1")
-        .fetch_one(pool)
-        .await
-        .map_err(unavailable)?;
-    row.try_get("cluster_id").map_err(unavailable)
 }
 
 async fn check_fence(
@@ -436,16 +291,6 @@ fn session_from_row(row: &AnyRow) -> Result<(Session, String)> {
         },
     };
     Ok((session, metadata))
-}
-
-/// Whether the store says its contents are sealed.
-async fn is_sealed(pool: &AnyPool) -> Result<bool> {
-    let row = sqlx::query("SELECT sealed FROM cluster WHERE singleton = 1")
-        .fetch_one(pool)
-        .await
-        .map_err(unavailable)?;
-    let sealed: i64 = row.try_get("sealed").map_err(unavailable)?;
-    Ok(sealed != 0)
 }
 
 fn message_from_row(row: &AnyRow) -> Result<ContextMessage> {

@@ -4,13 +4,14 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use sqlx::any::AnyRow;
 use sqlx::{AnyPool, Row};
 use switchyard_core::{ContextMessage, SessionId};
 
 use super::batch::{hex, parse_hex_id};
-use super::{Backend, corrupt, unavailable};
-use crate::sealing::{Dek, KeyRing, SealError, message_aad};
-use crate::{Result, StoreError};
+use super::{Backend, SqlStore, corrupt, session_from_row, unavailable};
+use crate::sealing::{Dek, KeyRing, SealError, message_aad, metadata_aad};
+use crate::{Result, Session, StoreError};
 
 /// Opened DEKs kept at most; past it the cache starts again (they are read back on use).
 const MAX_CACHED_DEKS: usize = 65_536;
@@ -332,5 +333,75 @@ pub(crate) async fn rewrap_keys(
             done += 1;
         }
         progress(done, total);
+    }
+}
+
+impl SqlStore {
+    /// The keys to seal and open contents with, `None` for a plaintext store; an error for
+    /// a sealed store on a node without them.
+    pub(super) fn sealing(&self) -> Result<Option<&Sealer>> {
+        match (&self.sealer, self.sealed) {
+            (Some(sealer), _) => Ok(Some(sealer)),
+            (None, false) => Ok(None),
+            (None, true) => Err(StoreError::Unavailable(
+                "the store is encrypted at rest and this node has no key-encryption key: give it --kek-file".into(),
+            )),
+        }
+    }
+
+    /// Whether contents are sealed at rest.
+    pub fn is_sealed(&self) -> bool {
+        self.sealed
+    }
+
+    /// Re-wraps every data key that is not under this store's active KEK (the first of its
+    /// keys), online and resumable; `progress` hears how many are done of how many. Returns
+    /// how many were re-wrapped. No message is re-encrypted.
+    pub async fn rotate_kek(&self, progress: impl FnMut(u64, u64)) -> Result<u64> {
+        let sealer = self.sealing()?.ok_or_else(|| {
+            StoreError::Unavailable("the store is not sealed: there is no key to rotate".into())
+        })?;
+        rewrap_keys(&self.pool, &sealer.keys, progress).await
+    }
+
+    /// Sessions read from rows, their metadata opened (when sealed) and parsed.
+    pub(super) async fn sessions_from_rows(&self, rows: &[AnyRow]) -> Result<Vec<Session>> {
+        let mut read: Vec<(Session, String)> =
+            rows.iter().map(session_from_row).collect::<Result<_>>()?;
+        if let Some(sealer) = self.sealing()? {
+            let deks = sealer
+                .deks(&self.pool, read.iter().map(|(session, _)| session.id))
+                .await?;
+            for (session, metadata) in &mut read {
+                let dek = deks
+                    .get(&session.id)
+                    .ok_or_else(|| corrupt(format!("session {} has no data key", session.id)))?;
+                *metadata = dek
+                    .open(session.id, &metadata_aad(session.id), metadata)
+                    .map_err(sealing_error)?;
+            }
+        }
+        read.into_iter()
+            .map(|(mut session, metadata)| {
+                session.metadata = serde_json::from_str(&metadata).map_err(|error| {
+                    corrupt(format!("session metadata is not a JSON object: {error}"))
+                })?;
+                Ok(session)
+            })
+            .collect()
+    }
+
+    /// Opens the contents of messages read from a sealed store.
+    pub(super) async fn opened(
+        &self,
+        session_id: SessionId,
+        mut messages: Vec<ContextMessage>,
+    ) -> Result<Vec<ContextMessage>> {
+        if let Some(sealer) = self.sealing()? {
+            sealer
+                .open_messages(&self.pool, session_id, &mut messages)
+                .await?;
+        }
+        Ok(messages)
     }
 }
