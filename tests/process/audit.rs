@@ -219,6 +219,10 @@ async fn audit_events_name_who_did_what_and_no_log_line_holds_a_secret_or_conten
         erasures[1]["outcome"],
         "0 sessions ended, usage none, overrides none"
     );
+    let erased_sessions = audit_events(&lines, "session erased");
+    assert_eq!(erased_sessions.len(), 1, "{erased_sessions:?}");
+    assert_eq!(erased_sessions[0]["session_id"], sessions[1].1.as_str());
+    assert_eq!(erased_sessions[0]["caller"], "operator");
     let rebalances = audit_events(&lines, "rebalance");
     assert_eq!(rebalances.len(), 1);
     assert_eq!(rebalances[0]["caller"], "operator");

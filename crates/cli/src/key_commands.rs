@@ -3,7 +3,6 @@
 use std::io::Write;
 
 use clap::{Args, Subcommand};
-use switchyard_cli::keys;
 use switchyard_store::{SqlStore, SqlStoreOptions};
 
 use super::{BoxError, StoreArgs};
@@ -24,7 +23,7 @@ pub(crate) struct RotateKekArgs {
 
 pub(crate) async fn run_rotate_kek(args: RotateKekArgs) -> Result<(), BoxError> {
     let args = args.store;
-    let keys = keys::load_keks(&args.kek_files)?.ok_or(
+    let keys = args.keks()?.ok_or(
         "give the new KEK with --kek-file NEW first, then every KEK still in use: --kek-file OLD",
     )?;
     let options = match args.store.as_deref() {

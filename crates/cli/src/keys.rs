@@ -78,6 +78,15 @@ pub fn load_keks(files: &[PathBuf]) -> Result<Option<KeyRing>, KeyError> {
         .map(|active| KeyRing::new(active, keks.collect())))
 }
 
+/// A KEK given as the secret itself (`SWITCHYARD_KEK`).
+pub fn kek_from_secret(secret: &str) -> Result<KeyRing, KeyError> {
+    let kek = Kek::from_secret(secret.trim().as_bytes()).map_err(|error| KeyError::Invalid {
+        origin: "SWITCHYARD_KEK".to_string(),
+        reason: error.to_string(),
+    })?;
+    Ok(KeyRing::new(kek, Vec::new()))
+}
+
 /// The key-encryption key in `data_dir/kek.key`, created on first use (`switchyard dev`).
 pub fn load_or_create_kek(data_dir: &Path) -> Result<KeyRing, KeyError> {
     let path = create_secret_file(data_dir, "kek.key")?;

@@ -288,9 +288,25 @@ struct StoreArgs {
     /// a rotation (`switchyard keys rotate-kek`). `switchyard dev` makes one in --data-dir.
     #[arg(long = "kek-file", env = "SWITCHYARD_KEK_FILES", value_delimiter = ',')]
     kek_files: Vec<PathBuf>,
+    /// The key-encryption key itself, from the environment, when no --kek-file is given.
+    #[arg(
+        long = "kek",
+        env = "SWITCHYARD_KEK",
+        hide_env_values = true,
+        hide = true
+    )]
+    kek: Option<String>,
 }
 
 impl StoreArgs {
+    /// The KEKs of --kek-file, or the one of SWITCHYARD_KEK without files.
+    fn keks(&self) -> Result<Option<switchyard_store::sealing::KeyRing>, keys::KeyError> {
+        match (&self.kek, self.kek_files.is_empty()) {
+            (Some(secret), true) => keys::kek_from_secret(secret).map(Some),
+            _ => keys::load_keks(&self.kek_files),
+        }
+    }
+
     /// The store; `dev` makes a KEK in the data dir when none is given. `keeps_contexts`:
     /// this node writes contexts (a worker, dev), so it warns when they would be plaintext.
     async fn open_as(
@@ -298,7 +314,7 @@ impl StoreArgs {
         dev: bool,
         keeps_contexts: bool,
     ) -> Result<Arc<dyn SessionStore>, BoxError> {
-        let keys = match keys::load_keks(&self.kek_files)? {
+        let keys = match self.keks()? {
             Some(keys) => Some(keys),
             None if dev && self.store.as_deref() != Some("memory") => {
                 Some(keys::load_or_create_kek(&self.data_dir)?)

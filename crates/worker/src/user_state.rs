@@ -207,6 +207,15 @@ impl UserStateService for WorkerUserState {
         let user_id = self.owned_user(message.user_id, &metadata).await?;
         let caller = crate::audit::caller(&metadata);
         let ended = self.sessions.end_all_of(&user_id).await?;
+        for session_id in &ended {
+            crate::audit::event(
+                "session erased",
+                &caller,
+                &user_id,
+                Some(*session_id),
+                "ended with its context and data key",
+            );
+        }
         let (usage_erased, overrides_erased) = self.quotas.erase(&user_id).await?;
         crate::audit::event(
             "user erased",
