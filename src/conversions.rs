@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use switchyard_core::alerts::{Alert, AlertFilter, Severity};
 use switchyard_core::{
-    ContextMessage, Epoch, Error, Message, PlacementTable, Role, Session, WorkerId,
+    ContextMessage, Epoch, Error, Message, PlacementTable, Role, Session, UserId, WorkerId,
 };
 
 use crate::pb;
@@ -145,6 +146,53 @@ pub fn placement_from_wire(table: pb::PlacementTable) -> Result<PlacementTable, 
         .map(WorkerId::parse)
         .collect::<Result<Vec<_>, _>>()?;
     PlacementTable::from_parts(Epoch(table.epoch), workers, owners, members)
+}
+
+/// The filter of a ListAlerts; a bad field is INVALID_ARGUMENT naming it.
+pub fn alert_filter(request: &pb::ListAlertsRequest) -> Result<AlertFilter, Error> {
+    let severity = match request.severity.as_str() {
+        "" => None,
+        text => Some(Severity::parse(text).ok_or_else(|| {
+            Error::invalid(
+                "severity",
+                format!("{text:?} is not a severity: warning or critical"),
+            )
+        })?),
+    };
+    let user_id = match request.user_id.as_str() {
+        "" => None,
+        text => Some(UserId::parse(text)?.to_string()),
+    };
+    let since = match &request.since {
+        Some(since) if since.seconds < 0 || !(0..1_000_000_000).contains(&since.nanos) => {
+            return Err(Error::invalid(
+                "since",
+                "must be a time after 1970 with nanos in 0..1e9",
+            ));
+        }
+        Some(since) => Some(system_time_from(since)),
+        None => None,
+    };
+    Ok(AlertFilter {
+        since,
+        severity,
+        user_id,
+    })
+}
+
+pub fn alert_to_wire(alert: &Alert, node: &str) -> pb::Alert {
+    pb::Alert {
+        kind: alert.kind.to_string(),
+        severity: alert.severity.as_str().to_string(),
+        message: alert.message.clone(),
+        subject: alert.subject.clone(),
+        user_id: alert.user_id.clone().unwrap_or_default(),
+        session_id: alert.session_id.clone().unwrap_or_default(),
+        node: node.to_string(),
+        first_seen: Some(timestamp_from(alert.first_seen)),
+        last_seen: Some(timestamp_from(alert.last_seen)),
+        count: alert.count,
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ mod sandbox;
 
 mod errors;
 mod failover;
+mod health;
 mod hostile;
 mod isolation;
 mod lifecycle;

@@ -48,6 +48,18 @@ def turn(message):
     send({"type": "done", "id": message["id"]})
 "#;
 /// A process agent (python3) whose every reply holds a NUL character.
+/// A process agent (python3) whose turns on "fail" end with an error event, and whose
+/// other turns echo; its slow-turn threshold is 1 ms, so every session of it is slow.
+pub const FLAKY_AGENT: &str = "flaky";
+const FLAKY_AGENT_PROGRAM: &str = r#"
+def turn(message):
+    content = message["context"][-1]["content"]
+    if content == "fail":
+        send({"type": "error", "id": message["id"], "message": "the model refused"})
+    else:
+        send({"type": "delta", "id": message["id"], "text": content})
+        send({"type": "done", "id": message["id"], "usage": {"prompt_tokens": 2, "completion_tokens": 1}})
+"#;
 pub const NUL_AGENT: &str = "nul-replier";
 const NUL_AGENT_PROGRAM: &str = r#"
 def turn(message):
@@ -136,6 +148,14 @@ impl Sandbox {
             PoolConfig {
                 max: 1,
                 acquire_timeout: Duration::from_millis(200),
+                ..PoolConfig::default()
+            },
+        );
+        agents.register(
+            FLAKY_AGENT,
+            python_agent(FLAKY_AGENT, FLAKY_AGENT_PROGRAM),
+            PoolConfig {
+                slow_turn: Duration::from_millis(1),
                 ..PoolConfig::default()
             },
         );

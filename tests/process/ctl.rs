@@ -135,6 +135,36 @@ async fn ctl_shows_and_operates_the_cluster_as_tables_and_as_json() {
     assert_eq!(calls["used"], 1.0);
     assert!(ctl(&url, &["quota", "get", "ctl-user"]).contains("api_calls"));
 
+    // The session's health, and an alert: one more call takes the user to 100% of a limit
+    // of 2 (without being refused).
+    let health = ctl_json(&url, &["health", &session]);
+    assert_eq!(health["turns"], 1);
+    assert_eq!(health["status"], "healthy");
+    assert_eq!(health["user_id"], "ctl-user");
+    assert!(health["latency_p95_seconds"].as_f64().unwrap() > 0.0);
+    let lines = ctl(&url, &["health", &session]);
+    assert!(lines.contains("status     healthy (score 1.00)"), "{lines}");
+    assert!(lines.contains("turns      1 (0 failed"), "{lines}");
+    ctl(
+        &url,
+        &["quota", "set", "ctl-user", "--limit", "api_calls=2/1h"],
+    );
+    client.get_context(&session, 0, 0).await.unwrap();
+    let alerts = ctl_json(&url, &["alerts", "--user", "ctl-user"]);
+    assert_eq!(alerts["alerts"][0]["kind"], "quota", "{alerts}");
+    assert_eq!(alerts["alerts"][0]["severity"], "critical");
+    assert_eq!(alerts["unreachable_workers"].as_array().unwrap().len(), 0);
+    let table = ctl(
+        &url,
+        &["alerts", "--severity", "critical", "--since", "10m"],
+    );
+    assert!(table.starts_with("SEVERITY"), "{table}");
+    assert!(
+        table.contains("used 100% of its api_calls quota"),
+        "{table}"
+    );
+    ctl(&url, &["quota", "set", "ctl-user", "--clear"]);
+
     let rebalanced = ctl_json(&url, &["rebalance"]);
     assert!(rebalanced["epoch"].as_u64().unwrap() >= placement.epoch);
     assert!(ctl(&url, &["rebalance"]).starts_with("rebalancing"));

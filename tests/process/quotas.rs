@@ -1,5 +1,7 @@
-//! Quota usage outlives the process: across a clean restart of `switchyard dev`, and across
-//! a SIGKILL once the usage has been saved (at most one flush interval is at risk).
+//! Quota usage outlives the process: across a clean restart of `switchyard dev`, across a
+//! SIGKILL once the usage has been saved (at most one save interval of usage that came
+//! without an append is at risk), and across a SIGKILL right after a turn, whose usage was
+//! saved in the transaction of its appends.
 
 use std::time::Duration;
 
@@ -12,7 +14,7 @@ use crate::harness::{BINARY, free_address, start_dev, temp_dir};
 
 const QUOTA: &[&str] = &["--quota", "api_calls=10/1h"];
 
-async fn api_calls_used(address: &str, user_id: &str) -> f64 {
+async fn used(address: &str, user_id: &str, resource: &str) -> pb::ResourceUsage {
     let mut admin = AdminServiceClient::connect(format!("http://{address}"))
         .await
         .unwrap();
@@ -23,14 +25,75 @@ async fn api_calls_used(address: &str, user_id: &str) -> f64 {
         .await
         .unwrap()
         .into_inner();
-    let api_calls = usage
+    usage
         .usage
         .iter()
-        .find(|usage| usage.resource == "api_calls")
-        .unwrap_or_else(|| panic!("no api_calls in {usage:?}"));
+        .find(|usage| usage.resource == resource)
+        .unwrap_or_else(|| panic!("no {resource} in {usage:?}"))
+        .clone()
+}
+
+async fn api_calls_used(address: &str, user_id: &str) -> f64 {
+    let api_calls = used(address, user_id, "api_calls").await;
     assert_eq!(api_calls.limit, 10.0);
     assert_eq!(api_calls.window.unwrap().seconds, 3600);
     api_calls.used
+}
+
+/// With usage saved only once an hour apart from appends, a SIGKILL right after turns
+/// loses none of their usage: each turn's reply carried it into its own transaction. A read
+/// after the last turn, which appends nothing, is what the save interval puts at risk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turns_usage_is_saved_with_its_reply() {
+    let dir = temp_dir("quota-with-appends");
+    let flags = [
+        "--quota",
+        "tokens=1000000/1h",
+        "--quota",
+        "api_calls=1000/1h",
+        "--usage-save-interval",
+        "1h",
+    ];
+    let address = free_address().to_string();
+    let mut dev = start_dev(&dir, &address, &flags);
+    let client = SwitchyardClient::connect(format!("http://{address}"))
+        .await
+        .unwrap();
+    let session = client
+        .create_session("metered-turns", [("n", "1")])
+        .await
+        .unwrap()
+        .session
+        .unwrap()
+        .session_id;
+    let mut tokens = 0;
+    let mut turns = 0;
+    for round in 0..3 {
+        let reply = client
+            .send_message_collect(&session, "echo", &format!("turn {round} of three"))
+            .await
+            .unwrap();
+        let usage = reply.done.usage.unwrap();
+        tokens += usage.prompt_tokens + usage.completion_tokens;
+        turns += 1;
+    }
+    assert_eq!(turns, 3);
+    assert!(tokens > 0);
+    // CreateSession and three turns: four calls.
+    assert_eq!(used(&address, "metered-turns", "api_calls").await.used, 4.0);
+    client.get_context(&session, 0, 0).await.unwrap();
+    assert_eq!(used(&address, "metered-turns", "api_calls").await.used, 5.0);
+    dev.kill();
+
+    let address = free_address().to_string();
+    let _dev = start_dev(&dir, &address, &flags);
+    assert_eq!(
+        used(&address, "metered-turns", "tokens").await.used,
+        tokens as f64
+    );
+    // The read after the last turn came without an append, and an hour's interval had not
+    // saved it.
+    assert_eq!(used(&address, "metered-turns", "api_calls").await.used, 4.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -66,6 +66,14 @@ pub struct AgentTypeConfig {
     /// completion_per_1k = 1.5 }` (default: free).
     #[serde(default)]
     pub price: PriceSettings,
+    /// Turn p95 above which a session is slow: its health drops and an alert is raised
+    /// (default 30s).
+    #[serde(default = "default_slow_turn", deserialize_with = "duration")]
+    pub slow_turn: Duration,
+}
+
+fn default_slow_turn() -> Duration {
+    crate::pool::DEFAULT_SLOW_TURN
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
@@ -256,6 +264,7 @@ impl AgentsConfig {
                     prompt_per_1k: agent.price.prompt_per_1k,
                     completion_per_1k: agent.price.completion_per_1k,
                 },
+                slow_turn: agent.slow_turn,
             };
             pool.validate(name)?;
             match agent.backend {

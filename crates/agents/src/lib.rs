@@ -17,7 +17,8 @@ use tokio::sync::mpsc;
 pub use echo::{EchoAgent, EchoConfig};
 pub use openai::{OpenAiAgent, OpenAiConfig};
 pub use pool::{
-    AgentPool, DEFAULT_MAX_REPLY_TOKENS, PoolConfig, PoolStats, PooledAgent, TokenPrice,
+    AgentPool, DEFAULT_MAX_REPLY_TOKENS, DEFAULT_SLOW_TURN, PoolConfig, PoolStats, PooledAgent,
+    TokenPrice,
 };
 pub use process::{ProcessAgent, ProcessConfig};
 

@@ -41,6 +41,9 @@ pub struct PoolConfig {
     pub max_reply_tokens: u64,
     /// What the type's tokens cost, for the `cost_usd` quota.
     pub price: TokenPrice,
+    /// A session whose turn p95 is above this is slow: its health score drops, and a
+    /// `slow_turns` alert is raised.
+    pub slow_turn: Duration,
 }
 
 /// US dollars per 1 000 tokens of prompt and of completion.
@@ -57,6 +60,9 @@ impl TokenPrice {
     }
 }
 
+/// The slow-turn threshold of an agent type that names none.
+pub const DEFAULT_SLOW_TURN: Duration = Duration::from_secs(30);
+
 /// The reply tokens a turn reserves when its agent type names none.
 pub const DEFAULT_MAX_REPLY_TOKENS: u64 = 1024;
 
@@ -71,6 +77,7 @@ impl Default for PoolConfig {
             context_window: ContextWindow::default(),
             max_reply_tokens: DEFAULT_MAX_REPLY_TOKENS,
             price: TokenPrice::default(),
+            slow_turn: DEFAULT_SLOW_TURN,
         }
     }
 }
@@ -96,6 +103,11 @@ impl PoolConfig {
         if self.turn_timeout.is_zero() {
             return Err(format!(
                 "agent type {agent_type}: turn_timeout must be longer than 0"
+            ));
+        }
+        if self.slow_turn.is_zero() {
+            return Err(format!(
+                "agent type {agent_type}: slow_turn must be longer than 0"
             ));
         }
         for (field, price) in [
@@ -238,7 +250,7 @@ impl AgentPool {
         let waiting = {
             let mut state = self.inner.state();
             if let Some(idle) = state.idle.pop() {
-                return Ok(self.lend(idle.agent));
+                return Ok(self.lend(idle.agent, false));
             }
             if state.live < self.inner.config.max {
                 state.live += 1;
@@ -251,7 +263,7 @@ impl AgentPool {
         };
         let Some(receiver) = waiting else {
             return match self.inner.factory.create().await {
-                Ok(agent) => Ok(self.lend(agent)),
+                Ok(agent) => Ok(self.lend(agent, false)),
                 Err(error) => {
                     self.inner.forget_one();
                     Err(error)
@@ -259,7 +271,7 @@ impl AgentPool {
             };
         };
         match tokio::time::timeout(self.inner.config.acquire_timeout, receiver).await {
-            Ok(Ok(agent)) => Ok(self.lend(agent)),
+            Ok(Ok(agent)) => Ok(self.lend(agent, true)),
             _ => {
                 // Out of the queue at once, not when an instance is next released.
                 self.inner
@@ -275,10 +287,11 @@ impl AgentPool {
         }
     }
 
-    fn lend(&self, agent: Box<dyn Agent>) -> PooledAgent {
+    fn lend(&self, agent: Box<dyn Agent>, waited: bool) -> PooledAgent {
         PooledAgent {
             agent: Some(agent),
             pool: self.inner.clone(),
+            waited,
         }
     }
 
@@ -339,9 +352,16 @@ impl AgentPool {
 pub struct PooledAgent {
     agent: Option<Box<dyn Agent>>,
     pool: Arc<PoolInner>,
+    /// The pool was at its max with none idle: the acquire queued for a released instance.
+    waited: bool,
 }
 
 impl PooledAgent {
+    /// Whether this instance was had only by waiting for another turn to release it.
+    pub fn waited(&self) -> bool {
+        self.waited
+    }
+
     pub fn agent(&mut self) -> &mut dyn Agent {
         self.agent.as_deref_mut().expect("present until released")
     }

@@ -11,6 +11,8 @@ use switchyard::pb;
 
 use crate::admin::{AdminTarget, QuotaCommand, QuotaUserArgs, run_quota};
 
+mod health;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Args)]
@@ -36,6 +38,10 @@ pub enum CtlCommand {
     /// Show or set a user's quota.
     #[command(subcommand)]
     Quota(QuotaCommand),
+    /// A session's health: turns, errors, latency p50 and p95, tokens, score and status.
+    Health(health::HealthArgs),
+    /// Alerts of every worker and of the coordinator, newest first.
+    Alerts(health::AlertsArgs),
     /// Move a worker's slots away and wait until it has handed them over and left.
     Drain(DrainArgs),
     /// Recompute the placement from the workers' current loads.
@@ -355,6 +361,8 @@ pub async fn run(args: CtlArgs) -> Result<(), BoxError> {
             .await?;
         }
         CtlCommand::Quota(command) => run_quota(command).await?,
+        CtlCommand::Health(args) => health::health(args).await?,
+        CtlCommand::Alerts(args) => health::alerts(args).await?,
         CtlCommand::Drain(args) => {
             if !args.json {
                 writeln!(out, "draining {}: moving its slots away…", args.worker_id)?;

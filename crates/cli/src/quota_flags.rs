@@ -29,6 +29,19 @@ pub(crate) struct QuotaArgs {
     /// The burst a session may make above --session-rate (default: the rate's count).
     #[arg(long, env = "SWITCHYARD_SESSION_BURST", requires = "session_rate")]
     session_burst: Option<u32>,
+    /// How often usage that came without an append (reads, refused turns) is saved, e.g.
+    /// 1s or 500ms: a crash loses at most this much of it. Usage of calls that append is
+    /// saved in their transaction whatever this is.
+    #[arg(long, env = "SWITCHYARD_USAGE_SAVE_INTERVAL", default_value = "1s", value_parser = parse_interval)]
+    usage_save_interval: Duration,
+}
+
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    let interval = humantime::parse_duration(text).map_err(|error| error.to_string())?;
+    if interval < Duration::from_millis(10) {
+        return Err(format!("{text} is shorter than 10ms"));
+    }
+    Ok(interval)
 }
 
 impl QuotaArgs {
@@ -56,6 +69,7 @@ impl QuotaArgs {
             defaults,
             user_rate: rate("--user-rate", &self.user_rate, self.user_burst)?,
             session_rate: rate("--session-rate", &self.session_rate, self.session_burst)?,
+            save_interval: Some(self.usage_save_interval),
         })
     }
 }

@@ -19,6 +19,13 @@ use crate::router::{Router, caller_name};
 /// The log target of audit events (the workers' too).
 const AUDIT: &str = "switchyard::audit";
 
+/// The `node` of the coordinator's own alerts.
+const COORDINATOR_NODE: &str = "coordinator";
+
+fn not_found(session_id: switchyard_core::SessionId) -> Status {
+    Status::not_found(format!("session {session_id} not found"))
+}
+
 /// How long `DrainWorker` with `wait` waits when the call has no deadline.
 const DRAIN_WAIT: Duration = Duration::from_secs(60);
 
@@ -61,6 +68,110 @@ impl Admin {
 
 #[tonic::async_trait]
 impl AdminService for Admin {
+    async fn get_session_health(
+        &self,
+        request: Request<pb::GetSessionHealthRequest>,
+    ) -> Result<Response<pb::SessionHealth>, Status> {
+        let caller = request.extensions().get::<Caller>().cloned();
+        let session_id = switchyard_core::SessionId::parse(&request.get_ref().session_id)
+            .map_err(CoordinatorError::from)?;
+        // The coordinator does not know a session's user: every worker is asked, and the
+        // one whose slot holds the session answers.
+        let answers: Vec<(WorkerId, Result<pb::SessionHealth, Status>)> = self
+            .router
+            .ask_every_worker(
+                "/switchyard.v1.WorkerStatusService/GetSessionHealth",
+                request.metadata(),
+                request.get_ref(),
+            )
+            .await;
+        let mut unreachable = Vec::new();
+        let mut found = Vec::new();
+        for (worker, answer) in answers {
+            match answer {
+                Ok(health) => found.push((worker, health)),
+                Err(status) if status.code() == tonic::Code::NotFound => {}
+                Err(status) => unreachable.push(format!("{worker} ({})", status.message())),
+            }
+        }
+        // While a slot moves, the worker it leaves may not know yet: the owner in the
+        // coordinator's table answers first.
+        let placement = self.membership.routing().placement.clone();
+        let owns = |worker: &WorkerId, health: &pb::SessionHealth| {
+            placement.owner(slot_of(&health.user_id, placement.slot_count())) == Some(worker)
+        };
+        found.sort_by_key(|(worker, health)| !owns(worker, health));
+        if let Some((_, health)) = found.into_iter().next() {
+            // A key limited to a user prefix sees its own users' sessions only, and learns
+            // nothing of others' (not even that they exist).
+            return match Caller::check_user(caller.as_ref(), &health.user_id) {
+                Ok(()) => Ok(Response::new(health)),
+                Err(_) => Err(not_found(session_id)),
+            };
+        }
+        if unreachable.is_empty() {
+            Err(not_found(session_id))
+        } else {
+            Err(Status::unavailable(format!(
+                "session {session_id} was not found on the workers that answered; not answering: {}",
+                unreachable.join(", ")
+            )))
+        }
+    }
+
+    async fn list_alerts(
+        &self,
+        request: Request<pb::ListAlertsRequest>,
+    ) -> Result<Response<pb::ListAlertsResponse>, Status> {
+        let caller = request.extensions().get::<Caller>().cloned();
+        let filter = switchyard::conversions::alert_filter(request.get_ref())
+            .map_err(CoordinatorError::from)?;
+        let mut alerts: Vec<pb::Alert> = self
+            .membership
+            .alerts()
+            .list(&filter)
+            .iter()
+            .map(|alert| switchyard::conversions::alert_to_wire(alert, COORDINATOR_NODE))
+            .collect();
+        let mut unreachable_workers = Vec::new();
+        let answers: Vec<(WorkerId, Result<pb::ListAlertsResponse, Status>)> = self
+            .router
+            .ask_every_worker(
+                "/switchyard.v1.WorkerStatusService/ListAlerts",
+                request.metadata(),
+                request.get_ref(),
+            )
+            .await;
+        for (worker, answer) in answers {
+            match answer {
+                Ok(listed) => alerts.extend(listed.alerts),
+                Err(status) => {
+                    tracing::debug!(worker_id = %worker, %status, "a worker did not list its alerts");
+                    unreachable_workers.push(worker.to_string());
+                }
+            }
+        }
+        // A key limited to a user prefix sees the alerts of its users, none of the others'.
+        alerts.retain(|alert| {
+            alert.user_id.is_empty() && Caller::check_user(caller.as_ref(), "").is_ok()
+                || !alert.user_id.is_empty()
+                    && Caller::check_user(caller.as_ref(), &alert.user_id).is_ok()
+        });
+        alerts.sort_by(|a, b| {
+            let seen = |alert: &pb::Alert| {
+                alert
+                    .last_seen
+                    .as_ref()
+                    .map_or((0, 0), |at| (at.seconds, at.nanos))
+            };
+            seen(b).cmp(&seen(a))
+        });
+        Ok(Response::new(pb::ListAlertsResponse {
+            alerts,
+            unreachable_workers,
+        }))
+    }
+
     async fn erase_user(
         &self,
         request: Request<pb::EraseUserRequest>,

@@ -21,12 +21,14 @@ const MEMBERSHIP: &str = "/switchyard.v1.MembershipService/";
 const ADMIN: &str = "/switchyard.v1.AdminService/";
 const SESSIONS: &str = "/switchyard.v1.SessionService/";
 /// AdminService methods that only read.
-const ADMIN_READS: [&str; 5] = [
+const ADMIN_READS: [&str; 7] = [
     "ListWorkers",
     "GetPlacement",
     "ClusterStatus",
     "GetUserQuota",
     "GetUsage",
+    "GetSessionHealth",
+    "ListAlerts",
 ];
 
 /// How callers of the public services authenticate.

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use switchyard::pb;
+use switchyard_core::alerts::{AlertLog, Raise, Severity};
 use switchyard_core::{Epoch, PlacementTable, Slot, WorkerId};
 use switchyard_store::StoredPlacement;
 use tokio::sync::watch;
@@ -25,6 +26,8 @@ use placement::max_over_average;
 
 /// Dead workers kept for `ListWorkers`, newest first; older ones are forgotten.
 const DEAD_WORKERS_KEPT: usize = 64;
+/// Alerts the coordinator keeps of its own.
+const COORDINATOR_ALERTS: usize = 256;
 /// Longest accepted worker address.
 const MAX_ADDRESS_BYTES: usize = 256;
 /// How long a call that changed the table waits for it to be kept in the store and
@@ -138,6 +141,8 @@ pub struct Membership {
     kept_in_store: bool,
     /// Woken by every heartbeat, for those waiting on fresh loads.
     heartbeat_seen: tokio::sync::Notify,
+    /// The coordinator's own alerts: workers lost.
+    alerts: AlertLog,
 }
 
 struct MembershipState {
@@ -221,6 +226,7 @@ impl Membership {
             routing: watch::channel(nothing_yet).0,
             kept_in_store,
             heartbeat_seen: tokio::sync::Notify::new(),
+            alerts: AlertLog::new(COORDINATOR_ALERTS),
         };
         membership.publish(&mut membership.state());
         membership
@@ -228,6 +234,11 @@ impl Membership {
 
     pub fn config(&self) -> &MembershipConfig {
         &self.config
+    }
+
+    /// The coordinator's alerts (workers lost).
+    pub fn alerts(&self) -> &AlertLog {
+        &self.alerts
     }
 
     fn state(&self) -> MutexGuard<'_, MembershipState> {
@@ -469,6 +480,24 @@ impl Membership {
                 expired += 1;
                 tracing::warn!(worker_id = %record.worker_id, "worker missed its lease, declared dead");
                 metrics::counter!("switchyard_failovers_total").increment(1);
+                metrics::counter!("switchyard_alerts_total", "kind" => "worker_lost").increment(1);
+                let silent = now.duration_since(record.last_heartbeat);
+                self.alerts.raise(
+                    Raise {
+                        kind: "worker_lost",
+                        subject: record.worker_id.to_string(),
+                        severity: Severity::Critical,
+                        message: format!(
+                            "worker {} missed its lease: no heartbeat for {} (lease {}); its slots moved to the others",
+                            record.worker_id,
+                            humantime::format_duration(Duration::from_millis(silent.as_millis() as u64)),
+                            humantime::format_duration(self.config.lease),
+                        ),
+                        user_id: None,
+                        session_id: None,
+                    },
+                    SystemTime::now(),
+                );
             }
         }
         if expired > 0 {

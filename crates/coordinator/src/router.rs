@@ -101,6 +101,9 @@ const METHODS: [Method; 8] = [
     },
 ];
 
+/// How long a call asked of every worker waits for each when the caller set no deadline.
+pub const ASK_EVERY_WORKER_WAIT: Duration = Duration::from_secs(5);
+
 /// The first field of every SessionService request, read without decoding the rest.
 #[derive(Clone, PartialEq, prost::Message)]
 struct FirstField {
@@ -383,6 +386,83 @@ impl Router {
                 "worker {worker} answered {path} with an unreadable message: {error}"
             ))
         })
+    }
+
+    /// Asks every worker of the published table the internal call `path` at once, each
+    /// within the caller's deadline (else [`ASK_EVERY_WORKER_WAIT`]), and returns each
+    /// worker's answer.
+    pub async fn ask_every_worker<Req, Resp>(
+        self: &Arc<Self>,
+        path: &'static str,
+        metadata: &MetadataMap,
+        request: &Req,
+    ) -> Vec<(WorkerId, Result<Resp, Status>)>
+    where
+        Req: prost::Message,
+        Resp: prost::Message + Default + 'static,
+    {
+        let routing = self.membership.routing();
+        let wait = deadline_of(metadata)
+            .map(|deadline| deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or(ASK_EVERY_WORKER_WAIT);
+        let message = RawMessage(request.encode_to_vec().into());
+        let traceparent = metadata.get(TRACEPARENT).cloned();
+        let mut asked = tokio::task::JoinSet::new();
+        for (worker, address) in &routing.addresses {
+            let channel = self.channel(worker, address, &routing.addresses);
+            let worker = worker.clone();
+            let message = message.clone();
+            let traceparent = traceparent.clone();
+            let router = self.clone();
+            asked.spawn(async move {
+                let answer = async {
+                    let mut grpc = tonic::client::Grpc::new(channel?)
+                        .max_decoding_message_size(router.max_message_bytes);
+                    let mut request = Request::new(message);
+                    request.set_timeout(wait);
+                    let metadata = request.metadata_mut();
+                    metadata.insert(
+                        NODE_CREDENTIAL,
+                        node_credential(
+                            &router.cluster_key,
+                            NodeRole::Coordinator,
+                            COORDINATOR_NODE_ID,
+                            path,
+                        ),
+                    );
+                    if let Some(traceparent) = traceparent {
+                        metadata.insert(TRACEPARENT, traceparent);
+                    }
+                    grpc.ready().await.map_err(|error| {
+                        Status::unavailable(format!("worker {worker} is not reachable: {error}"))
+                    })?;
+                    let response = grpc
+                        .unary(request, PathAndQuery::from_static(path), RawCodec)
+                        .await
+                        .map_err(|status| broken_forward(&worker, status))?;
+                    Resp::decode(response.into_inner().0).map_err(|error| {
+                        Status::internal(format!(
+                            "worker {worker} answered {path} with an unreadable message: {error}"
+                        ))
+                    })
+                };
+                let answer = match tokio::time::timeout(wait, answer).await {
+                    Ok(answer) => answer,
+                    Err(_) => Err(Status::deadline_exceeded(format!(
+                        "worker {worker} did not answer {path} in time"
+                    ))),
+                };
+                (worker, answer)
+            });
+        }
+        let mut answers = Vec::with_capacity(asked.len());
+        while let Some(joined) = asked.join_next().await {
+            if let Ok(answer) = joined {
+                answers.push(answer);
+            }
+        }
+        answers.sort_by(|a, b| a.0.cmp(&b.0));
+        answers
     }
 
     async fn unary(

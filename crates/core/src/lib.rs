@@ -1,8 +1,10 @@
 //! Switchyard's domain types and rules. Nothing in this crate performs I/O or knows gRPC.
 
+pub mod alerts;
 pub mod api_key;
 pub mod bounded;
 pub mod error;
+pub mod health;
 pub mod ids;
 pub mod node_credential;
 pub mod placement;

@@ -154,14 +154,16 @@ pub struct StoredUsage {
     pub user_id: UserId,
     pub resource: String,
     pub state: String,
+    /// The owner's count of changes to the user's windows: a write never replaces a newer
+    /// version with an older one, whichever of two writes commits last.
+    pub version: u64,
 }
 
 /// What the store keeps of a user's quota: overrides, and windowed usage.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct UserQuotaRecord {
     pub overrides: Vec<StoredLimit>,
-    /// `(resource, state)` pairs.
-    pub usage: Vec<(String, String)>,
+    pub usage: Vec<StoredUsage>,
 }
 
 /// Durable home of sessions and their contexts. Every write returns only after it is
@@ -243,7 +245,8 @@ pub trait SessionStore: Send + Sync + 'static {
     /// earlier on the same session, did: a turn's reply follows its user message. An
     /// append of [`Durability::WithNext`] is durable once a later durable commit is.
     ///
-    /// This default commits at once, in full: right for a store with no disk.
+    /// This default commits at once, in full, and saves the usage after the append: right
+    /// for a store with no disk, which a crash empties whole.
     async fn queue_append(
         &self,
         append: Append,
@@ -266,6 +269,14 @@ pub trait SessionStore: Send + Sync + 'static {
         } else {
             Err(StoreError::PredecessorNotCommitted(append.session_id))
         };
+        if matches!(outcome, Ok(Appended { written: true, .. })) && !append.usage.is_empty() {
+            let usage: Vec<(Fence, StoredUsage)> = append
+                .usage
+                .into_iter()
+                .map(|usage| (append.fence.clone(), usage))
+                .collect();
+            self.save_usage(&usage).await?;
+        }
         Ok(QueuedAppend::settled(outcome))
     }
 

@@ -39,7 +39,7 @@ struct Inner {
     /// Quota overrides per user, by resource.
     overrides: HashMap<UserId, BTreeMap<String, StoredLimit>>,
     /// Saved usage per user, by resource.
-    usage: HashMap<UserId, BTreeMap<String, String>>,
+    usage: HashMap<UserId, BTreeMap<String, (String, u64)>>,
 }
 
 impl Inner {
@@ -436,7 +436,12 @@ impl SessionStore for MemoryStore {
                 .map(|usage| {
                     usage
                         .iter()
-                        .map(|(resource, state)| (resource.clone(), state.clone()))
+                        .map(|(resource, (state, version))| StoredUsage {
+                            user_id: user_id.clone(),
+                            resource: resource.clone(),
+                            state: state.clone(),
+                            version: *version,
+                        })
                         .collect()
                 })
                 .unwrap_or_default(),
@@ -475,12 +480,14 @@ impl SessionStore for MemoryStore {
             if inner.check(fence).is_err() {
                 continue;
             }
-            inner
-                .usage
-                .entry(usage.user_id.clone())
-                .or_default()
-                .insert(usage.resource.clone(), usage.state.clone());
-            saved.insert((&usage.user_id, &usage.resource));
+            let windows = inner.usage.entry(usage.user_id.clone()).or_default();
+            match windows.get(&usage.resource) {
+                Some((_, kept)) if *kept > usage.version => {}
+                _ => {
+                    windows.insert(usage.resource.clone(), (usage.state.clone(), usage.version));
+                    saved.insert((&usage.user_id, &usage.resource));
+                }
+            }
         }
         Ok(saved.len())
     }

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use switchyard_core::{Message, SessionId};
 use tokio::sync::{oneshot, watch};
 
-use crate::{AppendKey, Appended, Fence, Result, StoreError};
+use crate::{AppendKey, Appended, Fence, Result, StoreError, StoredUsage};
 
 /// When an append must be on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -34,6 +34,9 @@ pub struct Append {
     /// The session keeps its newest this many messages.
     pub keep_last: u64,
     pub durability: Durability,
+    /// Usage of the session's user, saved in the append's transaction if it commits (under
+    /// the same fence: a user's sessions are in the user's slot).
+    pub usage: Vec<StoredUsage>,
 }
 
 /// Whether a queued append was committed, once that is known: what an append queued to

@@ -28,7 +28,10 @@ use appends::{
 use leases::{
     a_released_lease_admits_no_writes, a_stale_owner_cannot_write, the_newest_placement_is_kept,
 };
-use quotas::{quota_overrides_and_usage_are_kept_per_user, storage_bytes_count_a_users_content};
+use quotas::{
+    quota_overrides_and_usage_are_kept_per_user, storage_bytes_count_a_users_content,
+    usage_is_saved_with_the_appends_that_carry_it,
+};
 
 const SLOT: u32 = 3;
 
@@ -356,6 +359,7 @@ conformance!(
     each_append_of_a_batch_gets_its_own_outcome,
     quota_overrides_and_usage_are_kept_per_user,
     storage_bytes_count_a_users_content,
+    usage_is_saved_with_the_appends_that_carry_it,
 );
 
 /// Key-encryption keys for the sealed stores of the suite.
@@ -439,6 +443,7 @@ async fn only_batches_of_user_messages_alone_skip_the_wait_for_the_disk() {
         key: switchyard_store::AppendKey::None,
         keep_last: u64::MAX,
         durability,
+        usage: Vec::new(),
     };
     let before = store.group_commit_stats();
     let deferred = store
@@ -513,6 +518,7 @@ async fn batches_commit_at_once_unless_refused(store: Arc<SqlStore>) {
         key,
         keep_last,
         durability: Durability::Now,
+        usage: Vec::new(),
     };
     let usage = TurnUsage {
         prompt_tokens: 3,

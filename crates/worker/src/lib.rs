@@ -4,11 +4,13 @@ pub mod audit;
 mod context_cache;
 mod error;
 mod gate;
+pub mod health;
 mod membership;
 mod ownership;
 pub mod quotas;
 mod service;
 mod sessions;
+mod status;
 mod turn;
 mod user_state;
 
@@ -19,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use switchyard::pb::session_service_server::SessionServiceServer;
 use switchyard::pb::user_state_service_server::UserStateServiceServer;
+use switchyard::pb::worker_status_service_server::WorkerStatusServiceServer;
 use switchyard::tls::ClientTls;
 use switchyard_agents::AgentCatalog;
 use switchyard_core::{ClusterKey, Limits, Slot, TokenKey, WorkerId};
@@ -156,6 +159,7 @@ pub async fn start(
         sessions.quotas().clone(),
         sessions.clone(),
     );
+    let status = status::WorkerStatus::new(worker_id.clone(), sessions.clone());
     let service = WorkerSessionService::new(
         worker_id.clone(),
         placement.clone(),
@@ -187,7 +191,8 @@ pub async fn start(
                         .max_decoding_message_size(max_message_bytes)
                         .max_encoding_message_size(max_message_bytes),
                 )
-                .add_service(UserStateServiceServer::new(user_state));
+                .add_service(UserStateServiceServer::new(user_state))
+                .add_service(WorkerStatusServiceServer::new(status));
             if let Err(error) = server.serve(listener, server_shutdown).await {
                 tracing::error!(%worker_id, %error, "worker server failed");
             }

@@ -4,7 +4,10 @@
 //! through AdminService and kept in the store) on top. Windowed usage (`api_calls`,
 //! `tokens`, `compute_seconds`, `cost_usd`) is counted by a [`SlidingWindow`] per user and
 //! resource, checked and consumed in one step under the user's lock, and saved to the store
-//! in batches: every [`FLUSH_INTERVAL`], and before a handoff gives the user's slot away.
+//! with the next append of the user's, in its transaction (a turn's reply carries what the
+//! turn used), and otherwise in batches: every [`FLUSH_INTERVAL`], and before a handoff
+//! gives the user's slot away. Each save carries the user's version of the windows, and
+//! the store keeps the newest.
 //! `storage_bytes` is read from the store and followed as appends come; `sessions` is the
 //! live sessions the store holds; `concurrent_turns` is counted here, in memory.
 //!
@@ -16,8 +19,9 @@
 
 mod config;
 mod refusal;
+mod saving;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -25,18 +29,22 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 use switchyard_agents::PoolConfig;
-use switchyard_core::quota::{Reservation, Resource, SlidingWindow, WindowParts};
+use switchyard_core::quota::{Reservation, Resource, SlidingWindow};
 use switchyard_core::{SessionId, Slot, UserId, slot_of};
 use switchyard_store::{SessionStore, StoredLimit, StoredUsage};
 
 pub use config::{Limit, QuotaConfig, RateLimit, parse_quota};
 pub use refusal::QuotaError;
+pub use saving::UnsavedUsage;
+use saving::{decode_window, encode_window};
 
 use crate::error::{Result, WorkerError};
+use crate::health::Alerts;
 use crate::ownership::SlotOwnership;
 
-/// How often usage is saved to the store: a crash loses at most this much of the windowed
-/// usage (and never any `storage_bytes` or `sessions`, which the store itself holds).
+/// How often usage that came without an append (reads, refused or failed turns) is saved
+/// to the store: a crash loses at most this much of it. Usage saved with an append is as
+/// durable as the append, and `storage_bytes` and `sessions` are the store's own.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// A user with no call for this long, and nothing unsaved, leaves memory (it is loaded
 /// again from the store at its next call).
@@ -68,6 +76,8 @@ pub struct Quotas {
     users: Mutex<HashMap<UserId, Arc<UserEntry>>>,
     user_rate: Option<DefaultKeyedRateLimiter<UserId>>,
     session_rate: Option<DefaultKeyedRateLimiter<SessionId>>,
+    /// Where a user above 80% or 95% of a quota is reported.
+    alerts: Option<Alerts>,
 }
 
 /// One user's quota state, loaded from the store at its first call here.
@@ -94,10 +104,32 @@ struct UserState {
     storage: Option<f64>,
     /// Windows changed since they were last saved.
     dirty: bool,
+    /// Changes to the windows, counted on from what the store held: a save carries it, and
+    /// the store never replaces a newer version with an older one.
+    version: u64,
     touched: Option<Instant>,
 }
 
 impl UserState {
+    /// The windows changed: they are unsaved, at a new version.
+    fn changed(&mut self) {
+        self.dirty = true;
+        self.version += 1;
+    }
+
+    /// The windows as the store keeps them, at the current version.
+    fn stored(&self, user_id: &UserId) -> Vec<StoredUsage> {
+        self.windows
+            .iter()
+            .map(|(resource, window)| StoredUsage {
+                user_id: user_id.clone(),
+                resource: resource.name().to_string(),
+                state: encode_window(&window.to_parts()),
+                version: self.version,
+            })
+            .collect()
+    }
+
     /// The window of `resource` under `limit`, made (or re-cut to the limit's window) here.
     fn window(&mut self, resource: Resource, limit: Limit, now: u64) -> &mut SlidingWindow {
         let window = self
@@ -135,6 +167,39 @@ impl Quotas {
             placement,
             slot_count,
             users: Mutex::new(HashMap::new()),
+            alerts: None,
+        }
+    }
+
+    /// Reports users above 80% and 95% of a windowed quota to `alerts`.
+    pub fn with_alerts(mut self, alerts: Alerts) -> Self {
+        self.alerts = Some(alerts);
+        self
+    }
+
+    /// Raises a quota alert when `window` is at 80% of `limit` or more.
+    fn check_level(
+        &self,
+        user_id: &UserId,
+        resource: Resource,
+        window: &mut SlidingWindow,
+        limit: Limit,
+        now: u64,
+    ) {
+        let Some(alerts) = &self.alerts else {
+            return;
+        };
+        if limit.limit <= 0.0 {
+            return;
+        }
+        let percent = window.used(now) / limit.limit * 100.0;
+        if percent >= 80.0 {
+            let described = format!(
+                "{} per {}",
+                limit.limit,
+                humantime::format_duration(limit.window)
+            );
+            alerts.quota_used(user_id, resource.name(), percent, &described);
         }
     }
 
@@ -174,12 +239,13 @@ impl Quotas {
                         None => tracing::warn!(%user_id, resource = %stored.resource, "ignoring a stored quota override of an unknown resource"),
                     }
                 }
-                for (resource, encoded) in record.usage {
-                    match (Resource::parse(&resource), decode_window(&encoded)) {
+                for stored in record.usage {
+                    state.version = state.version.max(stored.version);
+                    match (Resource::parse(&stored.resource), decode_window(&stored.state)) {
                         (Some(resource), Some(window)) => {
                             state.windows.insert(resource, window);
                         }
-                        _ => tracing::warn!(%user_id, %resource, "ignoring stored usage that cannot be read"),
+                        _ => tracing::warn!(%user_id, resource = %stored.resource, "ignoring stored usage that cannot be read"),
                     }
                 }
                 Ok::<(), WorkerError>(())
@@ -247,7 +313,8 @@ impl Quotas {
                 )
                 .into());
             }
-            state.dirty = true;
+            self.check_level(user_id, Resource::ApiCalls, window, limit, now);
+            state.changed();
         }
         Ok(())
     }
@@ -274,6 +341,7 @@ impl Quotas {
         let entry = self.entry(user_id).await?;
         let mut charge = TurnCharge {
             entry: entry.clone(),
+            user_id: user_id.clone(),
             quotas: self.clone(),
             tokens: None,
             cost: None,
@@ -360,7 +428,7 @@ impl Quotas {
         }
         state.concurrent_turns += 1;
         charge.concurrent = true;
-        state.dirty = true;
+        state.changed();
         Ok(charge)
     }
 
@@ -497,19 +565,6 @@ impl Quotas {
         Ok(usage)
     }
 
-    /// Saves the windows that changed, each under its user's slot fence, in one call; users
-    /// idle for long with nothing unsaved leave memory. Returns how many were saved.
-    pub async fn flush(&self) -> usize {
-        self.flush_where(|_| true, false).await
-    }
-
-    /// Saves the usage of the users of `slots` and forgets them: the slots are being handed
-    /// to another worker, which loads what is saved here.
-    pub async fn hand_over(&self, slots: &HashSet<Slot>) {
-        let saved = self.flush_where(|slot| slots.contains(&slot), true).await;
-        tracing::debug!(saved, "quota usage saved for a handoff");
-    }
-
     /// Drops the user's saved usage and overrides, and forgets its counts here; returns
     /// whether there was usage and whether there were overrides.
     pub async fn erase(&self, user_id: &UserId) -> Result<(bool, bool)> {
@@ -529,82 +584,6 @@ impl Quotas {
         self.users().clear();
     }
 
-    async fn flush_where(&self, in_scope: impl Fn(Slot) -> bool, forget: bool) -> usize {
-        let idle_before = Instant::now().checked_sub(IDLE_ENTRY);
-        let mut rows = Vec::new();
-        let mut flushed = Vec::new();
-        {
-            let mut users = self.users();
-            users.retain(|user_id, entry| {
-                let slot = entry.slot;
-                if !in_scope(slot) {
-                    return true;
-                }
-                let mut state = entry.state();
-                if state.dirty {
-                    if let Some(fence) = self.placement.fence(slot) {
-                        for (resource, window) in &state.windows {
-                            rows.push((
-                                fence.clone(),
-                                StoredUsage {
-                                    user_id: user_id.clone(),
-                                    resource: resource.name().to_string(),
-                                    state: encode_window(&window.to_parts()),
-                                },
-                            ));
-                        }
-                        flushed.push((user_id.clone(), entry.clone()));
-                    }
-                    state.dirty = false;
-                }
-                let idle = match (state.touched, idle_before) {
-                    (Some(touched), Some(before)) => touched < before,
-                    _ => false,
-                };
-                !(forget || (idle && state.concurrent_turns == 0 && !state.dirty))
-            });
-        }
-        if rows.is_empty() {
-            return 0;
-        }
-        match self.store.save_usage(&rows).await {
-            Ok(saved) => saved,
-            Err(error) => {
-                tracing::warn!(%error, users = flushed.len(), "quota usage not saved; trying again");
-                for (user_id, entry) in flushed {
-                    entry.state().dirty = true;
-                    if forget {
-                        continue;
-                    }
-                    self.users().entry(user_id).or_insert(entry);
-                }
-                0
-            }
-        }
-    }
-
-    /// Saves usage every [`FLUSH_INTERVAL`] until `stopped`, and once more then.
-    pub async fn run(self: Arc<Self>, stopped: tokio_util::sync::CancellationToken) {
-        let mut interval = tokio::time::interval(FLUSH_INTERVAL);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = interval.tick() => {}
-                () = stopped.cancelled() => {
-                    self.flush().await;
-                    return;
-                }
-            }
-            self.flush().await;
-            if let Some(limiter) = &self.user_rate {
-                limiter.retain_recent();
-            }
-            if let Some(limiter) = &self.session_rate {
-                limiter.retain_recent();
-            }
-        }
-    }
-
     /// Users in memory (for tests of the bound).
     pub fn users_in_memory(&self) -> usize {
         self.users().len()
@@ -617,6 +596,7 @@ impl Quotas {
 pub struct TurnCharge {
     quotas: Arc<Quotas>,
     entry: Arc<UserEntry>,
+    user_id: UserId,
     tokens: Option<Reservation>,
     cost: Option<Reservation>,
     concurrent: bool,
@@ -635,6 +615,7 @@ impl TurnCharge {
                 Some(reservation) => window.settle(now, reservation, tokens),
                 None => window.add(now, tokens),
             }
+            quotas.check_level(&self.user_id, Resource::Tokens, window, limit, now);
         }
         if let Some(limit) = quotas.limit(&state, Resource::CostUsd) {
             let cost = pool.price.cost(prompt, completion);
@@ -643,13 +624,14 @@ impl TurnCharge {
                 Some(reservation) => window.settle(now, reservation, cost),
                 None => window.add(now, cost),
             }
+            quotas.check_level(&self.user_id, Resource::CostUsd, window, limit, now);
         }
         if let Some(limit) = quotas.limit(&state, Resource::ComputeSeconds) {
-            state
-                .window(Resource::ComputeSeconds, limit, now)
-                .add(now, compute_seconds.max(0.0));
+            let window = state.window(Resource::ComputeSeconds, limit, now);
+            window.add(now, compute_seconds.max(0.0));
+            quotas.check_level(&self.user_id, Resource::ComputeSeconds, window, limit, now);
         }
-        state.dirty = true;
+        state.changed();
     }
 }
 
@@ -704,25 +686,6 @@ impl Drop for StorageCharge {
             entry.state().storage = None;
         }
     }
-}
-
-fn encode_window(parts: &WindowParts) -> String {
-    serde_json::json!({"w": parts.window_us, "h": parts.head, "b": parts.buckets}).to_string()
-}
-
-fn decode_window(text: &str) -> Option<SlidingWindow> {
-    let value: serde_json::Value = serde_json::from_str(text).ok()?;
-    let buckets = value
-        .get("b")?
-        .as_array()?
-        .iter()
-        .map(serde_json::Value::as_f64)
-        .collect::<Option<Vec<f64>>>()?;
-    SlidingWindow::from_parts(WindowParts {
-        window_us: value.get("w")?.as_u64()?,
-        head: value.get("h")?.as_u64()?,
-        buckets,
-    })
 }
 
 #[cfg(test)]

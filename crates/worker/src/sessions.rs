@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::context_cache::ContextCache;
 use crate::error::{Result, WorkerError};
+use crate::health::{Alerts, SessionHealth};
 use crate::ownership::SlotOwnership;
 use crate::quotas::{QuotaConfig, Quotas};
 
@@ -46,6 +47,8 @@ pub struct HotSession {
     activity: Mutex<Activity>,
     /// Held for the whole of a turn; tokio's mutex is fair, so turns run in arrival order.
     turn: tokio::sync::Mutex<()>,
+    /// What its turns did while it is hot here.
+    pub health: Mutex<SessionHealth>,
 }
 
 struct Activity {
@@ -107,6 +110,7 @@ impl HotSession {
                 interrupts: 0,
             }),
             turn: tokio::sync::Mutex::new(()),
+            health: Mutex::default(),
         }
     }
 
@@ -152,6 +156,7 @@ impl Drop for SessionCall {
 pub struct SessionManager {
     store: Arc<dyn SessionStore>,
     quotas: Arc<Quotas>,
+    alerts: Alerts,
     placement: Arc<SlotOwnership>,
     limits: Limits,
     slot_count: u32,
@@ -170,13 +175,18 @@ impl SessionManager {
         limits: Limits,
         slot_count: u32,
     ) -> Self {
+        let alerts = Alerts::default();
         SessionManager {
-            quotas: Arc::new(Quotas::new(
-                QuotaConfig::default(),
-                store.clone(),
-                placement.clone(),
-                slot_count,
-            )),
+            quotas: Arc::new(
+                Quotas::new(
+                    QuotaConfig::default(),
+                    store.clone(),
+                    placement.clone(),
+                    slot_count,
+                )
+                .with_alerts(alerts.clone()),
+            ),
+            alerts,
             store,
             placement,
             limits,
@@ -195,17 +205,25 @@ impl SessionManager {
 
     /// Limits users by `config` from now on.
     pub fn with_quotas(mut self, config: QuotaConfig) -> Self {
-        self.quotas = Arc::new(Quotas::new(
-            config,
-            self.store.clone(),
-            self.placement.clone(),
-            self.slot_count,
-        ));
+        self.quotas = Arc::new(
+            Quotas::new(
+                config,
+                self.store.clone(),
+                self.placement.clone(),
+                self.slot_count,
+            )
+            .with_alerts(self.alerts.clone()),
+        );
         self
     }
 
     pub fn quotas(&self) -> &Arc<Quotas> {
         &self.quotas
+    }
+
+    /// The worker's alert log.
+    pub fn alerts(&self) -> &Alerts {
+        &self.alerts
     }
 
     fn hot(&self) -> RwLockWriteGuard<'_, HashMap<SessionId, Arc<HotSession>>> {
@@ -222,6 +240,34 @@ impl SessionManager {
 
     pub fn hot_count(&self) -> usize {
         self.hot_read().len()
+    }
+
+    /// A session this worker holds (its slot's lease is ours), with its health if it is hot
+    /// here; `None` for a session that does not exist or is another worker's.
+    pub async fn health_of(
+        &self,
+        session_id: SessionId,
+    ) -> Result<Option<(Session, Option<SessionHealth>)>> {
+        let Some(session) = self.store.get_session(session_id).await? else {
+            return Ok(None);
+        };
+        // Ours in the current table, and under our lease: a slot being handed over is the
+        // new owner's to answer for.
+        let ours = self.placement.current().owner(session.slot) == Some(self.placement.worker_id());
+        if !ours || self.placement.fence(session.slot).is_none() {
+            return Ok(None);
+        }
+        let health = self
+            .hot_read()
+            .get(&session_id)
+            .filter(|hot| !hot.is_ended())
+            .map(|hot| {
+                hot.health
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .clone()
+            });
+        Ok(Some((session, health)))
     }
 
     pub fn slot_of(&self, user_id: &UserId) -> Slot {

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::error::{Result, WorkerError};
+use crate::health::TurnEnd;
 use crate::sessions::{PendingAppend, SessionCall, SessionManager, TurnRequest};
 
 /// Events buffered between the turn and a slow caller before the agent is held back.
@@ -49,6 +50,7 @@ pub fn start_turn(
         let session_id = call.session.session_id;
         let started = Instant::now();
         let agent_type = input.agent_type.clone();
+        let pool_config = pool.config().clone();
         let turn = run_turn(&sessions, &call, pool, &input, &events);
         let result = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline.into(), turn)
@@ -63,6 +65,19 @@ pub fn start_turn(
             Err(WorkerError::DeadlineExceeded | WorkerError::TurnTimedOut { .. }) => "timed_out",
             Err(_) => "failed",
         };
+        let end = match outcome {
+            "ok" => TurnEnd::Succeeded,
+            "cancelled" | "refused" => TurnEnd::NotCounted,
+            _ => TurnEnd::Failed,
+        };
+        sessions.alerts().turn_ended(
+            &call.session,
+            call.user_id.as_ref(),
+            &agent_type,
+            &pool_config,
+            end,
+            started.elapsed(),
+        );
         metrics::counter!("switchyard_turns_total", "agent_type" => agent_type.clone(), "outcome" => outcome)
             .increment(1);
         metrics::histogram!("switchyard_turn_duration_seconds", "agent_type" => agent_type)
@@ -195,11 +210,29 @@ async fn run_turn(
         // Waits, first come first served, when every instance of the type is busy.
         let acquiring = Instant::now();
         let mut agent = tokio::select! {
-            agent = pool.acquire() => agent?,
+            agent = pool.acquire() => match agent {
+                Ok(agent) => agent,
+                Err(error) => {
+                    if matches!(error, AgentError::PoolExhausted { .. }) {
+                        sessions.alerts().pool_exhausted(agent_type, &pool_config, acquiring.elapsed(), true, call.user_id.as_ref());
+                    }
+                    return Err(error.into());
+                }
+            },
             _ = events.closed() => return Err(AgentError::Cancelled.into()),
         };
+        let waited = acquiring.elapsed();
         metrics::histogram!("switchyard_agent_pool_acquire_seconds", "agent_type" => agent_type.to_string())
-            .record(acquiring.elapsed().as_secs_f64());
+            .record(waited.as_secs_f64());
+        if agent.waited() {
+            sessions.alerts().pool_exhausted(
+                agent_type,
+                &pool_config,
+                waited,
+                false,
+                call.user_id.as_ref(),
+            );
+        }
         let (deltas, mut delta_receiver) = mpsc::channel::<String>(EVENT_BUFFER);
         let run = async move {
             let result = agent.agent().run_turn(&context, &deltas).await;
@@ -343,6 +376,12 @@ async fn run_turn(
                 .increment(usage.prompt_tokens);
             metrics::counter!("switchyard_tokens_total", "agent_type" => agent_type.to_string(), "kind" => "completion")
                 .increment(usage.completion_tokens);
+            call.session
+                .health
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .turns
+                .add_tokens(usage.prompt_tokens, usage.completion_tokens);
             if let Some(charge) = charge {
                 charge.settle(
                     &pool_config,

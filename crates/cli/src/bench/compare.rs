@@ -76,6 +76,7 @@ fn unreachable_quotas() -> QuotaConfig {
             period: Duration::from_secs(1),
             burst: 1_000_000,
         }),
+        ..QuotaConfig::default()
     }
 }
 

@@ -1,6 +1,8 @@
 //! What differs between SQLite and PostgreSQL: connection set-up, the statements that
 //! take JSON batches, and the migrations.
 
+use super::quota::sqlite_save_batch_usage;
+
 /// How an SQLite commit syncs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Synchronous {
@@ -143,7 +145,7 @@ impl Backend {
     /// dropping messages up to count − q; `$4`: new request ids `{s, r, k: turn, b, rb, p,
     /// c, u}`, whose last seq is count − b, and whose reply, when it is in the same batch,
     /// is count − rb; `$5`: replies `{s, r, b, p, c, u}` to ids kept before, whose seq is
-    /// count − b.
+    /// count − b; `$6`: the appends' usage (`batch_usage_json`).
     pub(super) fn sqlite_append_batch(synchronous: Synchronous) -> &'static str {
         macro_rules! append_batch {
             ($synchronous:literal) => {
@@ -188,8 +190,9 @@ impl Backend {
                                   json_extract(j.value, '$.u') AS u \
                            FROM json_each($5) AS j \
                            JOIN sessions AS s ON s.session_id = unhex(json_extract(j.value, '$.s'))) AS j \
-                     WHERE request_ids.session_id = j.s AND request_ids.request_id = j.r; \
-                     COMMIT"
+                     WHERE request_ids.session_id = j.s AND request_ids.request_id = j.r; ",
+                    sqlite_save_batch_usage!("$6"),
+                    "COMMIT"
                 )
             };
         }
@@ -257,6 +260,15 @@ impl Backend {
                  prompt_tokens = y.p, completion_tokens = y.c, compute_us = y.u \
              FROM json_to_recordset($6::json) AS y(s text, r text, b bigint, p bigint, c bigint, u bigint) \
              WHERE q.session_id = decode(y.s, 'hex') AND q.request_id = y.r \
+             RETURNING 1), \
+         used AS ( \
+             INSERT INTO user_usage_windows (user_id, resource, state, version) \
+             SELECT w.u, w.r, w.s, w.v \
+             FROM json_to_recordset($7::json) \
+                  AS w(u text, r text, s text, v bigint, l bigint, o text, e bigint) \
+             WHERE EXISTS (SELECT 1 FROM held AS h WHERE h.slot = w.l AND h.owner = w.o AND h.epoch = w.e) \
+             ON CONFLICT (user_id, resource) DO UPDATE SET state = excluded.state, version = excluded.version \
+             WHERE excluded.version >= user_usage_windows.version \
              RETURNING 1) \
          SELECT encode(session_id, 'hex') AS id, message_count FROM counted";
 
@@ -269,9 +281,10 @@ impl Backend {
     /// messages (as in `insert_messages_query`); `$2`: `{s: session hex, q: seq}`, dropping
     /// each session's messages up to `q`; `$3`: new request ids `{s, r: id, k: turn, l: last
     /// seq}`, a plain insert, so an id kept already fails the batch before its commit; `$4`:
-    /// replies `{s, r, q: seq, p, c, u: usage}` completing their turns' ids.
-    pub(super) const SQLITE_WRITE_AND_COMMIT: &'static str = "\
-         INSERT INTO messages (session_id, seq, role, content, name, created_at_us) \
+    /// replies `{s, r, q: seq, p, c, u: usage}` completing their turns' ids; `$5`: the
+    /// appends' usage (`batch_usage_json`).
+    pub(super) const SQLITE_WRITE_AND_COMMIT: &'static str = concat!(
+        "INSERT INTO messages (session_id, seq, role, content, name, created_at_us) \
          SELECT unhex(json_extract(value, '$.s')), json_extract(value, '$.q'), \
                 json_extract(value, '$.r'), json_extract(value, '$.c'), \
                 json_extract(value, '$.n'), json_extract(value, '$.t') \
@@ -289,8 +302,10 @@ impl Backend {
                       json_extract(value, '$.q') AS q, json_extract(value, '$.p') AS p, \
                       json_extract(value, '$.c') AS c, json_extract(value, '$.u') AS u \
                FROM json_each($4)) AS j \
-         WHERE request_ids.session_id = j.s AND request_ids.request_id = j.r; \
-         COMMIT";
+         WHERE request_ids.session_id = j.s AND request_ids.request_id = j.r; ",
+        sqlite_save_batch_usage!("$5"),
+        "COMMIT"
+    );
 
     /// Takes the leases of the slots in the JSON array `$1` for owner `$2` at epoch `$3`,
     /// where no newer epoch holds them; returns the slots taken. One statement, however
@@ -403,6 +418,10 @@ impl Backend {
                     "sealing",
                     include_str!("../../migrations/sqlite/0007_sealing.sql"),
                 ),
+                (
+                    "usage versions",
+                    include_str!("../../migrations/sqlite/0008_usage_versions.sql"),
+                ),
             ],
             Backend::Postgres => &[
                 (
@@ -432,6 +451,10 @@ impl Backend {
                 (
                     "sealing",
                     include_str!("../../migrations/postgres/0007_sealing.sql"),
+                ),
+                (
+                    "usage versions",
+                    include_str!("../../migrations/postgres/0008_usage_versions.sql"),
                 ),
             ],
         }

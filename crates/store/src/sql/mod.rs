@@ -563,6 +563,7 @@ impl SessionStore for SqlStore {
             key: key.clone(),
             keep_last,
             durability: Durability::Now,
+            usage: Vec::new(),
         };
         self.appender.queue(append, None).await?.outcome().await
     }

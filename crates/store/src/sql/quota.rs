@@ -8,7 +8,7 @@ use switchyard_core::UserId;
 
 use super::backend::Backend;
 use super::{SqlStore, corrupt, epoch_param, unavailable};
-use crate::{Fence, Result, StoredLimit, StoredUsage, UserQuotaRecord};
+use crate::{Append, Fence, Result, StoredLimit, StoredUsage, UserQuotaRecord};
 
 impl Backend {
     /// Upserts usage from a JSON array in `$1` of `{u: user, r: resource, s: state, slot,
@@ -16,21 +16,25 @@ impl Backend {
     fn save_usage_query(self) -> &'static str {
         match self {
             Backend::Sqlite => {
-                "INSERT INTO user_usage_windows (user_id, resource, state) \
-                 SELECT json_extract(value, '$.u'), json_extract(value, '$.r'), json_extract(value, '$.s') \
+                "INSERT INTO user_usage_windows (user_id, resource, state, version) \
+                 SELECT json_extract(value, '$.u'), json_extract(value, '$.r'), json_extract(value, '$.s'), \
+                        json_extract(value, '$.v') \
                  FROM json_each($1) \
                  WHERE EXISTS (SELECT 1 FROM slot_leases AS l \
                                WHERE l.slot = json_extract(value, '$.slot') AND l.owner = json_extract(value, '$.o') \
                                  AND l.epoch = json_extract(value, '$.e') AND l.released = 0) \
-                 ON CONFLICT (user_id, resource) DO UPDATE SET state = excluded.state"
+                 ON CONFLICT (user_id, resource) DO UPDATE SET state = excluded.state, version = excluded.version \
+                 WHERE excluded.version >= user_usage_windows.version"
             }
             Backend::Postgres => {
-                "INSERT INTO user_usage_windows (user_id, resource, state) \
-                 SELECT value->>'u', value->>'r', value->>'s' FROM json_array_elements($1::json) \
+                "INSERT INTO user_usage_windows (user_id, resource, state, version) \
+                 SELECT value->>'u', value->>'r', value->>'s', (value->>'v')::bigint \
+                 FROM json_array_elements($1::json) \
                  WHERE EXISTS (SELECT 1 FROM slot_leases AS l \
                                WHERE l.slot = (value->>'slot')::bigint AND l.owner = value->>'o' \
                                  AND l.epoch = (value->>'e')::bigint AND l.released = 0) \
-                 ON CONFLICT (user_id, resource) DO UPDATE SET state = excluded.state"
+                 ON CONFLICT (user_id, resource) DO UPDATE SET state = excluded.state, version = excluded.version \
+                 WHERE excluded.version >= user_usage_windows.version"
             }
         }
     }
@@ -69,6 +73,81 @@ impl Backend {
     }
 }
 
+/// A usage version as the statements take it.
+fn version_param(version: u64) -> i64 {
+    i64::try_from(version).unwrap_or(i64::MAX)
+}
+
+/// The usage that the writing appends of a batch carry, as `[{u: user, r: resource, s:
+/// state, v: version, l: slot, o: owner, e: epoch}]` under each append's fence, one row per
+/// user and resource (the newest). The batch statements save them in the appends'
+/// transaction, while the fence holds and never over a newer version.
+pub(in crate::sql) fn batch_usage_json<'a>(appends: impl Iterator<Item = &'a Append>) -> String {
+    let mut newest: BTreeMap<(&str, &str), (&Fence, &StoredUsage)> = BTreeMap::new();
+    for append in appends {
+        for usage in &append.usage {
+            let key = (usage.user_id.as_str(), usage.resource.as_str());
+            if newest
+                .get(&key)
+                .is_none_or(|(_, kept)| kept.version <= usage.version)
+            {
+                newest.insert(key, (&append.fence, usage));
+            }
+        }
+    }
+    serde_json::Value::Array(
+        newest
+            .values()
+            .map(|(fence, usage)| {
+                serde_json::json!({
+                    "u": usage.user_id.as_str(),
+                    "r": usage.resource,
+                    "s": usage.state,
+                    "v": version_param(usage.version),
+                    "l": i64::from(fence.slot),
+                    "o": fence.owner.as_str(),
+                    "e": epoch_param(fence.epoch),
+                })
+            })
+            .collect(),
+    )
+    .to_string()
+}
+
+/// SQLite: saves the usage of a batch's appends, from the JSON array parameter given (see
+/// [`batch_usage_json`]), one statement ending in `;`.
+macro_rules! sqlite_save_batch_usage {
+    ($param:literal) => {
+        concat!(
+            "INSERT INTO user_usage_windows (user_id, resource, state, version) \
+             SELECT json_extract(value, '$.u'), json_extract(value, '$.r'), \
+                    json_extract(value, '$.s'), json_extract(value, '$.v') \
+             FROM json_each(",
+            $param,
+            ") \
+             WHERE EXISTS (SELECT 1 FROM slot_leases AS l \
+                           WHERE l.slot = json_extract(value, '$.l') AND l.owner = json_extract(value, '$.o') \
+                             AND l.epoch = json_extract(value, '$.e') AND l.released = 0) \
+             ON CONFLICT (user_id, resource) DO UPDATE SET state = excluded.state, version = excluded.version \
+             WHERE excluded.version >= user_usage_windows.version; "
+        )
+    };
+}
+pub(super) use sqlite_save_batch_usage;
+
+impl Backend {
+    /// PostgreSQL: saves the usage of a staged batch's appends (`$1`, see
+    /// [`batch_usage_json`]) in its transaction.
+    pub(super) const POSTGRES_SAVE_BATCH_USAGE: &'static str = "\
+         INSERT INTO user_usage_windows (user_id, resource, state, version) \
+         SELECT w.u, w.r, w.s, w.v \
+         FROM json_to_recordset($1::json) AS w(u text, r text, s text, v bigint, l bigint, o text, e bigint) \
+         WHERE EXISTS (SELECT 1 FROM slot_leases AS f \
+                       WHERE f.slot = w.l AND f.owner = w.o AND f.epoch = w.e AND f.released = 0) \
+         ON CONFLICT (user_id, resource) DO UPDATE SET state = excluded.state, version = excluded.version \
+         WHERE excluded.version >= user_usage_windows.version";
+}
+
 impl SqlStore {
     pub(super) async fn load_user_quota_sql(&self, user_id: &UserId) -> Result<UserQuotaRecord> {
         let overrides = sqlx::query(
@@ -91,7 +170,8 @@ impl SqlStore {
         })
         .collect::<Result<Vec<_>>>()?;
         let usage = sqlx::query(
-            "SELECT resource, state FROM user_usage_windows WHERE user_id = $1 ORDER BY resource",
+            "SELECT resource, state, version FROM user_usage_windows \
+             WHERE user_id = $1 ORDER BY resource",
         )
         .bind(user_id.as_str().to_string())
         .fetch_all(&self.pool)
@@ -99,10 +179,14 @@ impl SqlStore {
         .map_err(unavailable)?
         .iter()
         .map(|row| {
-            Ok((
-                row.try_get("resource").map_err(unavailable)?,
-                row.try_get("state").map_err(unavailable)?,
-            ))
+            let version: i64 = row.try_get("version").map_err(unavailable)?;
+            Ok(StoredUsage {
+                user_id: user_id.clone(),
+                resource: row.try_get("resource").map_err(unavailable)?,
+                state: row.try_get("state").map_err(unavailable)?,
+                version: u64::try_from(version)
+                    .map_err(|_| corrupt("a usage version is negative"))?,
+            })
         })
         .collect::<Result<Vec<_>>>()?;
         Ok(UserQuotaRecord { overrides, usage })
@@ -142,10 +226,16 @@ impl SqlStore {
     }
 
     pub(super) async fn save_usage_sql(&self, usage: &[(Fence, StoredUsage)]) -> Result<usize> {
-        // One row per user and resource: the newest state of each, as given last.
+        // One row per user and resource: the newest state of each.
         let mut newest: BTreeMap<(&str, &str), &(Fence, StoredUsage)> = BTreeMap::new();
         for entry in usage {
-            newest.insert((entry.1.user_id.as_str(), entry.1.resource.as_str()), entry);
+            let key = (entry.1.user_id.as_str(), entry.1.resource.as_str());
+            if newest
+                .get(&key)
+                .is_none_or(|kept| kept.1.version <= entry.1.version)
+            {
+                newest.insert(key, entry);
+            }
         }
         if newest.is_empty() {
             return Ok(0);
@@ -158,6 +248,7 @@ impl SqlStore {
                         "u": usage.user_id.as_str(),
                         "r": usage.resource,
                         "s": usage.state,
+                        "v": version_param(usage.version),
                         "slot": i64::from(fence.slot),
                         "o": fence.owner.as_str(),
                         "e": epoch_param(fence.epoch),

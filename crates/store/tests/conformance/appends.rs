@@ -359,6 +359,7 @@ pub async fn a_follow_up_commits_only_after_its_predecessor(store: Arc<dyn Sessi
         key: AppendKey::None,
         keep_last: u64::MAX,
         durability,
+        usage: Vec::new(),
     };
     let mut turns = 0;
     for round in 0..8 {
@@ -501,6 +502,7 @@ pub async fn each_append_of_a_batch_gets_its_own_outcome(store: Arc<dyn SessionS
         key,
         keep_last: u64::MAX,
         durability: Durability::Now,
+        usage: Vec::new(),
     };
     // Every append is queued before any outcome is awaited.
     let mut queued = Vec::new();

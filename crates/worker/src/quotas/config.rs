@@ -163,6 +163,9 @@ pub struct QuotaConfig {
     pub defaults: BTreeMap<Resource, Limit>,
     pub user_rate: Option<RateLimit>,
     pub session_rate: Option<RateLimit>,
+    /// How often usage that came without an append is saved (`None`: every
+    /// [`super::FLUSH_INTERVAL`]).
+    pub save_interval: Option<Duration>,
 }
 
 #[cfg(test)]

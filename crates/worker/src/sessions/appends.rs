@@ -9,7 +9,7 @@ use switchyard_store::{Append, AppendKey, AppendTicket, Appended, Durability, Qu
 
 use super::{SessionCall, SessionManager, history_start};
 use crate::error::Result;
-use crate::quotas::StorageCharge;
+use crate::quotas::{StorageCharge, UnsavedUsage};
 
 /// An append in the store's queue; [`PendingAppend::finish`] waits for its commit and
 /// brings the session's cached tail up to date.
@@ -17,6 +17,9 @@ pub struct PendingAppend {
     queued: QueuedAppend,
     /// The bytes reserved of the user's `storage_bytes`, given back if the append fails.
     storage: StorageCharge,
+    /// The user's usage, saved in the append's transaction; marked saved once durable.
+    usage: Option<UnsavedUsage>,
+    durability: Durability,
     /// The messages, for the cached tail (shared with the store's queue).
     messages: Arc<[Message]>,
     at: SystemTime,
@@ -41,6 +44,11 @@ impl PendingAppend {
         };
         if appended.written {
             self.storage.keep();
+            if let Some(usage) = &self.usage
+                && self.durability == Durability::Now
+            {
+                sessions.quotas.saved_with(usage);
+            }
         } else {
             // A repeat of a request id: nothing new was stored.
             self.storage.give_back();
@@ -103,6 +111,10 @@ impl SessionManager {
         // The context keeps its newest max_context_messages: older ones are dropped in the
         // same transaction.
         let keep_last = self.limits.max_context_messages;
+        let usage = call
+            .user_id
+            .as_ref()
+            .and_then(|user_id| self.quotas.unsaved(user_id));
         let append = Append {
             fence,
             session_id: call.session.session_id,
@@ -111,6 +123,10 @@ impl SessionManager {
             key,
             keep_last,
             durability,
+            usage: usage
+                .as_ref()
+                .map(|usage| usage.usage.clone())
+                .unwrap_or_default(),
         };
         let queued = self
             .store
@@ -120,6 +136,8 @@ impl SessionManager {
         Ok(PendingAppend {
             queued,
             storage,
+            usage,
+            durability,
             messages,
             at,
             keep_last,

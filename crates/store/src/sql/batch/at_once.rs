@@ -13,6 +13,7 @@ use super::{
     is_unique_violation, outcomes, parse_counts, plan, to_i64, writes,
 };
 use crate::sql::backend::Synchronous;
+use crate::sql::quota::batch_usage_json;
 use crate::sql::{Backend, micros, unavailable};
 use crate::{AppendKey, Appended, Result, StoreError};
 
@@ -60,6 +61,7 @@ pub(super) async fn commit(
                 .bind(params.bounds)
                 .bind(params.ids)
                 .bind(params.replies)
+                .bind(params.usage)
                 .fetch_all(&mut lane.connection)
                 .await
         }
@@ -87,6 +89,7 @@ pub(super) async fn commit(
                 .bind(params.bounds)
                 .bind(params.ids)
                 .bind(params.replies)
+                .bind(params.usage)
                 .fetch_all(&mut lane.connection)
                 .await
         }
@@ -141,6 +144,8 @@ struct Params {
     ids: String,
     /// Replies to turns whose ids were kept by an earlier batch.
     replies: String,
+    /// Usage that the writing appends carry.
+    usage: String,
     /// Whether a session's bound drops messages of this very batch.
     trims_new_messages: bool,
 }
@@ -164,6 +169,7 @@ impl Params {
         let mut new_ids: HashMap<(SessionId, &str), usize> = HashMap::new();
         let mut replies = Vec::new();
         let mut bounds: HashMap<SessionId, u64> = HashMap::new();
+        let mut writing = Vec::with_capacity(requests.len());
         for (index, request) in requests.iter().enumerate() {
             let append = &request.append;
             let bound = bounds.entry(append.session_id).or_insert(u64::MAX);
@@ -171,6 +177,7 @@ impl Params {
             if !writes(&plan.orphaned, &fences.distinct, repeats, index, append) {
                 continue;
             }
+            writing.push(append);
             let Some(left) = left.get_mut(&append.session_id) else {
                 continue;
             };
@@ -257,6 +264,7 @@ impl Params {
             bounds: encode("bounds", &bounds)?,
             ids: encode("request ids", &ids)?,
             replies: encode("replies", &replies)?,
+            usage: batch_usage_json(writing.into_iter()),
             trims_new_messages,
         })
     }

@@ -12,6 +12,7 @@ use super::{
     is_unique_violation, messages_json, outcomes, parse_counts, plan,
 };
 use crate::sql::backend::Synchronous;
+use crate::sql::quota::batch_usage_json;
 use crate::sql::{Backend, requests, unavailable};
 use crate::{Appended, Result, StoreError};
 
@@ -79,12 +80,13 @@ async fn write_sqlite(
         Ok(params) => params,
         Err(error) => return Err(rolled_back(connection, error).await),
     };
-    let [messages, trims, ids, replies] = params;
+    let [messages, trims, ids, replies, usage] = params;
     let written = sqlx::query(Backend::SQLITE_WRITE_AND_COMMIT)
         .bind(messages)
         .bind(trims)
         .bind(ids)
         .bind(replies)
+        .bind(usage)
         .execute(&mut *connection)
         .await;
     let Err(error) = written else {
@@ -163,6 +165,17 @@ pub(super) async fn commit_postgres(
             return Ok(false);
         }
         requests::record_replies(&mut transaction, Backend::Postgres, &staged.replies).await?;
+        if staged
+            .rows
+            .iter()
+            .any(|(request, _)| !request.append.usage.is_empty())
+        {
+            sqlx::query(Backend::POSTGRES_SAVE_BATCH_USAGE)
+                .bind(staged.usage_json())
+                .execute(&mut *transaction)
+                .await
+                .map_err(unavailable)?;
+        }
         Ok(true)
     }
     .await
@@ -179,8 +192,13 @@ pub(super) async fn commit_postgres(
 }
 
 impl Staged<'_> {
-    /// The four JSON parameters of [`Backend::SQLITE_WRITE_AND_COMMIT`].
-    fn sqlite_params(&self, seal: Option<&BatchSeal<'_>>) -> Result<[String; 4]> {
+    /// The usage of the writing appends (`batch_usage_json`).
+    fn usage_json(&self) -> String {
+        batch_usage_json(self.rows.iter().map(|(request, _)| &request.append))
+    }
+
+    /// The five JSON parameters of [`Backend::SQLITE_WRITE_AND_COMMIT`].
+    fn sqlite_params(&self, seal: Option<&BatchSeal<'_>>) -> Result<[String; 5]> {
         let trims: Vec<serde_json::Value> = self
             .trims
             .iter()
@@ -193,6 +211,7 @@ impl Staged<'_> {
             trims,
             requests::new_ids_json(&self.kept)?,
             requests::replies_json(&self.replies)?,
+            self.usage_json(),
         ])
     }
 }
