@@ -36,7 +36,9 @@ use switchyard_store::{SessionStore, StoredLimit, StoredUsage};
 pub use config::{Limit, QuotaConfig, RateLimit, parse_quota};
 pub use refusal::QuotaError;
 pub use saving::UnsavedUsage;
-use saving::{decode_window, encode_window};
+#[cfg(test)]
+use saving::encode_window;
+use saving::{ALL_WINDOWS, decode_window, decode_windows, encode_windows};
 
 use crate::error::{Result, WorkerError};
 use crate::health::Alerts;
@@ -118,16 +120,14 @@ impl UserState {
     }
 
     /// The windows as the store keeps them, at the current version.
+    /// All of them in one row: one write per user whatever the number of limits.
     fn stored(&self, user_id: &UserId) -> Vec<StoredUsage> {
-        self.windows
-            .iter()
-            .map(|(resource, window)| StoredUsage {
-                user_id: user_id.clone(),
-                resource: resource.name().to_string(),
-                state: encode_window(&window.to_parts()),
-                version: self.version,
-            })
-            .collect()
+        vec![StoredUsage {
+            user_id: user_id.clone(),
+            resource: ALL_WINDOWS.to_string(),
+            state: encode_windows(&self.windows),
+            version: self.version,
+        }]
     }
 
     /// The window of `resource` under `limit`, made (or re-cut to the limit's window) here.
@@ -239,13 +239,22 @@ impl Quotas {
                         None => tracing::warn!(%user_id, resource = %stored.resource, "ignoring a stored quota override of an unknown resource"),
                     }
                 }
-                for stored in record.usage {
+                // Oldest first, so that the newest state of each resource stands: the row of
+                // all windows, or one row per resource as written before it.
+                let mut rows = record.usage;
+                rows.sort_by_key(|stored| stored.version);
+                for stored in rows {
                     state.version = state.version.max(stored.version);
-                    match (Resource::parse(&stored.resource), decode_window(&stored.state)) {
-                        (Some(resource), Some(window)) => {
-                            state.windows.insert(resource, window);
-                        }
-                        _ => tracing::warn!(%user_id, resource = %stored.resource, "ignoring stored usage that cannot be read"),
+                    let windows = if stored.resource == ALL_WINDOWS {
+                        decode_windows(&stored.state)
+                    } else {
+                        Resource::parse(&stored.resource)
+                            .zip(decode_window(&stored.state))
+                            .map(|window| vec![window])
+                    };
+                    match windows {
+                        Some(windows) => state.windows.extend(windows),
+                        None => tracing::warn!(%user_id, resource = %stored.resource, "ignoring stored usage that cannot be read"),
                     }
                 }
                 Ok::<(), WorkerError>(())

@@ -2,6 +2,7 @@
 //! users at a time in one statement.
 
 use std::collections::BTreeMap;
+use std::fmt::Write;
 
 use sqlx::Row;
 use switchyard_core::UserId;
@@ -95,23 +96,27 @@ pub(in crate::sql) fn batch_usage_json<'a>(appends: impl Iterator<Item = &'a App
             }
         }
     }
-    serde_json::Value::Array(
-        newest
-            .values()
-            .map(|(fence, usage)| {
-                serde_json::json!({
-                    "u": usage.user_id.as_str(),
-                    "r": usage.resource,
-                    "s": usage.state,
-                    "v": version_param(usage.version),
-                    "l": i64::from(fence.slot),
-                    "o": fence.owner.as_str(),
-                    "e": epoch_param(fence.epoch),
-                })
-            })
-            .collect(),
-    )
-    .to_string()
+    // Written out directly: this is on the path of every append of a limited user's.
+    let quote = |text: &str| serde_json::Value::from(text).to_string();
+    let mut json = String::from("[");
+    for (fence, usage) in newest.values() {
+        if json.len() > 1 {
+            json.push(',');
+        }
+        let _ = write!(
+            json,
+            "{{\"u\":{},\"r\":{},\"s\":{},\"v\":{},\"l\":{},\"o\":{},\"e\":{}}}",
+            quote(usage.user_id.as_str()),
+            quote(&usage.resource),
+            quote(&usage.state),
+            version_param(usage.version),
+            i64::from(fence.slot),
+            quote(fence.owner.as_str()),
+            epoch_param(fence.epoch),
+        );
+    }
+    json.push(']');
+    json
 }
 
 /// SQLite: saves the usage of a batch's appends, from the JSON array parameter given (see

@@ -245,8 +245,10 @@ async fn usage_and_overrides_move_with_the_slot_to_the_next_owner() {
     assert_eq!(first.flush().await, 0);
     assert_eq!(next.flush().await, 1);
     let stored = store.load_user_quota(&ann).await.unwrap();
-    let window = decode_window(&stored.usage[0].state).unwrap();
-    assert_eq!(window.clone().used(now_us()), 7.0);
+    assert_eq!(stored.usage.len(), 1);
+    let windows = decode_windows(&stored.usage[0].state).unwrap();
+    assert_eq!(windows[0].0, Resource::ApiCalls);
+    assert_eq!(windows[0].1.clone().used(now_us()), 7.0);
 }
 
 #[tokio::test]

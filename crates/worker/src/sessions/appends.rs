@@ -17,9 +17,8 @@ pub struct PendingAppend {
     queued: QueuedAppend,
     /// The bytes reserved of the user's `storage_bytes`, given back if the append fails.
     storage: StorageCharge,
-    /// The user's usage, saved in the append's transaction; marked saved once durable.
+    /// The user's usage, saved in the append's transaction; marked saved once committed.
     usage: Option<UnsavedUsage>,
-    durability: Durability,
     /// The messages, for the cached tail (shared with the store's queue).
     messages: Arc<[Message]>,
     at: SystemTime,
@@ -44,9 +43,7 @@ impl PendingAppend {
         };
         if appended.written {
             self.storage.keep();
-            if let Some(usage) = &self.usage
-                && self.durability == Durability::Now
-            {
+            if let Some(usage) = &self.usage {
                 sessions.quotas.saved_with(usage);
             }
         } else {
@@ -111,10 +108,17 @@ impl SessionManager {
         // The context keeps its newest max_context_messages: older ones are dropped in the
         // same transaction.
         let keep_last = self.limits.max_context_messages;
+        // A durable append carries the user's usage: a turn's reply carries what the turn
+        // used (its user message, made durable by the reply, need not).
         let usage = call
             .user_id
             .as_ref()
+            .filter(|_| durability == Durability::Now)
             .and_then(|user_id| self.quotas.unsaved(user_id));
+        let (usage, carried) = match usage {
+            Some((usage, carried)) => (Some(usage), carried),
+            None => (None, Vec::new()),
+        };
         let append = Append {
             fence,
             session_id: call.session.session_id,
@@ -123,10 +127,7 @@ impl SessionManager {
             key,
             keep_last,
             durability,
-            usage: usage
-                .as_ref()
-                .map(|usage| usage.usage.clone())
-                .unwrap_or_default(),
+            usage: carried,
         };
         let queued = self
             .store
@@ -137,7 +138,6 @@ impl SessionManager {
             queued,
             storage,
             usage,
-            durability,
             messages,
             at,
             keep_last,
