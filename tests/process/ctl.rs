@@ -177,4 +177,15 @@ async fn ctl_shows_and_operates_the_cluster_as_tables_and_as_json() {
     assert_eq!(client.get_context(&session, 0, 0).await.unwrap().len(), 2);
     let status = ctl_json(&url, &["status"]);
     assert_eq!(status["live_workers"], 2);
+
+    // On a terminal a drain shows where the worker stands while it hands over (with
+    // --json, above, only the one object).
+    let lines = ctl(&url, &["drain", "dev-worker-1", "--timeout", "20s"]);
+    assert!(lines.starts_with("draining dev-worker-1"), "{lines}");
+    assert!(lines.contains("\n  dev-worker-1: "), "{lines}");
+    assert!(
+        lines.trim_end().ends_with("and it has left the cluster"),
+        "{lines}"
+    );
+    assert_eq!(client.get_context(&session, 0, 0).await.unwrap().len(), 2);
 }

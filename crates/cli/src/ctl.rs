@@ -121,6 +121,28 @@ fn bar(part: u64, whole: u64, width: usize) -> String {
     )
 }
 
+/// Where a draining worker stands: its state, slots and sessions (`None` if unknown).
+async fn drain_progress(target: &AdminTarget, worker_id: &str) -> Option<String> {
+    let workers = target
+        .client()
+        .ok()?
+        .list_workers(target.request(pb::ListWorkersRequest {}).ok()?)
+        .await
+        .ok()?
+        .into_inner()
+        .workers;
+    let worker = workers
+        .iter()
+        .find(|worker| worker.worker_id == worker_id)?;
+    Some(format!(
+        "{}: {}, {} slots, {} sessions",
+        worker.worker_id,
+        state_name(worker.state),
+        worker.slot_count,
+        worker.session_count
+    ))
+}
+
 /// Drains a worker, as `switchyard drain` does; returns whether it left.
 pub async fn drain(
     target: &AdminTarget,
@@ -364,10 +386,27 @@ pub async fn run(args: CtlArgs) -> Result<(), BoxError> {
         CtlCommand::Health(args) => health::health(args).await?,
         CtlCommand::Alerts(args) => health::alerts(args).await?,
         CtlCommand::Drain(args) => {
-            if !args.json {
+            let reply = if args.json {
+                drain(&args.target, &args.worker_id, args.timeout).await?
+            } else {
                 writeln!(out, "draining {}: moving its slots away…", args.worker_id)?;
-            }
-            let reply = drain(&args.target, &args.worker_id, args.timeout).await?;
+                let drained = drain(&args.target, &args.worker_id, args.timeout);
+                tokio::pin!(drained);
+                let mut shown = None;
+                let mut every = tokio::time::interval(Duration::from_millis(250));
+                loop {
+                    tokio::select! {
+                        reply = &mut drained => break reply?,
+                        _ = every.tick() => {
+                            let progress = drain_progress(&args.target, &args.worker_id).await;
+                            if progress.is_some() && progress != shown {
+                                writeln!(out, "  {}", progress.as_deref().unwrap_or_default())?;
+                                shown = progress;
+                            }
+                        }
+                    }
+                }
+            };
             if args.json {
                 return print_json(serde_json::json!({
                     "worker_id": args.worker_id,
