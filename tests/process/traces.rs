@@ -1,14 +1,17 @@
 //! One trace across the hop: a caller's `traceparent` (or one the coordinator starts) is
-//! in the coordinator's and the worker's access-log lines for the call.
+//! in the coordinator's and the worker's access-log lines for the call, and in every other
+//! line the call writes.
 
 use std::time::Duration;
 
 use switchyard::pb;
+use switchyard::pb::admin_service_client::AdminServiceClient;
 use switchyard::pb::session_service_client::SessionServiceClient;
 
 use crate::harness::{spawn_coordinator, spawn_worker, temp_dir, wait_for_workers};
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const ERASE_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 
 fn access_lines(log: &str) -> Vec<serde_json::Value> {
     log.lines()
@@ -50,6 +53,28 @@ async fn a_trace_id_crosses_the_hop_into_both_access_logs() {
         .await
         .unwrap();
 
+    // A call that writes lines of its own (audit events, on the worker that erases).
+    let mut admin = AdminServiceClient::connect(url.clone()).await.unwrap();
+    let mut erase = tonic::Request::new(pb::EraseUserRequest {
+        user_id: "traced".into(),
+    });
+    erase.metadata_mut().insert(
+        "traceparent",
+        format!("00-{ERASE_TRACE}-b7ad6b7169203331-01")
+            .parse()
+            .unwrap(),
+    );
+    assert_eq!(
+        admin
+            .erase_user(erase)
+            .await
+            .unwrap()
+            .into_inner()
+            .session_ids
+            .len(),
+        1
+    );
+
     worker.signal("TERM");
     worker.wait_exit(Duration::from_secs(15));
     coordinator.signal("TERM");
@@ -90,5 +115,35 @@ async fn a_trace_id_crosses_the_hop_into_both_access_logs() {
     assert_eq!(
         call(&at_worker, "ListSessions")["trace_id"],
         started.as_str()
+    );
+
+    // Every line is one JSON object; those the erasure wrote carry its trace id.
+    let worker_log = worker.log();
+    let lines: Vec<serde_json::Value> = worker_log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|error| panic!("{error}: {line}")))
+        .collect();
+    let audit: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|line| line["target"] == "switchyard::audit")
+        .collect();
+    assert!(
+        audit.len() >= 3,
+        "a session created, a session erased and the user erased: {audit:?}"
+    );
+    for line in &audit {
+        let trace = if line["event"] == "session created" {
+            TRACE
+        } else {
+            ERASE_TRACE
+        };
+        assert_eq!(line["trace_id"], trace, "{line}");
+        assert!(line["timestamp"].as_str().unwrap().ends_with('Z'), "{line}");
+        assert_eq!(line["level"], "INFO");
+    }
+    // Lines written outside any call (start-up) have none.
+    assert!(
+        lines.iter().any(|line| line.get("trace_id").is_none()),
+        "{lines:?}"
     );
 }

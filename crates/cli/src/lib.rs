@@ -6,6 +6,7 @@ pub mod bench;
 pub mod ctl;
 pub mod dev;
 pub mod keys;
+pub mod logs;
 pub mod metrics;
 pub mod store;
 pub mod tls;

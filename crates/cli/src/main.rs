@@ -524,7 +524,7 @@ struct DevArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // A benchmark's own report is what matters; its cluster speaks only of trouble.
-    init_tracing(
+    switchyard_cli::logs::init(
         if matches!(cli.command, Command::Bench(_)) {
             "warn"
         } else {
@@ -558,22 +558,6 @@ fn main() -> ExitCode {
             eprintln!("error: {error}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_tracing(default_level: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        logs.json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init();
-    } else {
-        logs.init();
     }
 }
 

@@ -243,6 +243,11 @@ where
                 request.headers_mut().insert(TRACEPARENT, value);
             }
         }
+        // Whatever the call logs, and what it starts, carries its trace id.
+        let span = match &trace_id {
+            Some(trace_id) => tracing::info_span!("rpc", trace_id = trace_id.as_str()),
+            None => tracing::Span::none(),
+        };
         let call = Call {
             uri: request.uri().clone(),
             node: self.node.clone(),
@@ -251,20 +256,23 @@ where
             trace_id,
             access_log: self.log.access_log,
         };
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            let response = response.await?;
-            if let Some(code) = status_of(response.headers()) {
-                call.record(code);
-                return Ok(response);
-            }
-            Ok(response.map(|body| {
-                Body::new(MeasuredBody {
-                    inner: body,
-                    call: Some(call),
-                })
-            }))
-        })
+        let response = span.in_scope(|| self.inner.call(request));
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                let response = response.await?;
+                if let Some(code) = status_of(response.headers()) {
+                    call.record(code);
+                    return Ok(response);
+                }
+                Ok(response.map(|body| {
+                    Body::new(MeasuredBody {
+                        inner: body,
+                        call: Some(call),
+                    })
+                }))
+            },
+            span,
+        ))
     }
 }
 

@@ -120,8 +120,12 @@ impl UserState {
     }
 
     /// The windows as the store keeps them, at the current version.
-    /// All of them in one row: one write per user whatever the number of limits.
+    /// All of them in one row: one write per user whatever the number of limits (none
+    /// without a window).
     fn stored(&self, user_id: &UserId) -> Vec<StoredUsage> {
+        if self.windows.is_empty() {
+            return Vec::new();
+        }
         vec![StoredUsage {
             user_id: user_id.clone(),
             resource: ALL_WINDOWS.to_string(),

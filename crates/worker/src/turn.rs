@@ -46,53 +46,60 @@ pub fn start_turn(
     deadline: Option<Instant>,
 ) -> TurnEvents {
     let (events, receiver) = mpsc::channel(EVENT_BUFFER);
-    tokio::spawn(async move {
-        let session_id = call.session.session_id;
-        let started = Instant::now();
-        let agent_type = input.agent_type.clone();
-        let pool_config = pool.config().clone();
-        let turn = run_turn(&sessions, &call, pool, &input, &events);
-        let result = match deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline.into(), turn)
-                .await
-                .unwrap_or(Err(WorkerError::DeadlineExceeded)),
-            None => turn.await,
-        };
-        let outcome = match &result {
-            Ok(()) => "ok",
-            Err(WorkerError::Agent(AgentError::Cancelled)) => "cancelled",
-            Err(WorkerError::Quota(_)) => "refused",
-            Err(WorkerError::DeadlineExceeded | WorkerError::TurnTimedOut { .. }) => "timed_out",
-            Err(_) => "failed",
-        };
-        let end = match outcome {
-            "ok" => TurnEnd::Succeeded,
-            "cancelled" | "refused" => TurnEnd::NotCounted,
-            _ => TurnEnd::Failed,
-        };
-        sessions.alerts().turn_ended(
-            &call.session,
-            call.user_id.as_ref(),
-            &agent_type,
-            &pool_config,
-            end,
-            started.elapsed(),
-        );
-        metrics::counter!("switchyard_turns_total", "agent_type" => agent_type.clone(), "outcome" => outcome)
+    // The turn outlives the call's handler: it keeps the call's span (and trace id).
+    let span = tracing::Span::current();
+    tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            let session_id = call.session.session_id;
+            let started = Instant::now();
+            let agent_type = input.agent_type.clone();
+            let pool_config = pool.config().clone();
+            let turn = run_turn(&sessions, &call, pool, &input, &events);
+            let result = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline.into(), turn)
+                    .await
+                    .unwrap_or(Err(WorkerError::DeadlineExceeded)),
+                None => turn.await,
+            };
+            let outcome = match &result {
+                Ok(()) => "ok",
+                Err(WorkerError::Agent(AgentError::Cancelled)) => "cancelled",
+                Err(WorkerError::Quota(_)) => "refused",
+                Err(WorkerError::DeadlineExceeded | WorkerError::TurnTimedOut { .. }) => {
+                    "timed_out"
+                }
+                Err(_) => "failed",
+            };
+            let end = match outcome {
+                "ok" => TurnEnd::Succeeded,
+                "cancelled" | "refused" => TurnEnd::NotCounted,
+                _ => TurnEnd::Failed,
+            };
+            sessions.alerts().turn_ended(
+                &call.session,
+                call.user_id.as_ref(),
+                &agent_type,
+                &pool_config,
+                end,
+                started.elapsed(),
+            );
+            metrics::counter!("switchyard_turns_total", "agent_type" => agent_type.clone(), "outcome" => outcome)
             .increment(1);
-        metrics::histogram!("switchyard_turn_duration_seconds", "agent_type" => agent_type)
-            .record(started.elapsed().as_secs_f64());
-        match result {
-            Ok(()) => {}
-            Err(WorkerError::Agent(AgentError::Cancelled)) => {
-                tracing::debug!(%session_id, "turn cancelled by the caller");
+            metrics::histogram!("switchyard_turn_duration_seconds", "agent_type" => agent_type)
+                .record(started.elapsed().as_secs_f64());
+            match result {
+                Ok(()) => {}
+                Err(WorkerError::Agent(AgentError::Cancelled)) => {
+                    tracing::debug!(%session_id, "turn cancelled by the caller");
+                }
+                Err(error) => {
+                    tracing::debug!(%session_id, %error, "turn failed");
+                    let _ = events.send(Err(error.into())).await;
+                }
             }
-            Err(error) => {
-                tracing::debug!(%session_id, %error, "turn failed");
-                let _ = events.send(Err(error.into())).await;
-            }
-        }
-    });
+        },
+        span,
+    ));
     receiver
 }
 

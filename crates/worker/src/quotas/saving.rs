@@ -115,6 +115,9 @@ impl Quotas {
             return None;
         }
         let usage = state.stored(user_id);
+        if usage.is_empty() {
+            return None;
+        }
         let version = state.version;
         drop(state);
         Some((UnsavedUsage { entry, version }, usage))
