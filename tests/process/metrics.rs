@@ -116,13 +116,15 @@ async fn metrics_count_what_the_workload_did_with_bounded_labels() {
             user_id: "metrics-ann".into(),
             limits: vec![pb::QuotaLimit {
                 resource: "api_calls".into(),
-                limit: 0.0,
+                limit: 1.0,
                 window: Some(duration_to_wire(Duration::from_secs(60))),
             }],
             clear: false,
         })
         .await
         .unwrap();
+    // The one call the limit grants takes the user to 100%: an alert; the next is refused.
+    client.get_context(&sessions[0], 0, 0).await.unwrap();
     let refused = client.get_context(&sessions[0], 0, 0).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
     let epoch = admin
@@ -288,6 +290,19 @@ async fn metrics_count_what_the_workload_did_with_bounded_labels() {
     );
     assert!(
         body.contains("switchyard_agent_pool_waiters{agent_type=\"echo\"} 0"),
+        "{body}"
+    );
+    assert_eq!(
+        total(&samples, "switchyard_alerts_total", &[("kind", "quota")]),
+        1.0,
+        "{body}"
+    );
+    // Every session is hot; the passivated gauge is there, at 0.
+    assert!(
+        body.contains("switchyard_sessions_active{node=\"dev-worker-0\",state=\"passivated\"} 0")
+            || body.contains(
+                "switchyard_sessions_active{state=\"passivated\",node=\"dev-worker-0\"} 0"
+            ),
         "{body}"
     );
     // Bounded labels: no user id and no session id anywhere.

@@ -329,6 +329,9 @@ pub trait SessionStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<IdleSession>>;
 
+    /// How many sessions the store holds in `slots`, hot or not.
+    async fn count_sessions(&self, slots: &[Slot]) -> Result<u64>;
+
     /// A user's quota overrides and saved usage.
     async fn load_user_quota(&self, user_id: &UserId) -> Result<UserQuotaRecord>;
 

@@ -422,6 +422,16 @@ impl SessionStore for MemoryStore {
             .collect())
     }
 
+    async fn count_sessions(&self, slots: &[Slot]) -> Result<u64> {
+        let slots: HashSet<Slot> = slots.iter().copied().collect();
+        let inner = self.lock();
+        Ok(inner
+            .sessions
+            .values()
+            .filter(|stored| slots.contains(&stored.session.slot))
+            .count() as u64)
+    }
+
     async fn load_user_quota(&self, user_id: &UserId) -> Result<UserQuotaRecord> {
         let inner = self.lock();
         Ok(UserQuotaRecord {

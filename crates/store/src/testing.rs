@@ -367,6 +367,10 @@ impl crate::SessionStore for GatedStore {
         self.inner.touch_session(fence, session_id, at).await
     }
 
+    async fn count_sessions(&self, slots: &[switchyard_core::Slot]) -> crate::Result<u64> {
+        self.inner.count_sessions(slots).await
+    }
+
     async fn idle_sessions(
         &self,
         slots: &[switchyard_core::Slot],

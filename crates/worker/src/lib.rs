@@ -237,6 +237,7 @@ async fn upkeep(
     let worker_id = placement.worker_id().clone();
     let mut tables = placement.subscribe();
     let mut reap = tokio::time::interval(sessions.reap_interval());
+    let mut counted_at: Option<Instant> = None;
     reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut leases = LeaseKeeper::new(placement.clone(), sessions.clone(), store);
     let mut verified = placement.subscribe_fences_verified();
@@ -252,6 +253,18 @@ async fn upkeep(
                 }
                 metrics::gauge!("switchyard_sessions_active", "node" => worker_id.to_string(), "state" => "hot")
                     .set(sessions.hot_count() as f64);
+                // Passivated: held in the store in our slots, not hot here. One count by
+                // the slot index, at most every PASSIVATED_COUNT_EVERY.
+                if counted_at.is_none_or(|at: Instant| at.elapsed() >= PASSIVATED_COUNT_EVERY) {
+                    counted_at = Some(Instant::now());
+                    match sessions.stored_count(&held).await {
+                        Ok(stored) => {
+                            metrics::gauge!("switchyard_sessions_active", "node" => worker_id.to_string(), "state" => "passivated")
+                                .set(stored.saturating_sub(sessions.hot_count() as u64) as f64);
+                        }
+                        Err(error) => tracing::debug!(%worker_id, %error, "sessions not counted"),
+                    }
+                }
                 metrics::gauge!("switchyard_worker_load", "node" => worker_id.to_string())
                     .set(sessions.hot_count() as f64);
             }
@@ -291,6 +304,8 @@ async fn upkeep(
     }
 }
 
+/// How often the sessions of the slots held are counted for the passivated gauge.
+const PASSIVATED_COUNT_EVERY: Duration = Duration::from_secs(5);
 /// How often a new owner checks whether the previous owner has released a slot.
 const LEASE_RETRY: Duration = Duration::from_millis(25);
 /// Pause before trying the store again after it failed.

@@ -242,6 +242,11 @@ impl SessionManager {
         self.hot_read().len()
     }
 
+    /// Sessions the store holds in `slots`, hot or not.
+    pub async fn stored_count(&self, slots: &[Slot]) -> Result<u64> {
+        Ok(self.store.count_sessions(slots).await?)
+    }
+
     /// A session this worker holds (its slot's lease is ours), with its health if it is hot
     /// here; `None` for a session that does not exist or is another worker's.
     pub async fn health_of(

@@ -62,6 +62,19 @@ impl Backend {
         }
     }
 
+    /// Sessions in the slots of the JSON array `$1`, as `n` (by the slot index).
+    pub(super) fn count_sessions_query(self) -> &'static str {
+        match self {
+            Backend::Sqlite => {
+                "SELECT COUNT(*) AS n FROM sessions WHERE slot IN (SELECT value FROM json_each($1))"
+            }
+            Backend::Postgres => {
+                "SELECT COUNT(*) AS n FROM sessions \
+                 WHERE slot IN (SELECT value::bigint FROM json_array_elements_text($1::json))"
+            }
+        }
+    }
+
     /// Inserts many messages from one JSON array in `$1` of objects with the session id
     /// in hex (`s`), seq (`q`), role (`r`), content (`c`), name (`n`) and time (`t`).
     pub(super) fn insert_messages_query(self) -> &'static str {

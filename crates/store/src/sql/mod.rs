@@ -724,6 +724,21 @@ impl SessionStore for SqlStore {
             .collect()
     }
 
+    async fn count_sessions(&self, slots: &[Slot]) -> Result<u64> {
+        if slots.is_empty() {
+            return Ok(0);
+        }
+        let slots = serde_json::to_string(slots)
+            .map_err(|error| corrupt(format!("slots do not encode: {error}")))?;
+        let row = sqlx::query(self.backend.count_sessions_query())
+            .bind(slots)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        let count: i64 = row.try_get("n").map_err(unavailable)?;
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
     async fn load_user_quota(&self, user_id: &UserId) -> Result<UserQuotaRecord> {
         self.load_user_quota_sql(user_id).await
     }

@@ -186,6 +186,12 @@ pub async fn storage_bytes_count_a_users_content(store: Arc<dyn SessionStore>) {
     }
     let carol = first.user_id.clone();
     assert_eq!(store.user_storage_bytes(&carol).await.unwrap(), 0);
+    // Sessions by slot, for the passivated gauge.
+    let slot = first.slot;
+    assert_eq!(store.count_sessions(&[slot]).await.unwrap(), 3);
+    assert_eq!(store.count_sessions(&[slot, slot + 1]).await.unwrap(), 3);
+    assert_eq!(store.count_sessions(&[slot + 1]).await.unwrap(), 0);
+    assert_eq!(store.count_sessions(&[]).await.unwrap(), 0);
     let now = SystemTime::now();
     // Bytes, not characters: "é" is two.
     store
