@@ -131,14 +131,64 @@ where
     }
 }
 
+/// What [`init`] set up that must be flushed before the process exits.
+pub struct Logging {
+    spans: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Logging {
+    /// Exports the spans still buffered (with `--otlp-endpoint`), waiting for them.
+    pub fn shutdown(self) {
+        if let Some(spans) = self.spans
+            && let Err(error) = spans.shutdown()
+        {
+            eprintln!("warning: spans not all exported: {error}");
+        }
+    }
+}
+
 /// Logs to stderr at `default_level` unless `RUST_LOG` says otherwise, as text or as JSON
-/// lines.
-pub fn init(default_level: &str, json: bool) {
+/// lines; with `otlp_endpoint`, also exports every call's span over OTLP (gRPC), as
+/// `service_name`. Call it inside the tokio runtime: the exporter's channel lives there.
+pub fn init(
+    default_level: &str,
+    json: bool,
+    otlp_endpoint: Option<&str>,
+    service_name: &str,
+) -> Result<Logging, String> {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig as _;
+
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let (spans, exported) = match otlp_endpoint {
+        None => (None, None),
+        Some(endpoint) => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()
+                .map_err(|error| format!("--otlp-endpoint {endpoint}: {error}"))?;
+            let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(
+                    opentelemetry_sdk::Resource::builder()
+                        .with_service_name(service_name.to_string())
+                        .build(),
+                )
+                .build();
+            let layer = tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("switchyard"))
+                // Only the calls' spans: the events stay log lines.
+                .with_filter(tracing_subscriber::filter::filter_fn(|metadata| {
+                    metadata.is_span() && metadata.name() == "rpc"
+                }));
+            (Some(provider), Some(layer))
+        }
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(exported);
     if json {
-        tracing_subscriber::registry()
-            .with(filter)
+        registry
             .with(TraceIds)
             .with(
                 tracing_subscriber::fmt::layer()
@@ -147,9 +197,9 @@ pub fn init(default_level: &str, json: bool) {
             )
             .init();
     } else {
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
+        registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
             .init();
     }
+    Ok(Logging { spans })
 }

@@ -13,7 +13,7 @@ mod quota_flags;
 
 use banner::print_banner;
 use clap::{Args, Parser, Subcommand};
-use key_commands::{KeysCommand, run_rotate_kek};
+use key_commands::{ApiKeyCommand, KeysCommand, new_api_key, run_rotate_kek};
 use quota_flags::QuotaArgs;
 use switchyard::tls::ClientTlsFiles;
 use switchyard_cli::{DevCluster, DevClusterConfig, keys, store};
@@ -42,6 +42,10 @@ struct Cli {
     /// event's fields; audit events have the target `switchyard::audit`) for collectors.
     #[arg(long, global = true, env = "SWITCHYARD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Export every call's span to this OpenTelemetry collector over OTLP/gRPC, e.g.
+    /// http://otel-collector:4317. Off by default: without it nothing is exported.
+    #[arg(long, global = true, env = "SWITCHYARD_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -70,26 +74,6 @@ enum Command {
     /// Manage the store's key-encryption keys.
     #[command(subcommand)]
     Keys(KeysCommand),
-}
-
-#[derive(Subcommand)]
-enum ApiKeyCommand {
-    /// Make a new key: prints it once, with the entry to paste into the --api-keys file
-    /// (which stores only its SHA-256).
-    New(NewApiKeyArgs),
-}
-
-#[derive(Args)]
-struct NewApiKeyArgs {
-    /// A name for the key, shown in logs and errors (e.g. the calling service).
-    #[arg(long)]
-    name: String,
-    /// What the key may call: sessions, admin-read or admin; repeat for several.
-    #[arg(long = "scope", required = true)]
-    scopes: Vec<String>,
-    /// Let the key act only for user ids that start with this (a tenant), e.g. "acme:".
-    #[arg(long)]
-    user_prefix: Option<String>,
 }
 
 #[derive(Args)]
@@ -523,19 +507,31 @@ struct DevArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // A benchmark's own report is what matters; its cluster speaks only of trouble.
-    switchyard_cli::logs::init(
-        if matches!(cli.command, Command::Bench(_)) {
-            "warn"
-        } else {
-            "info"
-        },
-        cli.log_format == "json",
-    );
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // A benchmark's own report is what matters; its cluster speaks only of trouble.
+    let logging = {
+        let _inside = runtime.enter();
+        switchyard_cli::logs::init(
+            if matches!(cli.command, Command::Bench(_)) {
+                "warn"
+            } else {
+                "info"
+            },
+            cli.log_format == "json",
+            cli.otlp_endpoint.as_deref(),
+            cli.command.service_name(),
+        )
+    };
+    let logging = match logging {
+        Ok(logging) => logging,
+        Err(error) => {
+            eprintln!("error: {error}");
             return ExitCode::FAILURE;
         }
     };
@@ -552,11 +548,27 @@ fn main() -> ExitCode {
             Command::Ctl(args) => switchyard_cli::ctl::run(args).await,
         }
     });
+    {
+        let _inside = runtime.enter();
+        logging.shutdown();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+impl Command {
+    /// The service name of the spans this command exports.
+    fn service_name(&self) -> &'static str {
+        match self {
+            Command::Coordinator(_) => "switchyard-coordinator",
+            Command::Worker(_) => "switchyard-worker",
+            Command::Dev(_) => "switchyard-dev",
+            _ => "switchyard",
         }
     }
 }
@@ -727,43 +739,6 @@ async fn run_dev(args: DevArgs) -> Result<(), BoxError> {
     cluster.stop().await;
     // stdout may be gone (a closed pipe) by now; that is no reason to fail.
     let _ = writeln!(std::io::stdout(), "switchyard dev stopped");
-    Ok(())
-}
-
-fn new_api_key(args: NewApiKeyArgs) -> Result<(), BoxError> {
-    use switchyard_core::api_key::{API_KEY_PREFIX, hash_api_key, sha256_hex};
-    use switchyard_core::{ApiKey, ApiKeys, Scope};
-
-    let scopes = args
-        .scopes
-        .iter()
-        .map(|scope| Scope::parse(scope))
-        .collect::<Result<Vec<_>, _>>()?;
-    let key = format!("{API_KEY_PREFIX}{}", keys::random_hex(32)?);
-    let entry = ApiKey {
-        name: args.name,
-        hash: hash_api_key(&key),
-        scopes,
-        user_prefix: args.user_prefix,
-    };
-    // The same checks as the coordinator makes when it reads the file.
-    ApiKeys::new(vec![entry.clone()])?;
-    let scopes: Vec<String> = entry
-        .scopes
-        .iter()
-        .map(|scope| format!("{:?}", scope.as_str()))
-        .collect();
-    let mut text = format!(
-        "API key (shown only now; give it to the caller, who sends it as `authorization: Bearer <key>`):\n{key}\n\n\
-         Entry for the --api-keys file:\n[[keys]]\nname = {:?}\nsha256 = \"{}\"\nscopes = [{}]\n",
-        entry.name,
-        sha256_hex(&entry.hash),
-        scopes.join(", ")
-    );
-    if let Some(prefix) = &entry.user_prefix {
-        text += &format!("user_prefix = {prefix:?}\n");
-    }
-    std::io::stdout().write_all(text.as_bytes())?;
     Ok(())
 }
 

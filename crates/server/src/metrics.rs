@@ -117,6 +117,25 @@ pub fn trace_id_of(traceparent: &str) -> Option<&str> {
     .then_some(trace)
 }
 
+/// The caller's span of a valid `traceparent`, as an OpenTelemetry parent context.
+fn remote_parent(traceparent: &str) -> Option<opentelemetry::Context> {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+    let trace = trace_id_of(traceparent)?;
+    let mut parts = traceparent.split('-').skip(2);
+    let span = SpanId::from_hex(parts.next()?).ok()?;
+    let flags = u8::from_str_radix(parts.next()?, 16).ok()?;
+    let context = SpanContext::new(
+        TraceId::from_hex(trace).ok()?,
+        span,
+        TraceFlags::new(flags),
+        true,
+        TraceState::default(),
+    );
+    Some(opentelemetry::Context::new().with_remote_span_context(context))
+}
+
 /// A new trace context: random trace and span ids, sampled.
 fn new_traceparent() -> String {
     let trace: u128 = rand::random();
@@ -230,24 +249,37 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
-        let mut trace_id = request
+        let mut traceparent = request
             .headers()
             .get(TRACEPARENT)
             .and_then(|value| value.to_str().ok())
-            .and_then(trace_id_of)
+            .filter(|value| trace_id_of(value).is_some())
             .map(str::to_string);
-        if trace_id.is_none() && self.log.start_traces {
-            let traceparent = new_traceparent();
-            trace_id = trace_id_of(&traceparent).map(str::to_string);
-            if let Ok(value) = http::HeaderValue::from_str(&traceparent) {
+        if traceparent.is_none() && self.log.start_traces {
+            let started = new_traceparent();
+            if let Ok(value) = http::HeaderValue::from_str(&started) {
                 request.headers_mut().insert(TRACEPARENT, value);
             }
+            traceparent = Some(started);
         }
-        // Whatever the call logs, and what it starts, carries its trace id.
+        let trace_id = traceparent
+            .as_deref()
+            .and_then(trace_id_of)
+            .map(str::to_string);
+        // Whatever the call logs, and what it starts, carries its trace id; exported over
+        // OTLP (with --otlp-endpoint), its span is a child of the caller's.
         let span = match &trace_id {
-            Some(trace_id) => tracing::info_span!("rpc", trace_id = trace_id.as_str()),
+            Some(trace_id) => tracing::info_span!(
+                "rpc",
+                trace_id = trace_id.as_str(),
+                otel.name = request.uri().path(),
+                otel.kind = "server",
+            ),
             None => tracing::Span::none(),
         };
+        if let Some(parent) = traceparent.as_deref().and_then(remote_parent) {
+            let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);
+        }
         let call = Call {
             uri: request.uri().clone(),
             node: self.node.clone(),
