@@ -148,12 +148,13 @@ impl Logging {
 }
 
 /// Logs to stderr at `default_level` unless `RUST_LOG` says otherwise, as text or as JSON
-/// lines; with `otlp_endpoint`, also exports every call's span over OTLP (gRPC), as
-/// `service_name`. Call it inside the tokio runtime: the exporter's channel lives there.
+/// lines; with `otlp_endpoint`, also exports the span of every call whose trace is in the
+/// `sample_ratio` kept, over OTLP (gRPC), as `service_name`. Call it inside the tokio runtime: the exporter's channel lives there.
 pub fn init(
     default_level: &str,
     json: bool,
     otlp_endpoint: Option<&str>,
+    sample_ratio: f64,
     service_name: &str,
 ) -> Result<Logging, String> {
     use opentelemetry::trace::TracerProvider as _;
@@ -161,32 +162,38 @@ pub fn init(
 
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let (spans, exported) = match otlp_endpoint {
-        None => (None, None),
+    let spans = match otlp_endpoint {
+        None => None,
         Some(endpoint) => {
             let exporter = opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
                 .with_endpoint(endpoint)
                 .build()
                 .map_err(|error| format!("--otlp-endpoint {endpoint}: {error}"))?;
+            if !(0.0..=1.0).contains(&sample_ratio) {
+                return Err(format!(
+                    "--otlp-sample-ratio {sample_ratio}: must be between 0 and 1"
+                ));
+            }
             let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
                 .with_batch_exporter(exporter)
+                // By trace id: every node keeps, or drops, the same traces.
+                .with_sampler(opentelemetry_sdk::trace::Sampler::TraceIdRatioBased(
+                    sample_ratio,
+                ))
                 .with_resource(
                     opentelemetry_sdk::Resource::builder()
                         .with_service_name(service_name.to_string())
                         .build(),
                 )
                 .build();
-            let layer = tracing_opentelemetry::layer()
-                .with_tracer(provider.tracer("switchyard"))
-                // Only the calls' spans: the events stay log lines.
-                .with_filter(tracing_subscriber::filter::filter_fn(|metadata| {
-                    metadata.is_span() && metadata.name() == "rpc"
-                }));
-            (Some(provider), Some(layer))
+            switchyard_server::metrics::export_spans(opentelemetry::global::BoxedTracer::new(
+                Box::new(provider.tracer("switchyard")),
+            ));
+            Some(provider)
         }
     };
-    let registry = tracing_subscriber::registry().with(filter).with(exported);
+    let registry = tracing_subscriber::registry().with(filter);
     if json {
         registry
             .with(TraceIds)

@@ -46,6 +46,15 @@ struct Cli {
     /// http://otel-collector:4317. Off by default: without it nothing is exported.
     #[arg(long, global = true, env = "SWITCHYARD_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// The share of traces whose spans --otlp-endpoint exports, 0 to 1, chosen by trace id
+    /// so that every node keeps the same traces.
+    #[arg(
+        long,
+        global = true,
+        env = "SWITCHYARD_OTLP_SAMPLE_RATIO",
+        default_value_t = 1.0
+    )]
+    otlp_sample_ratio: f64,
 }
 
 #[derive(Subcommand)]
@@ -525,6 +534,7 @@ fn main() -> ExitCode {
             },
             cli.log_format == "json",
             cli.otlp_endpoint.as_deref(),
+            cli.otlp_sample_ratio,
             cli.command.service_name(),
         )
     };

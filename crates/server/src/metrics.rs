@@ -117,6 +117,51 @@ pub fn trace_id_of(traceparent: &str) -> Option<&str> {
     .then_some(trace)
 }
 
+/// The tracer of exported spans, once [`export_spans`] is called.
+static EXPORTED_SPANS: std::sync::OnceLock<opentelemetry::global::BoxedTracer> =
+    std::sync::OnceLock::new();
+
+/// From now on every call (of every server in the process) opens a span on `tracer`, a
+/// child of its caller's span, ended when the call ends. Whether a trace is kept is the
+/// tracer's sampler's to say, at the start of the span.
+pub fn export_spans(tracer: opentelemetry::global::BoxedTracer) {
+    let _ = EXPORTED_SPANS.set(tracer);
+}
+
+fn start_exported_span(
+    tracer: &opentelemetry::global::BoxedTracer,
+    path: &str,
+    parent: &opentelemetry::Context,
+) -> opentelemetry::global::BoxedSpan {
+    use opentelemetry::trace::{SpanKind, Tracer as _};
+    let (service, method) = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or(("unknown", "unknown"));
+    tracer
+        .span_builder(path.to_string())
+        .with_kind(SpanKind::Server)
+        .with_attributes([
+            opentelemetry::KeyValue::new("rpc.system", "grpc"),
+            opentelemetry::KeyValue::new("rpc.service", service.to_string()),
+            opentelemetry::KeyValue::new("rpc.method", method.to_string()),
+        ])
+        .start_with_context(tracer, parent)
+}
+
+/// The codes OpenTelemetry counts as a server's errors.
+fn server_error(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::Unimplemented
+            | Code::Internal
+            | Code::Unavailable
+            | Code::DataLoss
+    )
+}
+
 /// The caller's span of a valid `traceparent`, as an OpenTelemetry parent context.
 fn remote_parent(traceparent: &str) -> Option<opentelemetry::Context> {
     use opentelemetry::trace::{
@@ -172,6 +217,8 @@ struct Call {
     started: Instant,
     trace_id: Option<String>,
     access_log: bool,
+    /// The call's span, when spans are exported and its trace is sampled.
+    exported: Option<opentelemetry::global::BoxedSpan>,
 }
 
 impl Call {
@@ -199,8 +246,23 @@ impl Call {
         ]
     }
 
-    fn record(self, code: Code) {
+    fn record(mut self, code: Code) {
         let took = self.started.elapsed();
+        if let Some(mut span) = self.exported.take() {
+            use opentelemetry::trace::Span as _;
+            span.set_attribute(opentelemetry::KeyValue::new(
+                "rpc.grpc.status_code",
+                code as i64,
+            ));
+            span.set_attribute(opentelemetry::KeyValue::new(
+                "switchyard.node",
+                self.node.to_string(),
+            ));
+            if server_error(code) {
+                span.set_status(opentelemetry::trace::Status::error(format!("{code:?}")));
+            }
+            span.end();
+        }
         let (requests, duration) = self
             .series
             .handles(self.uri.path(), code, || self.labels(code));
@@ -266,20 +328,16 @@ where
             .as_deref()
             .and_then(trace_id_of)
             .map(str::to_string);
-        // Whatever the call logs, and what it starts, carries its trace id; exported over
-        // OTLP (with --otlp-endpoint), its span is a child of the caller's.
+        // Whatever the call logs, and what it starts, carries its trace id.
         let span = match &trace_id {
-            Some(trace_id) => tracing::info_span!(
-                "rpc",
-                trace_id = trace_id.as_str(),
-                otel.name = request.uri().path(),
-                otel.kind = "server",
-            ),
+            Some(trace_id) => tracing::info_span!("rpc", trace_id = trace_id.as_str()),
             None => tracing::Span::none(),
         };
-        if let Some(parent) = traceparent.as_deref().and_then(remote_parent) {
-            let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);
-        }
+        // Exported over OTLP (with --otlp-endpoint): a server span, child of the caller's.
+        let exported = EXPORTED_SPANS.get().and_then(|tracer| {
+            let parent = traceparent.as_deref().and_then(remote_parent)?;
+            Some(start_exported_span(tracer, request.uri().path(), &parent))
+        });
         let call = Call {
             uri: request.uri().clone(),
             node: self.node.clone(),
@@ -287,6 +345,7 @@ where
             started: Instant::now(),
             trace_id,
             access_log: self.log.access_log,
+            exported,
         };
         let response = span.in_scope(|| self.inner.call(request));
         Box::pin(tracing::Instrument::instrument(
