@@ -4,7 +4,9 @@ use tokio_stream::StreamExt;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_reflection::pb::{v1, v1alpha};
 
-use crate::sandbox::{Sandbox, channel};
+use std::time::Duration;
+
+use crate::sandbox::{Sandbox, channel, wait_for};
 
 const EXPECTED: [&str; 4] = [
     "grpc.health.v1.Health",
@@ -97,14 +99,24 @@ async fn reflection_lists_the_services_in_both_versions() {
 
     // Workers serve reflection and health too.
     let worker = sandbox.cluster.live_workers().next().unwrap().address;
-    let mut health = HealthClient::new(channel(&format!("http://{worker}")).await);
-    let reply = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "switchyard.v1.SessionService".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let health = HealthClient::new(channel(&format!("http://{worker}")).await);
+    // SessionService's health is the worker's readiness: SERVING once it holds its slots,
+    // which a worker of a cluster that has just started may not yet.
+    let reply = wait_for("the worker to be ready", Duration::from_secs(10), || {
+        let mut health = health.clone();
+        async move {
+            let reply = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: "switchyard.v1.SessionService".into(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (reply.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+                .then_some(reply)
+        }
+    })
+    .await;
     assert_eq!(
         reply.status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32

@@ -17,6 +17,7 @@ mod otlp;
 mod placement;
 mod pressure;
 mod quotas;
+mod readiness;
 mod readme;
 mod sealing;
 mod security;

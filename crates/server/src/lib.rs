@@ -51,6 +51,9 @@ pub struct GrpcServer {
     /// The `node` label of this server's call metrics.
     node: String,
     call_log: metrics::CallLog,
+    /// The health name that reports SERVING only while this is true (a readiness probe's
+    /// `service`), beside "" and the services, which report SERVING while the server runs.
+    readiness: Option<(&'static str, tokio::sync::watch::Receiver<bool>)>,
 }
 
 impl Default for GrpcServer {
@@ -71,6 +74,7 @@ impl GrpcServer {
             tls: None,
             node: "node".to_string(),
             call_log: metrics::CallLog::default(),
+            readiness: None,
         }
     }
 
@@ -101,6 +105,17 @@ impl GrpcServer {
 
     pub fn with_limits(mut self, limits: ServerLimits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// Reports the health of `name` as SERVING only while `ready` holds true: what a
+    /// readiness probe asks, while a liveness probe asks the whole server ("").
+    pub fn with_readiness(
+        mut self,
+        name: &'static str,
+        ready: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        self.readiness = Some((name, ready));
         self
     }
 
@@ -150,12 +165,36 @@ impl GrpcServer {
             .map(|address| address.to_string())
             .unwrap_or_else(|_| "an unknown address".to_string());
         let (health, health_service) = tonic_health::server::health_reporter();
+        let readiness_name = self.readiness.as_ref().map(|(name, _)| *name);
         for name in &self.service_names {
-            health
-                .set_service_status(name, ServingStatus::Serving)
-                .await;
+            if Some(*name) != readiness_name {
+                health
+                    .set_service_status(name, ServingStatus::Serving)
+                    .await;
+            }
         }
         health.set_service_status("", ServingStatus::Serving).await;
+        if let Some((name, mut ready)) = self.readiness.clone() {
+            let health = health.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    let status = if *ready.borrow_and_update() {
+                        ServingStatus::Serving
+                    } else {
+                        ServingStatus::NotServing
+                    };
+                    health.set_service_status(name, status).await;
+                    tokio::select! {
+                        changed = ready.changed() => if changed.is_err() { break },
+                        () = shutdown.cancelled() => break,
+                    }
+                }
+                health
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
+            });
+        }
 
         let mut routes = self.routes;
         routes.add_service(health_service);

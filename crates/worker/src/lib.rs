@@ -129,7 +129,24 @@ pub async fn start(
         store.cluster_id().await?,
         placement.clone(),
     )?;
-    let registration = membership.register(&shutdown).await?;
+    // Until it has registered (the coordinator may not be up yet), the worker answers
+    // health checks alone: alive, not ready. A second handle to the same socket serves
+    // them, and stops accepting once the worker's own server is about to.
+    let (listener, early) = {
+        let listener = listener.into_std().map_err(StartError::Listener)?;
+        let early = listener.try_clone().map_err(StartError::Listener)?;
+        (
+            TcpListener::from_std(listener).map_err(StartError::Listener)?,
+            TcpListener::from_std(early).map_err(StartError::Listener)?,
+        )
+    };
+    let registered = CancellationToken::new();
+    let early_health = tokio::spawn(serve_health_only(early, registered.clone()));
+    let registration = membership.register(&shutdown).await;
+    // Its connections are dropped: a caller that reached it reconnects to the real server.
+    registered.cancel();
+    early_health.abort();
+    let registration = registration?;
     let slot_count = placement.current().slot_count();
     let sessions = Arc::new(
         SessionManager::new(
@@ -167,6 +184,24 @@ pub async fn start(
         config.agents.clone(),
         config.token_key.clone(),
     );
+    // Ready once registered and holding the leases of every slot the table gives it.
+    let (ready_tx, ready) = tokio::sync::watch::channel(false);
+    {
+        let placement = placement.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(READINESS_CHECK);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    () = shutdown.cancelled() => break,
+                }
+                let holds = placement.holds_its_slots();
+                ready_tx.send_if_modified(|ready| std::mem::replace(ready, holds) != holds);
+            }
+            ready_tx.send_replace(false);
+        });
+    }
     let server_task = {
         let worker_id = worker_id.clone();
         let cluster_key = config.cluster_key.clone();
@@ -185,6 +220,7 @@ pub async fn start(
                 .with_gate(Arc::new(gate::WorkerGate::new(cluster_key)))
                 .with_limits(server_limits)
                 .with_reflection(reflection)
+                .with_readiness(READINESS_SERVICE, ready)
                 .with_tls(tls)
                 .add_service(
                     SessionServiceServer::new(service)
@@ -304,6 +340,68 @@ async fn upkeep(
     }
 }
 
+/// Health checks alone on `listener` until `stop`: the worker is alive ("" SERVING) and
+/// not ready ([`READINESS_SERVICE`] NOT_SERVING).
+async fn serve_health_only(listener: TcpListener, stop: CancellationToken) {
+    use tonic_health::ServingStatus;
+    let (health, service) = tonic_health::server::health_reporter();
+    health.set_service_status("", ServingStatus::Serving).await;
+    health
+        .set_service_status(READINESS_SERVICE, ServingStatus::NotServing)
+        .await;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    if let Err(error) = tonic::transport::Server::builder()
+        .add_service(service)
+        .add_service(Starting::<SESSION_SERVICE>)
+        .add_service(Starting::<USER_STATE_SERVICE>)
+        .add_service(Starting::<WORKER_STATUS_SERVICE>)
+        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+        .await
+    {
+        tracing::warn!(%error, "health checks before registration stopped");
+    }
+}
+
+const SESSION_SERVICE: u8 = 0;
+const USER_STATE_SERVICE: u8 = 1;
+const WORKER_STATUS_SERVICE: u8 = 2;
+
+/// A worker's service before it has registered: every call is UNAVAILABLE (which callers
+/// retry), never UNIMPLEMENTED.
+#[derive(Clone)]
+struct Starting<const SERVICE: u8>;
+
+impl<const SERVICE: u8> tonic::server::NamedService for Starting<SERVICE> {
+    const NAME: &'static str = match SERVICE {
+        SESSION_SERVICE => "switchyard.v1.SessionService",
+        USER_STATE_SERVICE => "switchyard.v1.UserStateService",
+        _ => "switchyard.v1.WorkerStatusService",
+    };
+}
+
+impl<const SERVICE: u8, B> tower_service::Service<http::Request<B>> for Starting<SERVICE> {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _request: http::Request<B>) -> Self::Future {
+        let status = tonic::Status::unavailable("this worker is starting: not registered yet");
+        std::future::ready(Ok(status.into_http()))
+    }
+}
+
+/// The health name a worker's readiness probe asks: SERVING once it has registered and
+/// holds its slots (the whole server, "", is SERVING while it runs).
+pub const READINESS_SERVICE: &str = "switchyard.v1.SessionService";
+/// How often a worker checks whether it holds its slots, for its readiness.
+const READINESS_CHECK: Duration = Duration::from_millis(100);
 /// How often the sessions of the slots held are counted for the passivated gauge.
 const PASSIVATED_COUNT_EVERY: Duration = Duration::from_secs(5);
 /// How often a new owner checks whether the previous owner has released a slot.

@@ -196,6 +196,20 @@ impl SlotOwnership {
         *self.fences_verified.borrow()
     }
 
+    /// Whether this worker is in the current table and holds the lease of every slot the
+    /// table gives it: what its readiness reports.
+    pub fn holds_its_slots(&self) -> bool {
+        let table = self.current();
+        if !table.is_member(&self.worker_id) || !self.fences_verified() || self.is_waiting() {
+            return false;
+        }
+        let fences = self.fences.borrow();
+        table
+            .slots_of(&self.worker_id)
+            .iter()
+            .all(|slot| fences.contains_key(slot))
+    }
+
     pub fn subscribe_fences_verified(&self) -> watch::Receiver<bool> {
         self.fences_verified.subscribe()
     }

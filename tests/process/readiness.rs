@@ -1,0 +1,105 @@
+//! A worker's readiness, as a Kubernetes gRPC readiness probe asks it: the server ("") is
+//! SERVING while it runs, and `switchyard.v1.SessionService` only once the worker has
+//! registered and holds the leases of its slots.
+
+use std::time::{Duration, Instant};
+
+use tonic_health::ServingStatus;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::harness::{Process, free_address, spawn_coordinator_at, temp_dir};
+
+async fn status(address: &str, service: &str) -> Option<i32> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .ok()?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .ok()?;
+    let mut health = HealthClient::new(channel);
+    Some(
+        health
+            .check(HealthCheckRequest {
+                service: service.to_string(),
+            })
+            .await
+            .ok()?
+            .into_inner()
+            .status,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_is_ready_only_once_registered_and_holding_its_slots() {
+    let dir = temp_dir("readiness");
+    let store = format!("sqlite://{}?mode=rwc", dir.join("store.db").display());
+    let coordinator_address = free_address().to_string();
+    let worker_address = free_address().to_string();
+    // No coordinator yet: the worker serves, but cannot register.
+    let coordinator_url = format!("http://{coordinator_address}");
+    let _worker = Process::spawn(
+        "worker-r",
+        &[
+            "worker",
+            "--coordinator",
+            &coordinator_url,
+            "--listen",
+            &worker_address,
+            "--id",
+            "worker-r",
+            "--store",
+            &store,
+        ],
+        &dir,
+    );
+    let started = Instant::now();
+    let live = loop {
+        if let Some(live) = status(&worker_address, "").await {
+            break live;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the worker never served"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(live, ServingStatus::Serving as i32);
+    // A while without its coordinator: never ready.
+    for _ in 0..5 {
+        assert_eq!(
+            status(&worker_address, "switchyard.v1.SessionService").await,
+            Some(ServingStatus::NotServing as i32)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A call that reaches it meanwhile is UNAVAILABLE, which callers retry.
+    let mut sessions = switchyard::pb::session_service_client::SessionServiceClient::connect(
+        format!("http://{worker_address}"),
+    )
+    .await
+    .unwrap();
+    let early = sessions
+        .get_context(switchyard::pb::GetContextRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(early.code(), tonic::Code::Unavailable, "{early:?}");
+    assert!(early.message().contains("starting"), "{early:?}");
+
+    let _coordinator = spawn_coordinator_at(&dir, &coordinator_address, &["--store", &store]);
+    let started = Instant::now();
+    loop {
+        if status(&worker_address, "switchyard.v1.SessionService").await
+            == Some(ServingStatus::Serving as i32)
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the worker never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
