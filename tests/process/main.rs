@@ -13,6 +13,7 @@ mod durability;
 mod exactly_once;
 mod harness;
 mod metrics;
+mod multihost;
 mod otlp;
 mod placement;
 mod pressure;
