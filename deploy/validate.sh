@@ -56,6 +56,18 @@ validate "helm template, default values" "$out/helm-default.yaml"
 "$helm" template switchyard "$chart" --namespace switchyard -f "$production" > "$out/helm-production.yaml"
 validate "helm template, production values" "$out/helm-production.yaml"
 
+# The Grafana dashboard and the alert rules, as the ConfigMaps that carry them into a
+# cluster (docs/deploy.md); their metric names are checked by tests/process/deploy_files.rs.
+"$kubectl" create configmap switchyard-grafana-dashboard --from-file=deploy/grafana/switchyard.json \
+  --dry-run=client -o yaml > "$out/monitoring.yaml"
+echo "---" >> "$out/monitoring.yaml"
+"$kubectl" create configmap switchyard-prometheus-rules --from-file=deploy/prometheus/alerts.yaml \
+  --dry-run=client -o yaml >> "$out/monitoring.yaml"
+python3 -c 'import json, sys; json.load(open("deploy/grafana/switchyard.json"))'
+python3 -c 'import sys, yaml; rules = yaml.safe_load(open("deploy/prometheus/alerts.yaml")); assert rules["groups"], "no rule groups"'
+kubernetes-validate --strict --quiet -k "$KUBERNETES_VERSION" "$out/monitoring.yaml"
+echo "ok   the dashboard and the alert rules, as ConfigMaps"
+
 # The values schema refuses what it should (a check that can fail).
 if "$helm" template switchyard "$chart" --set workers.replicas=0 >/dev/null 2>&1; then
   echo "FAIL the chart accepted workers.replicas=0" >&2
