@@ -257,3 +257,25 @@ pub fn start_dev(dir: &Path, address: &str, extra: &[&str]) -> Process {
     }
     dev
 }
+
+/// The gRPC health of `service` ("" for the whole server) at `address` (host:port), as a
+/// Kubernetes gRPC probe asks it; `None` when nothing answers within a second.
+pub async fn health_status(address: &str, service: &str) -> Option<i32> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .ok()?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .ok()?;
+    Some(
+        tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.to_string(),
+            })
+            .await
+            .ok()?
+            .into_inner()
+            .status,
+    )
+}

@@ -21,10 +21,8 @@ use std::time::{Duration, Instant};
 use switchyard::SwitchyardClient;
 use switchyard::pb;
 use tonic_health::ServingStatus;
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_client::HealthClient;
 
-use crate::harness::{BINARY, temp_dir};
+use crate::harness::{BINARY, health_status, temp_dir};
 use net::Net;
 use pods::{ENTRYPOINT, Pod};
 
@@ -122,7 +120,9 @@ impl Running {
         };
         let started = Instant::now();
         loop {
-            if probe(&self.address, port, &service).await == Some(ServingStatus::Serving as i32) {
+            if health_status(&format!("{}:{port}", self.address), &service).await
+                == Some(ServingStatus::Serving as i32)
+            {
                 return;
             }
             assert!(
@@ -140,26 +140,6 @@ impl Drop for Running {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-async fn probe(address: &str, port: u16, service: &str) -> Option<i32> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}:{port}"))
-        .ok()?
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(1))
-        .connect()
-        .await
-        .ok()?;
-    Some(
-        HealthClient::new(channel)
-            .check(HealthCheckRequest {
-                service: service.to_string(),
-            })
-            .await
-            .ok()?
-            .into_inner()
-            .status,
-    )
 }
 
 /// PostgreSQL as the hosts reach it: the machine's server, forwarded from the bridge.

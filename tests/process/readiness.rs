@@ -5,31 +5,8 @@
 use std::time::{Duration, Instant};
 
 use tonic_health::ServingStatus;
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_client::HealthClient;
 
-use crate::harness::{Process, free_address, spawn_coordinator_at, temp_dir};
-
-async fn status(address: &str, service: &str) -> Option<i32> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .ok()?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .ok()?;
-    let mut health = HealthClient::new(channel);
-    Some(
-        health
-            .check(HealthCheckRequest {
-                service: service.to_string(),
-            })
-            .await
-            .ok()?
-            .into_inner()
-            .status,
-    )
-}
+use crate::harness::{Process, free_address, health_status, spawn_coordinator_at, temp_dir};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_is_ready_only_once_registered_and_holding_its_slots() {
@@ -56,7 +33,7 @@ async fn a_worker_is_ready_only_once_registered_and_holding_its_slots() {
     );
     let started = Instant::now();
     let live = loop {
-        if let Some(live) = status(&worker_address, "").await {
+        if let Some(live) = health_status(&worker_address, "").await {
             break live;
         }
         assert!(
@@ -69,7 +46,7 @@ async fn a_worker_is_ready_only_once_registered_and_holding_its_slots() {
     // A while without its coordinator: never ready.
     for _ in 0..5 {
         assert_eq!(
-            status(&worker_address, "switchyard.v1.SessionService").await,
+            health_status(&worker_address, "switchyard.v1.SessionService").await,
             Some(ServingStatus::NotServing as i32)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -91,7 +68,7 @@ async fn a_worker_is_ready_only_once_registered_and_holding_its_slots() {
     let _coordinator = spawn_coordinator_at(&dir, &coordinator_address, &["--store", &store]);
     let started = Instant::now();
     loop {
-        if status(&worker_address, "switchyard.v1.SessionService").await
+        if health_status(&worker_address, "switchyard.v1.SessionService").await
             == Some(ServingStatus::Serving as i32)
         {
             break;
