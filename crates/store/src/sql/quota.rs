@@ -12,34 +12,6 @@ use super::{SqlStore, corrupt, epoch_param, unavailable};
 use crate::{Append, Fence, Result, StoredLimit, StoredUsage, UserQuotaRecord};
 
 impl Backend {
-    /// Upserts usage from a JSON array in `$1` of `{u: user, r: resource, s: state, slot,
-    /// o: owner, e: epoch}`, each only while its fence holds.
-    fn save_usage_query(self) -> &'static str {
-        match self {
-            Backend::Sqlite => {
-                "INSERT INTO user_usage_windows (user_id, resource, state, version) \
-                 SELECT json_extract(value, '$.u'), json_extract(value, '$.r'), json_extract(value, '$.s'), \
-                        json_extract(value, '$.v') \
-                 FROM json_each($1) \
-                 WHERE EXISTS (SELECT 1 FROM slot_leases AS l \
-                               WHERE l.slot = json_extract(value, '$.slot') AND l.owner = json_extract(value, '$.o') \
-                                 AND l.epoch = json_extract(value, '$.e') AND l.released = 0) \
-                 ON CONFLICT (user_id, resource) DO UPDATE SET state = excluded.state, version = excluded.version \
-                 WHERE excluded.version >= user_usage_windows.version"
-            }
-            Backend::Postgres => {
-                "INSERT INTO user_usage_windows (user_id, resource, state, version) \
-                 SELECT value->>'u', value->>'r', value->>'s', (value->>'v')::bigint \
-                 FROM json_array_elements($1::json) \
-                 WHERE EXISTS (SELECT 1 FROM slot_leases AS l \
-                               WHERE l.slot = (value->>'slot')::bigint AND l.owner = value->>'o' \
-                                 AND l.epoch = (value->>'e')::bigint AND l.released = 0) \
-                 ON CONFLICT (user_id, resource) DO UPDATE SET state = excluded.state, version = excluded.version \
-                 WHERE excluded.version >= user_usage_windows.version"
-            }
-        }
-    }
-
     /// Content bytes of a user's messages (`$1`: the user id); of a sealed store, the
     /// plaintext's, from each record's length (unpadded base64 of nonce, text and tag).
     fn storage_bytes_query(self, sealed: bool) -> &'static str {
@@ -79,21 +51,26 @@ fn version_param(version: u64) -> i64 {
     i64::try_from(version).unwrap_or(i64::MAX)
 }
 
-/// The usage that the writing appends of a batch carry, as `[{u: user, r: resource, s:
-/// state, v: version, l: slot, o: owner, e: epoch}]` under each append's fence, one row per
-/// user and resource (the newest). The batch statements save them in the appends'
-/// transaction, while the fence holds and never over a newer version.
+/// The usage that the writing appends of a batch carry, as [`usage_json`] writes it under
+/// each append's fence. The batch statements save it in the appends' transaction.
 pub(in crate::sql) fn batch_usage_json<'a>(appends: impl Iterator<Item = &'a Append>) -> String {
+    usage_json(
+        appends.flat_map(|append| append.usage.iter().map(move |usage| (&append.fence, usage))),
+    )
+}
+
+/// Usage as the save statements take it: `[{u: user, r: resource, s: state, v: version, l:
+/// slot, o: owner, e: epoch}]`, one row per user and resource (the newest version). Each is
+/// saved while its fence holds and never over a newer version.
+fn usage_json<'a>(usage: impl Iterator<Item = (&'a Fence, &'a StoredUsage)>) -> String {
     let mut newest: BTreeMap<(&str, &str), (&Fence, &StoredUsage)> = BTreeMap::new();
-    for append in appends {
-        for usage in &append.usage {
-            let key = (usage.user_id.as_str(), usage.resource.as_str());
-            if newest
-                .get(&key)
-                .is_none_or(|(_, kept)| kept.version <= usage.version)
-            {
-                newest.insert(key, (&append.fence, usage));
-            }
+    for (fence, usage) in usage {
+        let key = (usage.user_id.as_str(), usage.resource.as_str());
+        if newest
+            .get(&key)
+            .is_none_or(|(_, kept)| kept.version <= usage.version)
+        {
+            newest.insert(key, (fence, usage));
         }
     }
     // Written out directly: this is on the path of every append of a limited user's.
@@ -119,8 +96,8 @@ pub(in crate::sql) fn batch_usage_json<'a>(appends: impl Iterator<Item = &'a App
     json
 }
 
-/// SQLite: saves the usage of a batch's appends, from the JSON array parameter given (see
-/// [`batch_usage_json`]), one statement ending in `;`.
+/// SQLite: saves usage from the JSON array parameter given (see [`usage_json`]), one
+/// statement ending in `;`: in a batch's script, or alone for the periodic save.
 macro_rules! sqlite_save_batch_usage {
     ($param:literal) => {
         concat!(
@@ -141,8 +118,16 @@ macro_rules! sqlite_save_batch_usage {
 pub(super) use sqlite_save_batch_usage;
 
 impl Backend {
-    /// PostgreSQL: saves the usage of a staged batch's appends (`$1`, see
-    /// [`batch_usage_json`]) in its transaction.
+    /// The periodic save of usage that came without an append (`$1`, see [`usage_json`]).
+    fn save_usage_query(self) -> &'static str {
+        match self {
+            Backend::Sqlite => sqlite_save_batch_usage!("$1"),
+            Backend::Postgres => Backend::POSTGRES_SAVE_BATCH_USAGE,
+        }
+    }
+
+    /// PostgreSQL: saves usage (`$1`, see [`usage_json`]): a staged batch's, in its
+    /// transaction, and the periodic save's.
     pub(super) const POSTGRES_SAVE_BATCH_USAGE: &'static str = "\
          INSERT INTO user_usage_windows (user_id, resource, state, version) \
          SELECT w.u, w.r, w.s, w.v \
@@ -231,37 +216,10 @@ impl SqlStore {
     }
 
     pub(super) async fn save_usage_sql(&self, usage: &[(Fence, StoredUsage)]) -> Result<usize> {
-        // One row per user and resource: the newest state of each.
-        let mut newest: BTreeMap<(&str, &str), &(Fence, StoredUsage)> = BTreeMap::new();
-        for entry in usage {
-            let key = (entry.1.user_id.as_str(), entry.1.resource.as_str());
-            if newest
-                .get(&key)
-                .is_none_or(|kept| kept.1.version <= entry.1.version)
-            {
-                newest.insert(key, entry);
-            }
-        }
-        if newest.is_empty() {
+        if usage.is_empty() {
             return Ok(0);
         }
-        let rows = serde_json::Value::Array(
-            newest
-                .values()
-                .map(|(fence, usage)| {
-                    serde_json::json!({
-                        "u": usage.user_id.as_str(),
-                        "r": usage.resource,
-                        "s": usage.state,
-                        "v": version_param(usage.version),
-                        "slot": i64::from(fence.slot),
-                        "o": fence.owner.as_str(),
-                        "e": epoch_param(fence.epoch),
-                    })
-                })
-                .collect(),
-        )
-        .to_string();
+        let rows = usage_json(usage.iter().map(|(fence, usage)| (fence, usage)));
         let result = sqlx::query(self.backend.save_usage_query())
             .bind(rows)
             .execute(&self.pool)
