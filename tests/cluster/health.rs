@@ -214,19 +214,16 @@ async fn quotas_near_their_limit_a_waiting_pool_and_a_lost_worker_raise_alerts()
     })
     .await;
     let client = sandbox.client().await;
+    let near_the_limit = pb::ListAlertsRequest {
+        user_id: "near-the-limit".into(),
+        ..Default::default()
+    };
     // CreateSession and seven reads: 8 of 10 calls, 80%.
     let session = create(&client, "near-the-limit").await;
     for _ in 0..7 {
         client.get_context(&session.session_id, 0, 0).await.unwrap();
     }
-    let quota = alerts(
-        &sandbox,
-        pb::ListAlertsRequest {
-            user_id: "near-the-limit".into(),
-            ..Default::default()
-        },
-    )
-    .await;
+    let quota = alerts(&sandbox, near_the_limit.clone()).await;
     assert_eq!(quota.len(), 1, "{quota:?}");
     assert_eq!(
         (quota[0].kind.as_str(), quota[0].severity.as_str()),
@@ -236,14 +233,7 @@ async fn quotas_near_their_limit_a_waiting_pool_and_a_lost_worker_raise_alerts()
     // 10 of 10: critical.
     client.get_context(&session.session_id, 0, 0).await.unwrap();
     client.get_context(&session.session_id, 0, 0).await.unwrap();
-    let quota = alerts(
-        &sandbox,
-        pb::ListAlertsRequest {
-            user_id: "near-the-limit".into(),
-            ..Default::default()
-        },
-    )
-    .await;
+    let quota = alerts(&sandbox, near_the_limit.clone()).await;
     assert_eq!(quota[0].severity, "critical", "{quota:?}");
     assert_eq!(quota[0].count, 3);
 

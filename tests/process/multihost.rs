@@ -468,17 +468,28 @@ async fn the_dev_overlay_runs_as_separate_hosts_through_a_rolling_update_and_a_c
             .insert("authorization", format!("Bearer {key}").parse().unwrap());
         let mut admin = admin.clone();
         async move {
-            admin
-                .get_placement(request)
-                .await
-                .unwrap()
-                .into_inner()
-                .assignments[0]
-                .worker_id
-                .clone()
+            let placement = admin.get_placement(request).await.unwrap().into_inner();
+            let assignment = &placement.assignments[0];
+            (assignment.worker_id.clone(), assignment.slot)
         }
     };
-    let owner = owner_of(&mut admin, "user-0").await;
+    let (owner, slot) = owner_of(&mut admin, "user-0").await;
+    // The slot's lease as the store keeps it: (owner, epoch).
+    let lease = || {
+        let output = Command::new("psql")
+            .args([
+                &format!("{}/{database}", postgres.rsplit_once('/').unwrap().0),
+                "-Atqc",
+                &format!("SELECT owner || ' ' || epoch FROM slot_leases WHERE slot = {slot}"),
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8(output.stdout).unwrap();
+        let (owner, epoch) = text.trim().split_once(' ').expect("a lease row");
+        (owner.to_string(), epoch.parse::<u64>().unwrap())
+    };
+    let (leased_to, epoch_before) = lease();
+    assert_eq!(leased_to, owner);
     let cut = worker_pods
         .iter()
         .position(|pod| pod.name == owner)
@@ -486,7 +497,7 @@ async fn the_dev_overlay_runs_as_separate_hosts_through_a_rolling_update_and_a_c
     net.set_link(&worker_ns[cut], false).unwrap();
     let cut_at = Instant::now();
     let served_by = loop {
-        let owner = owner_of(&mut admin, "user-0").await;
+        let (owner, _) = owner_of(&mut admin, "user-0").await;
         if owner != worker_pods[cut].name && client.get_context(&sessions[0], 0, 0).await.is_ok() {
             break owner;
         }
@@ -511,7 +522,29 @@ async fn the_dev_overlay_runs_as_separate_hosts_through_a_rolling_update_and_a_c
         .append_context(&sessions[0], vec![message])
         .await
         .unwrap();
+    // Fenced: the store's lease moved to the new owner at a newer epoch, so nothing the cut
+    // worker still holds can be written under it.
+    let (leased_to, epoch_after) = lease();
+    assert_eq!(leased_to, served_by);
+    assert!(
+        epoch_after > epoch_before,
+        "{epoch_after} after {epoch_before}"
+    );
     net.set_link(&worker_ns[cut], true).unwrap();
+    // Back, it learns it was declared dead: it drops every lease and session it held, and
+    // registers afresh.
+    let log_path = logs.join(format!("{}.log", worker_pods[cut].name));
+    let back = Instant::now();
+    while !std::fs::read_to_string(&log_path)
+        .unwrap()
+        .contains("registered again: leases and sessions are taken afresh")
+    {
+        assert!(
+            back.elapsed() < Duration::from_secs(20),
+            "the cut worker never registered again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     workers[cut].wait_until(true, Duration::from_secs(30)).await;
     let mut acknowledged = acknowledged;
     acknowledged.push((0, "after the cut".to_string()));
