@@ -1,6 +1,6 @@
 //! A worker's readiness, as a Kubernetes gRPC readiness probe asks it: the server ("") is
 //! SERVING while it runs, and `switchyard.v1.SessionService` only once the worker has
-//! registered and holds the leases of its slots.
+//! registered, its lease with the coordinator is fresh, and it holds the leases of its slots.
 
 use std::time::{Duration, Instant};
 
@@ -65,17 +65,26 @@ async fn a_worker_is_ready_only_once_registered_and_holding_its_slots() {
     assert_eq!(early.code(), tonic::Code::Unavailable, "{early:?}");
     assert!(early.message().contains("starting"), "{early:?}");
 
+    let mut coordinator = spawn_coordinator_at(&dir, &coordinator_address, &["--store", &store]);
+    wait_for_readiness(&worker_address, ServingStatus::Serving, "ready").await;
+
+    // Its coordinator gone, the worker's lease lapses: it is no longer ready, though alive.
+    coordinator.kill();
+    wait_for_readiness(&worker_address, ServingStatus::NotServing, "unready").await;
+    assert_eq!(
+        health_status(&worker_address, "").await,
+        Some(ServingStatus::Serving as i32)
+    );
     let _coordinator = spawn_coordinator_at(&dir, &coordinator_address, &["--store", &store]);
+    wait_for_readiness(&worker_address, ServingStatus::Serving, "ready again").await;
+}
+
+async fn wait_for_readiness(address: &str, wanted: ServingStatus, what: &str) {
     let started = Instant::now();
-    loop {
-        if health_status(&worker_address, "switchyard.v1.SessionService").await
-            == Some(ServingStatus::Serving as i32)
-        {
-            break;
-        }
+    while health_status(address, "switchyard.v1.SessionService").await != Some(wanted as i32) {
         assert!(
             started.elapsed() < Duration::from_secs(20),
-            "the worker never became ready"
+            "the worker never became {what}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -196,11 +196,16 @@ impl SlotOwnership {
         *self.fences_verified.borrow()
     }
 
-    /// Whether this worker is in the current table and holds the lease of every slot the
-    /// table gives it: what its readiness reports.
+    /// Whether this worker is in the current table, its lease with the coordinator is
+    /// fresh (a worker cut off stops serving, and so stops being ready), and it holds the
+    /// lease of every slot the table gives it: what its readiness reports.
     pub fn holds_its_slots(&self) -> bool {
         let table = self.current();
-        if !table.is_member(&self.worker_id) || !self.fences_verified() || self.is_waiting() {
+        if !table.is_member(&self.worker_id)
+            || !self.lease_is_fresh()
+            || !self.fences_verified()
+            || self.is_waiting()
+        {
             return false;
         }
         let fences = self.fences.borrow();
