@@ -6,22 +6,26 @@
 //! durable by the next durable commit (the WAL, SQLite's or PostgreSQL's, is written and
 //! flushed in order). An append queued to follow another commits only if that one did.
 //!
-//! No commit stays short of the disk for long: on SQLite, a lane that has committed without
-//! waiting and then has nothing to do for [`UNSYNCED_LIMIT`] makes it durable itself; on
-//! PostgreSQL the WAL writer flushes asynchronous commits within `wal_writer_delay`.
+//! On SQLite the lane itself never waits for the disk: it commits without syncing, and a
+//! thread of its own syncs the WAL while the lane commits the next batch ([`WalSyncer`]).
+//!
+//! No commit stays short of the disk for long: on SQLite, a commit nobody waits on is synced
+//! within [`UNSYNCED_LIMIT`] if no other sync came first; on PostgreSQL the WAL writer
+//! flushes asynchronous commits within `wal_writer_delay`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use sqlx::AnyPool;
+use sqlx::{AnyPool, Row};
 use switchyard_core::SessionId;
 use tokio::sync::{mpsc, oneshot};
 
 use super::backend::Synchronous;
 use super::batch::{AppendRequest, BatchError, BatchSeal, Committed, LaneConnection, commit_batch};
 use super::sealed::Sealer;
+use super::wal_sync::{Answer, WalSyncer};
 use super::{Backend, unavailable};
 use crate::{Append, AppendTicket, Appended, Durability, QueuedAppend, Result, StoreError};
 
@@ -46,7 +50,8 @@ pub struct GroupCommitStats {
     pub shared_batches: u64,
     /// Batches committed without waiting for the disk (turns' user messages alone).
     pub deferred_batches: u64,
-    /// Times a lane made such batches durable itself, no durable batch having followed.
+    /// SQLite: syncs of the WAL made by the store, each covering every batch committed
+    /// before it.
     pub syncs: u64,
     /// Batches that could not commit in one call (a fence had moved, a session was gone,
     /// a row was refused) and were staged.
@@ -54,12 +59,12 @@ pub struct GroupCommitStats {
 }
 
 #[derive(Default)]
-struct Counters {
+pub(super) struct Counters {
     batches: AtomicU64,
     appends: AtomicU64,
     shared_batches: AtomicU64,
     deferred_batches: AtomicU64,
-    syncs: AtomicU64,
+    pub(super) syncs: AtomicU64,
     staged_batches: AtomicU64,
 }
 
@@ -120,7 +125,9 @@ impl Appender {
                     backend,
                     durable,
                     connection: None,
-                    unsynced: false,
+                    wal: None,
+                    alone: false,
+                    synced_inline: false,
                     counters: counters.clone(),
                     sealer: sealer.clone(),
                     counts: HashMap::new(),
@@ -166,9 +173,12 @@ struct Lane {
     backend: Backend,
     durable: bool,
     connection: Option<LaneConnection>,
-    /// SQLite: a batch was committed without waiting for the disk, and no durable commit
-    /// has followed yet.
-    unsynced: bool,
+    /// SQLite with a WAL file, durable: syncs it after the lane's commits.
+    wal: Option<WalSyncer>,
+    /// Nothing was queued behind the batch being committed when it was taken.
+    alone: bool,
+    /// The last commit waited for the disk itself.
+    synced_inline: bool,
     counters: Arc<Counters>,
     /// A sealed store's keys.
     sealer: Option<Arc<Sealer>>,
@@ -181,22 +191,7 @@ impl Lane {
     async fn run(mut self, mut receiver: mpsc::Receiver<AppendRequest>, max_batch: usize) {
         let mut batch = Vec::with_capacity(max_batch);
         loop {
-            let received = if self.unsynced {
-                match tokio::time::timeout(
-                    UNSYNCED_LIMIT,
-                    receiver.recv_many(&mut batch, max_batch),
-                )
-                .await
-                {
-                    Ok(received) => received,
-                    Err(_) => {
-                        self.sync().await;
-                        continue;
-                    }
-                }
-            } else {
-                receiver.recv_many(&mut batch, max_batch).await
-            };
+            let received = receiver.recv_many(&mut batch, max_batch).await;
             if received == 0 {
                 break;
             }
@@ -217,8 +212,9 @@ impl Lane {
                 }
             }
             let requests = std::mem::take(&mut batch);
+            self.alone = receiver.is_empty();
             match self.commit(&requests).await {
-                Ok(outcomes) => settle(requests, outcomes),
+                Ok(outcomes) => self.settle(requests, outcomes),
                 // A statement failed, so the transaction committed nothing: one bad row (one
                 // the database refuses) must not fail the others' appends. Each goes alone,
                 // in order, so an append that follows another sees its fate.
@@ -232,14 +228,14 @@ impl Lane {
                             }
                             Err(failed) => Err(failed.into_inner()),
                         };
-                        settle(vec![request], vec![outcome]);
+                        self.settle(vec![request], vec![outcome]);
                     }
                 }
                 Err(error) => {
                     let error = error.into_inner();
                     tracing::warn!(appends = requests.len(), %error, "append batch failed; nothing in it was committed");
                     let outcomes = requests.iter().map(|_| Err(error.clone())).collect();
-                    settle(requests, outcomes);
+                    self.settle(requests, outcomes);
                 }
             }
         }
@@ -250,9 +246,7 @@ impl Lane {
         &mut self,
         requests: &[AppendRequest],
     ) -> Result<Vec<Result<Appended>>, BatchError> {
-        let durable = requests
-            .iter()
-            .any(|request| request.append.durability == Durability::Now);
+        let durable = waited_on(requests);
         let started = std::time::Instant::now();
         let result = self.commit_on_connection(requests, durable).await;
         metrics::histogram!("switchyard_store_commit_seconds")
@@ -261,8 +255,8 @@ impl Lane {
         match result {
             Ok(committed) => {
                 self.counters.record(requests, durable, committed.staged);
-                if self.backend == Backend::Sqlite && self.durable {
-                    self.unsynced = !durable;
+                if self.synced_inline && self.wal.is_some() {
+                    self.counters.syncs.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(committed.outcomes)
             }
@@ -273,37 +267,24 @@ impl Lane {
         }
     }
 
-    /// Makes every commit so far durable: one tiny durable commit, whose wait for the disk
-    /// covers the WAL written before it. A failure leaves the lane unsynced, to try again.
-    async fn sync(&mut self) {
-        let synced = match self.connection().await {
-            Ok(lane) => sqlx::Executor::execute(&mut lane.connection, Backend::SQLITE_SYNC)
-                .await
-                .map_err(unavailable),
-            Err(error) => Err(error),
-        };
-        match synced {
-            Ok(_) => {
-                self.unsynced = false;
-                self.counters.syncs.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot make the last commits durable; trying again");
-                self.connection = None;
-            }
-        }
-    }
-
     async fn commit_on_connection(
         &mut self,
         requests: &[AppendRequest],
         durable: bool,
     ) -> Result<Committed, BatchError> {
-        let synchronous = match (self.durable, durable) {
-            (false, _) => Synchronous::Off,
-            (true, true) => Synchronous::Full,
-            (true, false) => Synchronous::Normal,
+        // Open first: whether SQLite syncs itself depends on what the connection finds.
+        self.connection().await.map_err(BatchError::Statement)?;
+        let synchronous = match self.backend {
+            // With nothing behind it, a durable batch has no next commit to sync beside: it
+            // waits for the disk itself, which saves it the hop to the syncing thread.
+            Backend::Sqlite if self.wal.is_some() && self.durable && durable && self.alone => {
+                Synchronous::Full
+            }
+            Backend::Sqlite => self.sqlite_synchronous(),
+            Backend::Postgres if durable => Synchronous::Full,
+            Backend::Postgres => Synchronous::Normal,
         };
+        self.synced_inline = synchronous == Synchronous::Full;
         let backend = self.backend;
         let Some(sealer) = self.sealer.clone() else {
             let connection = self.connection().await.map_err(BatchError::Statement)?;
@@ -346,6 +327,75 @@ impl Lane {
         committed
     }
 
+    /// Settles each request's ticket (the lane orders appends by them), then answers it:
+    /// at once, or once the WAL syncer has made the batch durable. A batch nobody waits
+    /// on is answered at once, and synced soon after.
+    fn settle(&self, requests: Vec<AppendRequest>, outcomes: Vec<Result<Appended>>) {
+        let durable = waited_on(&requests);
+        let answers: Vec<Answer> = requests
+            .into_iter()
+            .zip(outcomes)
+            .map(|(request, outcome)| {
+                request.ticket.settle(outcome.is_ok());
+                (request.reply, outcome)
+            })
+            .collect();
+        if let Some(wal) = &self.wal
+            && !self.synced_inline
+        {
+            if durable {
+                return wal.answer(answers);
+            }
+            wal.deferred();
+        }
+        for (reply, outcome) in answers {
+            // A caller that went away no longer needs its answer.
+            let _ = reply.send(outcome);
+        }
+    }
+
+    /// SQLite: the lane leaves checkpoints to the store's checkpointer (one would stall
+    /// its commits), and a durable store's lane syncs the WAL file itself when there is one.
+    async fn prepare_sqlite(&mut self, connection: &mut sqlx::AnyConnection) -> Result<()> {
+        sqlx::Executor::execute(&mut *connection, "PRAGMA wal_autocheckpoint = 0")
+            .await
+            .map_err(unavailable)?;
+        if self.durable && self.wal.is_none() {
+            self.find_wal(connection).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts syncing the database's WAL file, if it has one.
+    async fn find_wal(&mut self, connection: &mut sqlx::AnyConnection) -> Result<()> {
+        let mode: String = sqlx::query("PRAGMA journal_mode")
+            .fetch_one(&mut *connection)
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(unavailable)?;
+        let file: String = sqlx::query("SELECT file FROM pragma_database_list WHERE name = 'main'")
+            .fetch_one(&mut *connection)
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(unavailable)?;
+        // An in-memory database has no file to sync; without a WAL, commits sync themselves.
+        if mode.eq_ignore_ascii_case("wal") && !file.is_empty() {
+            let wal = std::path::PathBuf::from(format!("{file}-wal"));
+            self.wal = Some(WalSyncer::start(wal, self.counters.clone())?);
+        }
+        Ok(())
+    }
+
+    /// How the lane's SQLite commits sync, but for a durable batch alone.
+    fn sqlite_synchronous(&self) -> Synchronous {
+        match (self.durable, &self.wal) {
+            (false, _) => Synchronous::Off,
+            // The WAL syncer makes each commit durable, after it.
+            (true, Some(_)) => Synchronous::Normal,
+            (true, None) => Synchronous::Full,
+        }
+    }
+
     /// The lane's connection, opened when it has none.
     async fn connection(&mut self) -> Result<&mut LaneConnection> {
         let connection = match self.connection.take() {
@@ -365,6 +415,9 @@ impl Lane {
                     .await
                     .map_err(unavailable)?;
                 }
+                if self.backend == Backend::Sqlite {
+                    self.prepare_sqlite(&mut connection).await?;
+                }
                 LaneConnection::new(connection)
             }
         };
@@ -372,11 +425,9 @@ impl Lane {
     }
 }
 
-/// Settles each request's ticket, then answers it.
-fn settle(requests: Vec<AppendRequest>, outcomes: Vec<Result<Appended>>) {
-    for (request, outcome) in requests.into_iter().zip(outcomes) {
-        request.ticket.settle(outcome.is_ok());
-        // A caller that went away no longer needs its answer.
-        let _ = request.reply.send(outcome);
-    }
+/// Whether anyone waits for the batch to be durable.
+fn waited_on(requests: &[AppendRequest]) -> bool {
+    requests
+        .iter()
+        .any(|request| request.append.durability == Durability::Now)
 }

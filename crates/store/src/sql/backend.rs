@@ -1,6 +1,8 @@
 //! What differs between SQLite and PostgreSQL: connection set-up, the statements that
 //! take JSON batches, and the migrations.
 
+use std::sync::OnceLock;
+
 use super::quota::sqlite_save_batch_usage;
 
 /// How an SQLite commit syncs.
@@ -12,6 +14,17 @@ pub(super) enum Synchronous {
     Normal,
     /// Never waits, not even at checkpoints: memory benchmarks only.
     Off,
+}
+
+impl Synchronous {
+    /// The statement that sets it on an SQLite connection.
+    pub(super) fn pragma(self) -> &'static str {
+        match self {
+            Synchronous::Full => "PRAGMA synchronous = FULL",
+            Synchronous::Normal => "PRAGMA synchronous = NORMAL",
+            Synchronous::Off => "PRAGMA synchronous = OFF",
+        }
+    }
 }
 
 /// Which SQL engine a store runs on; the few statements that differ are picked by it.
@@ -125,12 +138,12 @@ impl Backend {
                     $synchronous,
                     "; BEGIN IMMEDIATE; \
                      SELECT l.slot AS slot, l.owner AS owner, l.epoch AS epoch FROM slot_leases AS l \
-                     JOIN json_each($1) AS f ON l.slot = json_extract(f.value, '$.s') \
+                     JOIN jsonb_each($1) AS f ON l.slot = json_extract(f.value, '$.s') \
                       AND l.owner = json_extract(f.value, '$.o') AND l.epoch = json_extract(f.value, '$.e') \
                      WHERE l.released = 0; \
                      UPDATE sessions SET message_count = sessions.message_count + j.n, last_activity_us = j.t \
                      FROM (SELECT unhex(json_extract(value, '$.i')) AS id, json_extract(value, '$.n') AS n, \
-                                  json_extract(value, '$.t') AS t FROM json_each($2)) AS j \
+                                  json_extract(value, '$.t') AS t FROM jsonb_each($2)) AS j \
                      WHERE sessions.session_id = j.id \
                      RETURNING lower(hex(sessions.session_id)) AS id, sessions.message_count AS message_count"
                 )
@@ -158,62 +171,30 @@ impl Backend {
     /// dropping messages up to count − q; `$4`: new request ids `{s, r, k: turn, b, rb, p,
     /// c, u}`, whose last seq is count − b, and whose reply, when it is in the same batch,
     /// is count − rb; `$5`: replies `{s, r, b, p, c, u}` to ids kept before, whose seq is
-    /// count − b; `$6`: the appends' usage (`batch_usage_json`).
-    pub(super) fn sqlite_append_batch(synchronous: Synchronous) -> &'static str {
-        macro_rules! append_batch {
-            ($synchronous:literal) => {
-                concat!(
-                    "PRAGMA synchronous = ",
-                    $synchronous,
-                    "; BEGIN IMMEDIATE; \
-                     UPDATE sessions SET message_count = sessions.message_count + j.n, last_activity_us = j.t \
-                     FROM (SELECT unhex(json_extract(value, '$.i')) AS id, json_extract(value, '$.n') AS n, \
-                                  json_extract(value, '$.t') AS t FROM json_each($1)) AS j \
-                     WHERE sessions.session_id = j.id \
-                     RETURNING lower(hex(sessions.session_id)) AS id, sessions.message_count AS message_count; \
-                     INSERT INTO messages (session_id, seq, role, content, name, created_at_us) \
-                     SELECT s.session_id, \
-                            CASE WHEN EXISTS (SELECT 1 FROM slot_leases AS l \
-                                 WHERE l.slot = json_extract(j.value, '$.l') AND l.owner = json_extract(j.value, '$.o') \
-                                   AND l.epoch = json_extract(j.value, '$.e') AND l.released = 0) \
-                                  AND (json_extract(j.value, '$.q') IS NULL \
-                                       OR json_extract(j.value, '$.q') = s.message_count - json_extract(j.value, '$.k')) \
-                                 THEN s.message_count - json_extract(j.value, '$.k') END, \
-                            json_extract(j.value, '$.r'), json_extract(j.value, '$.c'), \
-                            json_extract(j.value, '$.n'), json_extract(j.value, '$.t') \
-                     FROM json_each($2) AS j \
-                     LEFT JOIN sessions AS s ON s.session_id = unhex(json_extract(j.value, '$.s')); \
-                     DELETE FROM messages WHERE (session_id, seq) IN ( \
-                         SELECT m.session_id, m.seq FROM json_each($3) AS j \
-                         JOIN sessions AS s ON s.session_id = unhex(json_extract(j.value, '$.s')) \
-                         JOIN messages AS m ON m.session_id = s.session_id \
-                          AND m.seq <= s.message_count - json_extract(j.value, '$.q')); \
-                     INSERT INTO request_ids (session_id, request_id, turn, last_seq, reply_seq, \
-                                              prompt_tokens, completion_tokens, compute_us) \
-                     SELECT s.session_id, json_extract(j.value, '$.r'), json_extract(j.value, '$.k'), \
-                            s.message_count - json_extract(j.value, '$.b'), \
-                            s.message_count - json_extract(j.value, '$.rb'), json_extract(j.value, '$.p'), \
-                            json_extract(j.value, '$.c'), json_extract(j.value, '$.u') \
-                     FROM json_each($4) AS j \
-                     LEFT JOIN sessions AS s ON s.session_id = unhex(json_extract(j.value, '$.s')); \
-                     UPDATE request_ids SET reply_seq = j.q, prompt_tokens = j.p, completion_tokens = j.c, compute_us = j.u \
-                     FROM (SELECT s.session_id AS s, json_extract(j.value, '$.r') AS r, \
-                                  s.message_count - json_extract(j.value, '$.b') AS q, \
-                                  json_extract(j.value, '$.p') AS p, json_extract(j.value, '$.c') AS c, \
-                                  json_extract(j.value, '$.u') AS u \
-                           FROM json_each($5) AS j \
-                           JOIN sessions AS s ON s.session_id = unhex(json_extract(j.value, '$.s'))) AS j \
-                     WHERE request_ids.session_id = j.s AND request_ids.request_id = j.r; ",
-                    sqlite_save_batch_usage!("$6"),
-                    "COMMIT"
-                )
-            };
-        }
-        match synchronous {
-            Synchronous::Full => append_batch!("FULL"),
-            Synchronous::Normal => append_batch!("NORMAL"),
-            Synchronous::Off => append_batch!("OFF"),
-        }
+    /// count − b; `$6`: the appends' usage (`batch_usage_json`). Only the statements of
+    /// the `parts` given run, besides the counts' and the messages'. The script sets how
+    /// its commit syncs.
+    pub(super) fn sqlite_append_batch(
+        synchronous: Synchronous,
+        parts: SqliteBatchParts,
+    ) -> &'static str {
+        static SCRIPTS: [OnceLock<String>; 48] = [const { OnceLock::new() }; 48];
+        let index = synchronous as usize * 16 + usize::from(parts.0 & 15);
+        SCRIPTS[index].get_or_init(|| {
+            let mut script = format!("{}; {SQLITE_BATCH_MESSAGES}", synchronous.pragma());
+            for (part, statement) in [
+                (SqliteBatchParts::BOUNDS, SQLITE_BATCH_BOUNDS),
+                (SqliteBatchParts::IDS, SQLITE_BATCH_IDS),
+                (SqliteBatchParts::REPLIES, SQLITE_BATCH_REPLIES),
+                (SqliteBatchParts::USAGE, sqlite_save_batch_usage!("$6")),
+            ] {
+                if parts.0 & part != 0 {
+                    script.push_str(statement);
+                }
+            }
+            script.push_str("COMMIT");
+            script
+        })
     }
 
     /// PostgreSQL: a whole batch as one statement, which is its own transaction; the same
@@ -285,11 +266,6 @@ impl Backend {
              RETURNING 1) \
          SELECT encode(session_id, 'hex') AS id, message_count FROM counted";
 
-    /// SQLite: a durable commit of one rewritten row, so that the WAL is synced past every
-    /// frame before it.
-    pub(super) const SQLITE_SYNC: &'static str = "PRAGMA synchronous = FULL; BEGIN IMMEDIATE; \
-         UPDATE cluster SET created_at_us = created_at_us WHERE singleton = 1; COMMIT";
-
     /// SQLite: a batch's writes and its commit in one call to the database thread. `$1`:
     /// messages (as in `insert_messages_query`); `$2`: `{s: session hex, q: seq}`, dropping
     /// each session's messages up to `q`; `$3`: new request ids `{s, r: id, k: turn, l: last
@@ -301,20 +277,20 @@ impl Backend {
          SELECT unhex(json_extract(value, '$.s')), json_extract(value, '$.q'), \
                 json_extract(value, '$.r'), json_extract(value, '$.c'), \
                 json_extract(value, '$.n'), json_extract(value, '$.t') \
-         FROM json_each($1); \
+         FROM jsonb_each($1); \
          DELETE FROM messages WHERE (session_id, seq) IN ( \
-             SELECT m.session_id, m.seq FROM json_each($2) AS j JOIN messages AS m \
+             SELECT m.session_id, m.seq FROM jsonb_each($2) AS j JOIN messages AS m \
                ON m.session_id = unhex(json_extract(j.value, '$.s')) \
               AND m.seq <= json_extract(j.value, '$.q')); \
          INSERT INTO request_ids (session_id, request_id, turn, last_seq) \
          SELECT unhex(json_extract(value, '$.s')), json_extract(value, '$.r'), \
                 json_extract(value, '$.k'), json_extract(value, '$.l') \
-         FROM json_each($3); \
+         FROM jsonb_each($3); \
          UPDATE request_ids SET reply_seq = j.q, prompt_tokens = j.p, completion_tokens = j.c, compute_us = j.u \
          FROM (SELECT unhex(json_extract(value, '$.s')) AS s, json_extract(value, '$.r') AS r, \
                       json_extract(value, '$.q') AS q, json_extract(value, '$.p') AS p, \
                       json_extract(value, '$.c') AS c, json_extract(value, '$.u') AS u \
-               FROM json_each($4)) AS j \
+               FROM jsonb_each($4)) AS j \
          WHERE request_ids.session_id = j.s AND request_ids.request_id = j.r; ",
         sqlite_save_batch_usage!("$5"),
         "COMMIT"
@@ -473,3 +449,58 @@ impl Backend {
         }
     }
 }
+
+/// Which parts of [`Backend::sqlite_append_batch`] a batch needs beyond its counts and
+/// messages: each part left out is a statement the database thread does not run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct SqliteBatchParts(pub(super) u8);
+
+impl SqliteBatchParts {
+    pub(super) const IDS: u8 = 1;
+    pub(super) const BOUNDS: u8 = 2;
+    pub(super) const REPLIES: u8 = 4;
+    pub(super) const USAGE: u8 = 8;
+}
+
+const SQLITE_BATCH_MESSAGES: &str = "BEGIN IMMEDIATE; \
+     UPDATE sessions SET message_count = sessions.message_count + j.n, last_activity_us = j.t \
+     FROM (SELECT unhex(json_extract(value, '$.i')) AS id, json_extract(value, '$.n') AS n, \
+                  json_extract(value, '$.t') AS t FROM jsonb_each($1)) AS j \
+     WHERE sessions.session_id = j.id \
+     RETURNING lower(hex(sessions.session_id)) AS id, sessions.message_count AS message_count; \
+     INSERT INTO messages (session_id, seq, role, content, name, created_at_us) \
+     SELECT s.session_id, \
+            CASE WHEN EXISTS (SELECT 1 FROM slot_leases AS l \
+                 WHERE l.slot = json_extract(j.value, '$.l') AND l.owner = json_extract(j.value, '$.o') \
+                   AND l.epoch = json_extract(j.value, '$.e') AND l.released = 0) \
+                  AND (json_extract(j.value, '$.q') IS NULL \
+                       OR json_extract(j.value, '$.q') = s.message_count - json_extract(j.value, '$.k')) \
+                 THEN s.message_count - json_extract(j.value, '$.k') END, \
+            json_extract(j.value, '$.r'), json_extract(j.value, '$.c'), \
+            json_extract(j.value, '$.n'), json_extract(j.value, '$.t') \
+     FROM jsonb_each($2) AS j \
+     LEFT JOIN sessions AS s ON s.session_id = unhex(json_extract(j.value, '$.s')); ";
+
+const SQLITE_BATCH_BOUNDS: &str = "DELETE FROM messages WHERE (session_id, seq) IN ( \
+         SELECT m.session_id, m.seq FROM jsonb_each($3) AS j \
+         JOIN sessions AS s ON s.session_id = unhex(json_extract(j.value, '$.s')) \
+         JOIN messages AS m ON m.session_id = s.session_id \
+          AND m.seq <= s.message_count - json_extract(j.value, '$.q')); ";
+
+const SQLITE_BATCH_IDS: &str = "INSERT INTO request_ids (session_id, request_id, turn, last_seq, reply_seq, \
+                              prompt_tokens, completion_tokens, compute_us) \
+     SELECT s.session_id, json_extract(j.value, '$.r'), json_extract(j.value, '$.k'), \
+            s.message_count - json_extract(j.value, '$.b'), \
+            s.message_count - json_extract(j.value, '$.rb'), json_extract(j.value, '$.p'), \
+            json_extract(j.value, '$.c'), json_extract(j.value, '$.u') \
+     FROM jsonb_each($4) AS j \
+     LEFT JOIN sessions AS s ON s.session_id = unhex(json_extract(j.value, '$.s')); ";
+
+const SQLITE_BATCH_REPLIES: &str = "UPDATE request_ids SET reply_seq = j.q, prompt_tokens = j.p, completion_tokens = j.c, compute_us = j.u \
+     FROM (SELECT s.session_id AS s, json_extract(j.value, '$.r') AS r, \
+                  s.message_count - json_extract(j.value, '$.b') AS q, \
+                  json_extract(j.value, '$.p') AS p, json_extract(j.value, '$.c') AS c, \
+                  json_extract(j.value, '$.u') AS u \
+           FROM jsonb_each($5) AS j \
+           JOIN sessions AS s ON s.session_id = unhex(json_extract(j.value, '$.s'))) AS j \
+     WHERE request_ids.session_id = j.s AND request_ids.request_id = j.r; ";

@@ -12,6 +12,7 @@ mod quota;
 mod requests;
 mod sealed;
 mod setup;
+mod wal_sync;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -156,12 +157,16 @@ impl SqlStore {
             pool_options = pool_options.after_connect(move |connection, _| {
                 Box::pin(async move {
                     // WAL lets readers run beside the one writer; FULL makes every commit
-                    // durable before it returns (group commit pays for the fsync).
+                    // durable before it returns. The append lane commits without it and
+                    // syncs the WAL itself, beside its next commit (see `wal_sync`).
                     connection.execute("PRAGMA journal_mode = WAL").await?;
                     connection.execute(synchronous).await?;
                     // Deleted rows are overwritten, not left in free pages: what a session
                     // held is gone from the file when it ends.
                     connection.execute("PRAGMA secure_delete = ON").await?;
+                    // Statement journals (a multi-row statement's undo) stay in memory: on
+                    // disk they cost every batch a file write per page it changes.
+                    connection.execute("PRAGMA temp_store = MEMORY").await?;
                     // The WAL is cut back to 64 MiB whenever a checkpoint empties it.
                     connection
                         .execute("PRAGMA journal_size_limit = 67108864")

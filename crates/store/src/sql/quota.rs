@@ -104,7 +104,7 @@ macro_rules! sqlite_save_batch_usage {
             "INSERT INTO user_usage_windows (user_id, resource, state, version) \
              SELECT json_extract(value, '$.u'), json_extract(value, '$.r'), \
                     json_extract(value, '$.s'), json_extract(value, '$.v') \
-             FROM json_each(",
+             FROM jsonb_each(",
             $param,
             ") \
              WHERE EXISTS (SELECT 1 FROM slot_leases AS l \

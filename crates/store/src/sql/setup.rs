@@ -11,21 +11,30 @@ use switchyard_core::SessionId;
 use super::{Backend, micros, unavailable};
 use crate::{Result, StoreError};
 
-/// How often an SQLite store checkpoints its WAL in full. SQLite's own checkpoints (every
-/// 1 000 pages) cannot finish while a reader is behind; this one waits for them.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(30);
+/// How often an SQLite store copies its WAL back into the database. Its append lane never
+/// checkpoints (that would stall its commits); this keeps the WAL a few megabytes long
+/// under load, so that SQLite starts it over after each full pass.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the checkpoint is one that waits for readers and truncates the WAL: SQLite's
+/// own (passive) checkpoints cannot finish while a reader is behind.
+const TRUNCATE_INTERVAL: Duration = Duration::from_secs(30);
 
-/// Checkpoints the WAL into the database and truncates it, every [`CHECKPOINT_INTERVAL`].
+/// Checkpoints the WAL into the database every [`CHECKPOINT_INTERVAL`], and truncates it
+/// every [`TRUNCATE_INTERVAL`].
 pub(super) async fn checkpoint_periodically(pool: AnyPool) {
     let mut interval = tokio::time::interval(CHECKPOINT_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     interval.tick().await;
+    let mut truncated = tokio::time::Instant::now();
     loop {
         interval.tick().await;
-        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-            .execute(&pool)
-            .await
-        {
+        let statement = if truncated.elapsed() >= TRUNCATE_INTERVAL {
+            truncated = tokio::time::Instant::now();
+            "PRAGMA wal_checkpoint(TRUNCATE)"
+        } else {
+            "PRAGMA wal_checkpoint(PASSIVE)"
+        };
+        if let Err(error) = sqlx::query(statement).execute(&pool).await {
             tracing::warn!(%error, "WAL checkpoint failed; trying again later");
         }
     }

@@ -12,7 +12,7 @@ use super::{
     AppendRequest, BatchError, BatchSeal, FenceSet, LaneConnection, Plan, Repeat, counts_json, hex,
     is_unique_violation, outcomes, parse_counts, plan, to_i64, writes,
 };
-use crate::sql::backend::Synchronous;
+use crate::sql::backend::{SqliteBatchParts, Synchronous};
 use crate::sql::quota::batch_usage_json;
 use crate::sql::{Backend, micros, unavailable};
 use crate::{AppendKey, Appended, Result, StoreError};
@@ -55,15 +55,18 @@ pub(super) async fn commit(
     };
     let rows = match backend {
         Backend::Sqlite => {
-            sqlx::query(Backend::sqlite_append_batch(synchronous))
-                .bind(params.counts)
-                .bind(params.messages)
-                .bind(params.bounds)
-                .bind(params.ids)
-                .bind(params.replies)
-                .bind(params.usage)
-                .fetch_all(&mut lane.connection)
-                .await
+            sqlx::query(Backend::sqlite_append_batch(
+                synchronous,
+                params.sqlite_parts(),
+            ))
+            .bind(params.counts)
+            .bind(params.messages)
+            .bind(params.bounds)
+            .bind(params.ids)
+            .bind(params.replies)
+            .bind(params.usage)
+            .fetch_all(&mut lane.connection)
+            .await
         }
         Backend::Postgres => {
             // PostgreSQL's statement cannot drop what it inserts itself.
@@ -151,6 +154,22 @@ struct Params {
 }
 
 impl Params {
+    /// The statements of the SQLite script that have something to do.
+    fn sqlite_parts(&self) -> SqliteBatchParts {
+        let mut parts = 0;
+        for (json, part) in [
+            (&self.ids, SqliteBatchParts::IDS),
+            (&self.bounds, SqliteBatchParts::BOUNDS),
+            (&self.replies, SqliteBatchParts::REPLIES),
+            (&self.usage, SqliteBatchParts::USAGE),
+        ] {
+            if json != "[]" {
+                parts |= part;
+            }
+        }
+        SqliteBatchParts(parts)
+    }
+
     fn of(
         requests: &[AppendRequest],
         fences: &FenceSet<'_>,
