@@ -53,21 +53,12 @@ pub(super) async fn commit(
         Ok(params) => params,
         Err(error) => return AtOnce::Failed(BatchError::Statement(error)),
     };
-    let rows = match backend {
-        Backend::Sqlite => {
-            sqlx::query(Backend::sqlite_append_batch(
-                synchronous,
-                params.sqlite_parts(),
-            ))
-            .bind(params.counts)
-            .bind(params.messages)
-            .bind(params.bounds)
-            .bind(params.ids)
-            .bind(params.replies)
-            .bind(params.usage)
-            .fetch_all(&mut lane.connection)
-            .await
-        }
+    // PostgreSQL's statement takes the fences first; SQLite's script checks them per row.
+    let (statement, fences_json) = match backend {
+        Backend::Sqlite => (
+            Backend::sqlite_append_batch(synchronous, params.sqlite_parts()),
+            None,
+        ),
         Backend::Postgres => {
             // PostgreSQL's statement cannot drop what it inserts itself.
             if params.trims_new_messages {
@@ -85,18 +76,22 @@ pub(super) async fn commit(
                 }
                 lane.asynchronous_commit = asynchronous;
             }
-            sqlx::query(Backend::POSTGRES_APPEND_BATCH)
-                .bind(params.fences)
-                .bind(params.counts)
-                .bind(params.messages)
-                .bind(params.bounds)
-                .bind(params.ids)
-                .bind(params.replies)
-                .bind(params.usage)
-                .fetch_all(&mut lane.connection)
-                .await
+            (Backend::POSTGRES_APPEND_BATCH, Some(params.fences))
         }
     };
+    let mut query = sqlx::query(statement);
+    if let Some(fences_json) = fences_json {
+        query = query.bind(fences_json);
+    }
+    let rows = query
+        .bind(params.counts)
+        .bind(params.messages)
+        .bind(params.bounds)
+        .bind(params.ids)
+        .bind(params.replies)
+        .bind(params.usage)
+        .fetch_all(&mut lane.connection)
+        .await;
     let error = match rows {
         // Committed: the counts tell each append's seqs.
         Ok(rows) => {
