@@ -274,6 +274,13 @@ impl Lane {
     ) -> Result<Committed, BatchError> {
         // Open first: whether SQLite syncs itself depends on what the connection finds.
         self.connection().await.map_err(BatchError::Statement)?;
+        // After a failed sync nothing more is written: a later commit, even one that syncs
+        // itself, could be lost with the frames that failed before it.
+        if let Some(reason) = self.wal.as_ref().and_then(WalSyncer::failed) {
+            return Err(BatchError::Commit(StoreError::Unavailable(
+                reason.to_string(),
+            )));
+        }
         let synchronous = match self.backend {
             // With nothing behind it, a durable batch has no next commit to sync beside: it
             // waits for the disk itself, which saves it the hop to the syncing thread.

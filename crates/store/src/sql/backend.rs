@@ -179,6 +179,7 @@ impl Backend {
         parts: SqliteBatchParts,
     ) -> &'static str {
         static SCRIPTS: [OnceLock<String>; 48] = [const { OnceLock::new() }; 48];
+        debug_assert!(parts.0 < 16, "a part without a statement: {parts:?}");
         let index = synchronous as usize * 16 + usize::from(parts.0 & 15);
         SCRIPTS[index].get_or_init(|| {
             let mut script = format!("{}; {SQLITE_BATCH_MESSAGES}", synchronous.pragma());

@@ -14,11 +14,12 @@
 //! with an error from then on, until it is opened again (PostgreSQL stops on such an error
 //! for the same reason).
 
+use std::io::ErrorKind;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use tokio::sync::oneshot;
@@ -40,16 +41,23 @@ enum Job {
 /// The syncing thread's handle; dropping it lets the thread finish what it holds and end.
 pub(super) struct WalSyncer {
     jobs: mpsc::Sender<Job>,
+    failed: Arc<OnceLock<String>>,
 }
 
 impl WalSyncer {
-    /// Starts the thread that syncs `wal`, the WAL file of the lane's database.
+    /// Starts the thread that syncs `wal`, the WAL file of the lane's database. The file is
+    /// opened now, before the lane's first commit without a sync, so that a write-back
+    /// error on any of its frames is reported to this handle.
     pub(super) fn start(wal: PathBuf, counters: Arc<Counters>) -> Result<Self> {
         let (jobs, receiver) = mpsc::channel();
+        let failed = Arc::new(OnceLock::new());
+        let file = open_wal(&wal).map_err(|error| {
+            StoreError::Unavailable(format!("cannot open the WAL {}: {error}", wal.display()))
+        })?;
         let worker = Worker {
             path: wal,
-            file: None,
-            failed: None,
+            file,
+            failed: failed.clone(),
             counters,
         };
         std::thread::Builder::new()
@@ -58,7 +66,12 @@ impl WalSyncer {
             .map_err(|error| {
                 StoreError::Unavailable(format!("cannot start the WAL sync thread: {error}"))
             })?;
-        Ok(WalSyncer { jobs })
+        Ok(WalSyncer { jobs, failed })
+    }
+
+    /// Why the store stopped accepting writes, if a sync failed.
+    pub(super) fn failed(&self) -> Option<&str> {
+        self.failed.get().map(String::as_str)
     }
 
     /// Answers a committed batch's appends once the WAL is synced past it.
@@ -83,8 +96,8 @@ struct Worker {
     path: PathBuf,
     /// The WAL file, opened at the first sync.
     file: Option<std::fs::File>,
-    /// Why syncing stopped for good.
-    failed: Option<String>,
+    /// Why syncing stopped for good; the lane reads it too.
+    failed: Arc<OnceLock<String>>,
     counters: Arc<Counters>,
 }
 
@@ -129,7 +142,9 @@ impl Worker {
                 }
             }
             let due = unsynced_since.is_some_and(|since| since.elapsed() >= UNSYNCED_LIMIT);
-            if waiting.is_empty() && !due && open {
+            // Closing, a commit nobody waits on is synced before the thread ends.
+            let closing = !open && unsynced_since.is_some();
+            if waiting.is_empty() && !due && !closing {
                 continue;
             }
             let synced = self.sync();
@@ -148,7 +163,7 @@ impl Worker {
     /// Syncs the WAL file; every frame written before the call is durable once it returns
     /// `Ok`.
     fn sync(&mut self) -> Result<()> {
-        if let Some(reason) = &self.failed {
+        if let Some(reason) = self.failed.get() {
             return Err(StoreError::Unavailable(reason.clone()));
         }
         match self.sync_file() {
@@ -158,36 +173,125 @@ impl Worker {
             }
             Err(error) => {
                 let reason = format!(
-                    "the store could not sync its WAL ({}): {error}; it accepts no durable write until it is opened again",
+                    "the store could not sync its WAL ({}): {error}; it accepts no write until it is opened again",
                     self.path.display()
                 );
                 tracing::error!("{reason}");
-                self.failed = Some(reason.clone());
+                let _ = self.failed.set(reason.clone());
                 Err(StoreError::Unavailable(reason))
             }
         }
     }
 
     fn sync_file(&mut self) -> std::io::Result<()> {
-        let file = match self.file.take() {
-            Some(file) => file,
-            None => std::fs::File::open(&self.path)?,
-        };
-        let file = self.file.insert(file);
-        file.sync_data()?;
+        if let Some(file) = &self.file {
+            file.sync_data()?;
+        }
         // The WAL is one file for as long as the lane's connection is open. Should it have
         // been replaced (every connection closed, then one opened), the new file holds the
-        // later frames: sync it too, and keep it.
-        if !same_file(file, &self.path)? {
-            let replaced = std::fs::File::open(&self.path)?;
-            replaced.sync_data()?;
-            self.file = Some(replaced);
+        // later frames: sync it too, and keep it. Should it be gone, SQLite removed it only
+        // once it had copied it into the database and synced that: nothing is left to sync.
+        let named = match std::fs::metadata(&self.path) {
+            Ok(named) => named,
+            Err(error) if error.kind() == ErrorKind::NotFound => {
+                self.file = None;
+                return Ok(());
+            }
+            Err(error) => return Err(error),
+        };
+        let same = match &self.file {
+            Some(file) => {
+                let open = file.metadata()?;
+                open.dev() == named.dev() && open.ino() == named.ino()
+            }
+            None => false,
+        };
+        if !same {
+            self.file = open_wal(&self.path)?;
+            if let Some(file) = &self.file {
+                file.sync_data()?;
+            }
         }
         Ok(())
     }
 }
 
-fn same_file(file: &std::fs::File, path: &Path) -> std::io::Result<bool> {
-    let (open, named) = (file.metadata()?, std::fs::metadata(path)?);
-    Ok(open.dev() == named.dev() && open.ino() == named.ino())
+/// Opens the WAL file, if there is one, and syncs its directory so that its name is
+/// durable too (SQLite does the same on a new WAL's first sync).
+fn open_wal(path: &Path) -> std::io::Result<Option<std::fs::File>> {
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    if let Some(directory) = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+    {
+        std::fs::File::open(directory)?.sync_all()?;
+    }
+    Ok(Some(file))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(path: &Path) -> Worker {
+        Worker {
+            path: path.to_path_buf(),
+            file: open_wal(path).unwrap(),
+            failed: Arc::new(OnceLock::new()),
+            counters: Arc::new(Counters::default()),
+        }
+    }
+
+    fn inode(path: &Path) -> u64 {
+        std::fs::metadata(path).unwrap().ino()
+    }
+
+    #[test]
+    fn a_replaced_wal_is_synced_and_kept_and_a_removed_one_leaves_nothing_to_sync() {
+        let dir = std::env::temp_dir().join(format!("wal-sync-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("store.db-wal");
+        std::fs::write(&path, b"first").unwrap();
+        let mut worker = worker(&path);
+        worker.sync().unwrap();
+        assert_eq!(worker.counters.syncs.load(Ordering::Relaxed), 1);
+
+        // Replaced: a new file under the same name, which the worker then holds.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(dir.join("next"), b"second").unwrap();
+        std::fs::rename(dir.join("next"), &path).unwrap();
+        worker.sync().unwrap();
+        let held = worker.file.as_ref().unwrap().metadata().unwrap().ino();
+        assert_eq!(held, inode(&path));
+
+        // Removed (SQLite checkpointed it into the database first): not a failure.
+        std::fs::remove_file(&path).unwrap();
+        worker.sync().unwrap();
+        assert!(worker.file.is_none());
+        assert!(worker.failed.get().is_none());
+        assert_eq!(worker.counters.syncs.load(Ordering::Relaxed), 3);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_failed_sync_stays_failed() {
+        let dir = std::env::temp_dir().join(format!("wal-fail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A path under a file cannot be read: every sync of it fails.
+        let blocker = dir.join("blocker");
+        std::fs::write(&blocker, b"").unwrap();
+        let mut worker = worker(&dir.join("absent"));
+        worker.path = blocker.join("store.db-wal");
+        let error = worker.sync().unwrap_err().to_string();
+        assert!(error.contains("could not sync its WAL"), "{error}");
+        // The path is fine again, but the failure stands.
+        worker.path = dir.join("absent");
+        assert!(worker.sync().is_err());
+        assert!(worker.failed.get().is_some());
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
