@@ -20,6 +20,9 @@ pub const CALLER: &str = "x-switchyard-caller";
 pub const SLOT_OWNER: &str = "x-switchyard-slot-owner";
 /// On a worker's FAILED_PRECONDITION for a slot it does not own: the epoch it knows.
 pub const KNOWN_EPOCH: &str = "x-switchyard-known-epoch";
+/// On a worker's UNAVAILABLE before its own server is up (it registered a moment ago, or
+/// is still registering): the call did nothing, and is worth trying again at once.
+pub const WORKER_STARTING: &str = "x-switchyard-worker-starting";
 
 /// The caller's deadline, from its `grpc-timeout` metadata, counted from now.
 pub fn deadline_of(metadata: &MetadataMap) -> Option<Instant> {

@@ -17,7 +17,8 @@ use http::uri::PathAndQuery;
 use prost::Message as _;
 use switchyard::auth::{node_credential, verify_session_token};
 use switchyard::metadata::{
-    CALLER, KNOWN_EPOCH, NODE_CREDENTIAL, PLACEMENT_EPOCH, SESSION_TOKEN, deadline_of,
+    CALLER, KNOWN_EPOCH, NODE_CREDENTIAL, PLACEMENT_EPOCH, SESSION_TOKEN, WORKER_STARTING,
+    deadline_of,
 };
 use switchyard::status::invalid_argument;
 use switchyard::tls::{ClientTls, lazy_channel};
@@ -274,7 +275,8 @@ impl Router {
     }
 
     /// Sends `message` to the owner of the slot, stamped with the epoch, the token and the
-    /// remaining deadline; retries once if the worker no longer owns the slot.
+    /// remaining deadline; retries once if the worker no longer owns the slot, and a few
+    /// times, a moment apart, while it is starting (registered, its server not up yet).
     async fn forward<R>(
         &self,
         method: Method,
@@ -287,6 +289,7 @@ impl Router {
         ) -> Result<Response<R>, Status>,
     ) -> Result<(Response<R>, WorkerId), Status> {
         let mut retried = false;
+        let mut starting_retries = 0;
         loop {
             let routing = self.membership.routing();
             let owner = routing
@@ -337,6 +340,15 @@ impl Router {
                 Err(status) if !retried && is_not_owner(&status) => {
                     tracing::debug!(slot = forwarding.slot, worker_id = %owner, "worker is not the slot's owner, retrying with the current table");
                     retried = true;
+                }
+                Err(status)
+                    if starting_retries < STARTING_RETRIES
+                        && status.code() == Code::Unavailable
+                        && status.metadata().contains_key(WORKER_STARTING) =>
+                {
+                    tracing::debug!(slot = forwarding.slot, worker_id = %owner, "worker is starting, retrying in a moment");
+                    starting_retries += 1;
+                    tokio::time::sleep(STARTING_RETRY_DELAY).await;
                 }
                 Err(status) => return Err(broken_forward(owner, status)),
                 Ok(response) => return Ok((response, owner.clone())),
@@ -525,6 +537,11 @@ fn broken_forward(worker: &WorkerId, status: Status) -> Status {
         status.message()
     ))
 }
+
+/// How often a call is tried again on a worker that is starting, and how far apart: a
+/// worker's server is up within moments of its registration.
+const STARTING_RETRIES: u32 = 20;
+const STARTING_RETRY_DELAY: Duration = Duration::from_millis(25);
 
 fn is_not_owner(status: &Status) -> bool {
     status.code() == Code::FailedPrecondition && status.metadata().contains_key(KNOWN_EPOCH)

@@ -392,7 +392,11 @@ impl<const SERVICE: u8, B> tower_service::Service<http::Request<B>> for Starting
     }
 
     fn call(&mut self, _request: http::Request<B>) -> Self::Future {
-        let status = tonic::Status::unavailable("this worker is starting: not registered yet");
+        let mut status = tonic::Status::unavailable("this worker is starting: not registered yet");
+        status.metadata_mut().insert(
+            switchyard::metadata::WORKER_STARTING,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
         std::future::ready(Ok(status.into_http()))
     }
 }
