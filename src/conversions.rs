@@ -181,13 +181,14 @@ pub fn alert_filter(request: &pb::ListAlertsRequest) -> Result<AlertFilter, Erro
 }
 
 pub fn alert_to_wire(alert: &Alert, node: &str) -> pb::Alert {
+    let latest = &alert.latest;
     pb::Alert {
-        kind: alert.kind.to_string(),
-        severity: alert.severity.as_str().to_string(),
-        message: alert.message.clone(),
-        subject: alert.subject.clone(),
-        user_id: alert.user_id.clone().unwrap_or_default(),
-        session_id: alert.session_id.clone().unwrap_or_default(),
+        kind: latest.kind.to_string(),
+        severity: latest.severity.as_str().to_string(),
+        message: latest.message.clone(),
+        subject: latest.subject.clone(),
+        user_id: latest.user_id.clone().unwrap_or_default(),
+        session_id: latest.session_id.clone().unwrap_or_default(),
         node: node.to_string(),
         first_seen: Some(timestamp_from(alert.first_seen)),
         last_seen: Some(timestamp_from(alert.last_seen)),

@@ -25,16 +25,9 @@ async fn a_dead_worker_leaves_the_others_users_served() {
             .unwrap();
         sessions.insert(user, (session.session_id, session.worker_id));
     }
-    let victim = sandbox
-        .cluster
-        .live_workers()
-        .next()
-        .unwrap()
-        .worker_id
-        .to_string();
-    assert!(sessions.values().any(|(_, worker)| *worker == victim));
-    sandbox.cluster.kill_worker(0);
+    let victim = sandbox.cluster.kill_worker(0).unwrap().to_string();
     let killed_at = Instant::now();
+    assert!(sessions.values().any(|(_, worker)| *worker == victim));
 
     // Users of the surviving workers are served at once, without waiting for the lease.
     for (user, (session_id, worker)) in &sessions {

@@ -253,14 +253,7 @@ async fn quotas_near_their_limit_a_waiting_pool_and_a_lost_worker_raise_alerts()
     assert_eq!(pool.subject, SCARCE_AGENT);
 
     // A worker that stops heartbeating is lost: the coordinator's own alert.
-    let victim = sandbox
-        .cluster
-        .live_workers()
-        .next()
-        .unwrap()
-        .worker_id
-        .to_string();
-    sandbox.cluster.kill_worker(0);
+    let victim = sandbox.cluster.kill_worker(0).unwrap().to_string();
     let lost = wait_for("a worker_lost alert", Duration::from_secs(10), || {
         let sandbox = &sandbox;
         async move {

@@ -260,10 +260,12 @@ impl DevCluster {
     }
 
     /// Stops a worker abruptly, as a crash would; the coordinator notices at lease expiry.
-    pub fn kill_worker(&mut self, index: usize) {
-        if let Some(worker) = self.workers.get_mut(index).and_then(Option::take) {
-            worker.abort();
-        }
+    /// Returns the id of the worker stopped, if one was running at `index`.
+    pub fn kill_worker(&mut self, index: usize) -> Option<WorkerId> {
+        let worker = self.workers.get_mut(index).and_then(Option::take)?;
+        let worker_id = worker.worker_id.clone();
+        worker.abort();
+        Some(worker_id)
     }
 
     /// Stops the workers (each leaves the cluster first), then the coordinator.

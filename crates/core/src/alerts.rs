@@ -39,21 +39,16 @@ pub struct AlertKey {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Alert {
-    pub kind: &'static str,
-    pub subject: String,
-    /// The severity of the latest raise.
-    pub severity: Severity,
-    /// The latest raise's words.
-    pub message: String,
-    pub user_id: Option<String>,
-    pub session_id: Option<String>,
+    /// The latest raise: its kind and subject are the alert's, its severity and words the
+    /// newest.
+    pub latest: Raise,
     pub first_seen: SystemTime,
     pub last_seen: SystemTime,
     pub count: u64,
 }
 
 /// One raise of an alert.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Raise {
     pub kind: &'static str,
     pub subject: String,
@@ -82,11 +77,13 @@ pub struct AlertFilter {
 impl AlertFilter {
     pub fn keeps(&self, alert: &Alert) -> bool {
         self.since.is_none_or(|since| alert.last_seen >= since)
-            && self.severity.is_none_or(|least| alert.severity >= least)
+            && self
+                .severity
+                .is_none_or(|least| alert.latest.severity >= least)
             && self
                 .user_id
                 .as_ref()
-                .is_none_or(|user| alert.user_id.as_ref() == Some(user))
+                .is_none_or(|user| alert.latest.user_id.as_ref() == Some(user))
     }
 }
 
@@ -112,8 +109,7 @@ impl AlertLog {
         };
         let mut alerts = self.alerts();
         if let Some(alert) = alerts.get_mut(&key) {
-            alert.severity = raise.severity;
-            alert.message = raise.message;
+            alert.latest = raise;
             alert.last_seen = now;
             alert.count += 1;
             return false;
@@ -129,12 +125,7 @@ impl AlertLog {
         alerts.insert(
             key,
             Alert {
-                kind: raise.kind,
-                subject: raise.subject,
-                severity: raise.severity,
-                message: raise.message,
-                user_id: raise.user_id,
-                session_id: raise.session_id,
+                latest: raise,
                 first_seen: now,
                 last_seen: now,
                 count: 1,
@@ -194,7 +185,7 @@ mod tests {
             (listed[0].count, listed[0].first_seen, listed[0].last_seen),
             (2, at(0), at(5))
         );
-        assert_eq!(listed[0].severity, Severity::Warning);
+        assert_eq!(listed[0].latest.severity, Severity::Warning);
 
         assert!(log.raise(
             raise("quota", "ada:tokens", Severity::Warning, "ada"),
@@ -210,7 +201,7 @@ mod tests {
         let kinds: Vec<_> = log
             .list(&AlertFilter::default())
             .into_iter()
-            .map(|alert| alert.subject)
+            .map(|alert| alert.latest.subject)
             .collect();
         assert_eq!(kinds, ["bob:tokens", "s2", "ada:tokens"]);
 
@@ -221,7 +212,9 @@ mod tests {
         };
         assert_eq!(log.list(&filter(Some(at(7)), None, None)).len(), 2);
         assert_eq!(
-            log.list(&filter(None, Some(Severity::Critical), None))[0].subject,
+            log.list(&filter(None, Some(Severity::Critical), None))[0]
+                .latest
+                .subject,
             "bob:tokens"
         );
         assert_eq!(log.list(&filter(None, None, Some("ada"))).len(), 1);
