@@ -11,9 +11,8 @@ use switchyard_core::SessionId;
 use super::{Backend, micros, unavailable};
 use crate::{Result, StoreError};
 
-/// How often an SQLite store copies its WAL back into the database. Its append lane never
-/// checkpoints (that would stall its commits); this keeps the WAL a few megabytes long
-/// under load, so that SQLite starts it over after each full pass.
+/// How often an SQLite store copies its WAL back into the database, for what other writers
+/// than the append lane add (the lane checkpoints its own commits every few megabytes).
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
 /// How often the checkpoint is one that waits for readers and truncates the WAL: SQLite's
 /// own (passive) checkpoints cannot finish while a reader is behind.
