@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::backend::Synchronous;
 use super::batch::{AppendRequest, BatchError, BatchSeal, Committed, LaneConnection, commit_batch};
 use super::sealed::Sealer;
+use super::sqlite_writer::SqliteWriter;
 use super::wal_sync::{Answer, WalSyncer};
 use super::{Backend, unavailable};
 use crate::{Append, AppendTicket, Appended, Durability, QueuedAppend, Result, StoreError};
@@ -368,31 +369,41 @@ impl Lane {
     }
 
     /// SQLite: the lane checkpoints the WAL itself ([`LANE_CHECKPOINT`]), and a
-    /// durable store's lane syncs the WAL file itself when there is one.
-    async fn prepare_sqlite(&mut self, connection: &mut sqlx::AnyConnection) -> Result<()> {
+    /// durable store's lane syncs the WAL file itself when there is one. Returns the
+    /// thread that commits at-once batches, for a database in a file.
+    async fn prepare_sqlite(
+        &mut self,
+        connection: &mut sqlx::AnyConnection,
+    ) -> Result<Option<SqliteWriter>> {
         sqlx::Executor::execute(&mut *connection, LANE_CHECKPOINT)
             .await
-            .map_err(unavailable)?;
-        if self.durable && self.wal.is_none() {
-            self.find_wal(connection).await?;
-        }
-        Ok(())
-    }
-
-    /// Starts syncing the database's WAL file, if it has one.
-    async fn find_wal(&mut self, connection: &mut sqlx::AnyConnection) -> Result<()> {
-        let mode: String = sqlx::query("PRAGMA journal_mode")
-            .fetch_one(&mut *connection)
-            .await
-            .and_then(|row| row.try_get(0))
             .map_err(unavailable)?;
         let file: String = sqlx::query("SELECT file FROM pragma_database_list WHERE name = 'main'")
             .fetch_one(&mut *connection)
             .await
             .and_then(|row| row.try_get(0))
             .map_err(unavailable)?;
-        // An in-memory database has no file to sync; without a WAL, commits sync themselves.
-        if mode.eq_ignore_ascii_case("wal") && !file.is_empty() {
+        // An in-memory database has no file to open twice, nor to sync.
+        if file.is_empty() {
+            return Ok(None);
+        }
+        if self.durable && self.wal.is_none() {
+            self.find_wal(connection, &file).await?;
+        }
+        SqliteWriter::open(std::path::Path::new(&file))
+            .await
+            .map(Some)
+    }
+
+    /// Starts syncing the database's WAL file, if it has one.
+    async fn find_wal(&mut self, connection: &mut sqlx::AnyConnection, file: &str) -> Result<()> {
+        let mode: String = sqlx::query("PRAGMA journal_mode")
+            .fetch_one(&mut *connection)
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(unavailable)?;
+        // Without a WAL, commits sync themselves.
+        if mode.eq_ignore_ascii_case("wal") {
             let wal = std::path::PathBuf::from(format!("{file}-wal"));
             self.wal = Some(WalSyncer::start(wal, self.counters.clone())?);
         }
@@ -428,10 +439,12 @@ impl Lane {
                     .await
                     .map_err(unavailable)?;
                 }
-                if self.backend == Backend::Sqlite {
-                    self.prepare_sqlite(&mut connection).await?;
-                }
-                LaneConnection::new(connection)
+                let writer = if self.backend == Backend::Sqlite {
+                    self.prepare_sqlite(&mut connection).await?
+                } else {
+                    None
+                };
+                LaneConnection::new(connection, writer)
             }
         };
         Ok(self.connection.insert(connection))

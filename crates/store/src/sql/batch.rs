@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 use self::at_once::AtOnce;
 use super::backend::Synchronous;
 use super::sealed::sealing_error;
+use super::sqlite_writer::SqliteWriter;
 use super::{Backend, micros, requests, unavailable};
 use crate::sealing::{Dek, KeyRing, message_aad};
 use crate::{Append, AppendKey, AppendTicket, Appended, Fence, Result, StoreError, TurnUsage};
@@ -56,13 +57,16 @@ pub(super) struct LaneConnection {
     pub(super) connection: AnyConnection,
     /// PostgreSQL: the session commits without waiting for its WAL to be flushed.
     pub(super) asynchronous_commit: bool,
+    /// SQLite with a database file: the thread that commits at-once batches.
+    pub(super) writer: Option<SqliteWriter>,
 }
 
 impl LaneConnection {
-    pub(super) fn new(connection: AnyConnection) -> Self {
+    pub(super) fn new(connection: AnyConnection, writer: Option<SqliteWriter>) -> Self {
         LaneConnection {
             connection,
             asynchronous_commit: false,
+            writer,
         }
     }
 }
@@ -510,10 +514,18 @@ fn counts_json(per_session: &HashMap<SessionId, (u64, SystemTime)>) -> Result<St
 
 /// The sessions' new counts, from the rows of a count statement.
 fn parse_counts(rows: &[sqlx::any::AnyRow]) -> Result<HashMap<SessionId, u64>> {
+    let rows = rows
+        .iter()
+        .map(|row| Ok((row.try_get("id")?, row.try_get("message_count")?)))
+        .collect::<Result<Vec<(String, i64)>, sqlx::Error>>()
+        .map_err(unavailable)?;
+    counts_of(rows)
+}
+
+/// Each session's message count, from its id in hex and its count.
+fn counts_of(rows: Vec<(String, i64)>) -> Result<HashMap<SessionId, u64>> {
     let mut counts = HashMap::with_capacity(rows.len());
-    for row in rows {
-        let id: String = row.try_get("id").map_err(unavailable)?;
-        let count: i64 = row.try_get("message_count").map_err(unavailable)?;
+    for (id, count) in rows {
         let session_id = parse_hex_id(&id)
             .ok_or_else(|| StoreError::Corrupt(format!("a session id came back as {id:?}")))?;
         counts.insert(session_id, u64::try_from(count).unwrap_or(0));

@@ -12,6 +12,7 @@ mod quota;
 mod requests;
 mod sealed;
 mod setup;
+mod sqlite_writer;
 mod wal_sync;
 
 use std::collections::BTreeMap;

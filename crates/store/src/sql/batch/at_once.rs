@@ -9,11 +9,12 @@ use sqlx::Executor;
 use switchyard_core::SessionId;
 
 use super::{
-    AppendRequest, BatchError, BatchSeal, FenceSet, LaneConnection, Plan, Repeat, counts_json, hex,
-    is_unique_violation, outcomes, parse_counts, plan, to_i64, writes,
+    AppendRequest, BatchError, BatchSeal, FenceSet, LaneConnection, Plan, Repeat, counts_json,
+    counts_of, hex, is_unique_violation, outcomes, parse_counts, plan, to_i64, writes,
 };
 use crate::sql::backend::{SqliteBatchParts, Synchronous};
 use crate::sql::quota::batch_usage_json;
+use crate::sql::sqlite_writer::ScriptError;
 use crate::sql::{Backend, micros, unavailable};
 use crate::{AppendKey, Appended, Result, StoreError};
 
@@ -79,6 +80,31 @@ pub(super) async fn commit(
             (Backend::POSTGRES_APPEND_BATCH, Some(params.fences))
         }
     };
+    if let (Backend::Sqlite, Some(writer)) = (backend, &lane.writer) {
+        let params = [
+            params.counts,
+            params.messages,
+            params.bounds,
+            params.ids,
+            params.replies,
+            params.usage,
+        ];
+        return match writer.run(statement, params).await {
+            Ok(Ok(rows)) => committed(requests, &fences, repeats, &plan, counts_of(rows)),
+            Ok(Err(ScriptError::Refused { unique, error })) => {
+                if !look_up_ids && unique && has_new_ids(requests, repeats) {
+                    AtOnce::RequestIdKept
+                } else {
+                    tracing::debug!(%error, "an at-once batch was refused; staging it");
+                    AtOnce::Refused
+                }
+            }
+            Ok(Err(ScriptError::Unknown(error))) => {
+                AtOnce::Failed(BatchError::Commit(StoreError::Unavailable(error)))
+            }
+            Err(error) => AtOnce::Failed(BatchError::Commit(error)),
+        };
+    }
     let mut query = sqlx::query(statement);
     if let Some(fences_json) = fences_json {
         query = query.bind(fences_json);
@@ -94,14 +120,7 @@ pub(super) async fn commit(
         .await;
     let error = match rows {
         // Committed: the counts tell each append's seqs.
-        Ok(rows) => {
-            return match parse_counts(&rows) {
-                Ok(counts) => AtOnce::Committed(
-                    outcomes(requests, &fences.distinct, repeats, &plan, &counts).outcomes,
-                ),
-                Err(error) => AtOnce::Failed(BatchError::Commit(error)),
-            };
-        }
+        Ok(rows) => return committed(requests, &fences, repeats, &plan, parse_counts(&rows)),
         Err(error) => error,
     };
     let kept_already =
@@ -121,6 +140,22 @@ pub(super) async fn commit(
         }
         Backend::Postgres if kept_already => AtOnce::RequestIdKept,
         Backend::Postgres => AtOnce::Refused,
+    }
+}
+
+/// A committed batch's outcomes, from the counts its statement returned.
+fn committed(
+    requests: &[AppendRequest],
+    fences: &FenceSet<'_>,
+    repeats: &[Repeat],
+    plan: &Plan,
+    counts: Result<HashMap<SessionId, u64>>,
+) -> AtOnce {
+    match counts {
+        Ok(counts) => {
+            AtOnce::Committed(outcomes(requests, &fences.distinct, repeats, plan, &counts).outcomes)
+        }
+        Err(error) => AtOnce::Failed(BatchError::Commit(error)),
     }
 }
 
