@@ -212,10 +212,20 @@ impl<'r> FenceSet<'r> {
 
     /// `[{s: slot, o: owner, e: epoch}]`, as the fence statements take them.
     fn json(&self) -> Result<String> {
-        let fences: Vec<serde_json::Value> = self
+        #[derive(serde::Serialize)]
+        struct Row<'a> {
+            s: u32,
+            o: &'a str,
+            e: u64,
+        }
+        let fences: Vec<Row<'_>> = self
             .distinct
             .iter()
-            .map(|fence| serde_json::json!({ "s": fence.slot, "o": fence.owner.as_str(), "e": fence.epoch.0 }))
+            .map(|fence| Row {
+                s: fence.slot,
+                o: fence.owner.as_str(),
+                e: fence.epoch.0,
+            })
             .collect();
         serde_json::to_string(&fences)
             .map_err(|error| StoreError::Corrupt(format!("fences do not encode: {error}")))
@@ -502,10 +512,18 @@ fn trims(requests: &[AppendRequest], counts: &HashMap<SessionId, u64>) -> Vec<(S
 
 /// `[{i: session hex, n: added, t: activity time}]`, as the count statements take them.
 fn counts_json(per_session: &HashMap<SessionId, (u64, SystemTime)>) -> Result<String> {
-    let sessions: Vec<serde_json::Value> = per_session
+    #[derive(serde::Serialize)]
+    struct Count {
+        i: Hex,
+        n: u64,
+        t: i64,
+    }
+    let sessions: Vec<Count> = per_session
         .iter()
-        .map(|(session_id, (added, at))| {
-            serde_json::json!({ "i": hex(session_id), "n": added, "t": micros(*at) })
+        .map(|(session_id, (added, at))| Count {
+            i: Hex::of(session_id),
+            n: *added,
+            t: micros(*at),
         })
         .collect();
     serde_json::to_string(&sessions)
@@ -534,11 +552,37 @@ fn counts_of(rows: Vec<(String, i64)>) -> Result<HashMap<SessionId, u64>> {
 }
 
 pub(super) fn hex(session_id: &SessionId) -> String {
-    session_id
-        .as_bytes()
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
+    Hex::of(session_id).as_str().to_string()
+}
+
+/// A session id in lower-case hex, as the statements take it, without allocating.
+#[derive(Clone, Copy)]
+pub(super) struct Hex([u8; 32]);
+
+impl Hex {
+    pub(super) fn of(session_id: &SessionId) -> Self {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut text = [0u8; 32];
+        for (pair, byte) in text.chunks_exact_mut(2).zip(session_id.as_bytes()) {
+            pair[0] = DIGITS[usize::from(byte >> 4)];
+            pair[1] = DIGITS[usize::from(byte & 15)];
+        }
+        Hex(text)
+    }
+
+    pub(super) fn as_str(&self) -> &str {
+        // Only ASCII digits are ever written.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl serde::Serialize for Hex {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
 }
 
 pub(super) fn parse_hex_id(text: &str) -> Option<SessionId> {
@@ -578,4 +622,25 @@ fn messages_json(rows: &[(&AppendRequest, u64)], seal: Option<&BatchSeal<'_>>) -
     }
     serde_json::to_string(&messages)
         .map_err(|error| StoreError::Corrupt(format!("messages do not encode: {error}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Hex, parse_hex_id};
+    use switchyard_core::SessionId;
+
+    #[test]
+    fn a_session_id_in_hex_reads_back() {
+        for _ in 0..64 {
+            let id = SessionId::new_random();
+            let text = Hex::of(&id).as_str().to_string();
+            assert_eq!(text.len(), 32);
+            assert!(
+                text.bytes()
+                    .all(|byte| matches!(byte, b'0'..=b'9' | b'a'..=b'f')),
+                "{text}"
+            );
+            assert_eq!(parse_hex_id(&text), Some(id));
+        }
+    }
 }

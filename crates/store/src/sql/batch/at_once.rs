@@ -3,14 +3,17 @@
 //! ([`Backend::sqlite_append_batch`], [`Backend::POSTGRES_APPEND_BATCH`]). Anything else
 //! makes a statement fail before anything is committed.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+
+use serde::Serialize;
 
 use sqlx::Executor;
 use switchyard_core::SessionId;
 
 use super::{
-    AppendRequest, BatchError, BatchSeal, FenceSet, LaneConnection, Plan, Repeat, counts_json,
-    counts_of, hex, is_unique_violation, outcomes, parse_counts, plan, to_i64, writes,
+    AppendRequest, BatchError, BatchSeal, FenceSet, Hex, LaneConnection, Plan, Repeat, counts_json,
+    counts_of, is_unique_violation, outcomes, parse_counts, plan, to_i64, writes,
 };
 use crate::sql::backend::{SqliteBatchParts, Synchronous};
 use crate::sql::quota::batch_usage_json;
@@ -213,7 +216,7 @@ impl Params {
             .map(|(session_id, (added, _))| (*session_id, *added))
             .collect();
         let mut messages = Vec::new();
-        let mut ids: Vec<serde_json::Value> = Vec::new();
+        let mut ids: Vec<IdRow<'_>> = Vec::new();
         // Where each new id of this batch is in `ids`.
         let mut new_ids: HashMap<(SessionId, &str), usize> = HashMap::new();
         let mut replies = Vec::new();
@@ -230,7 +233,7 @@ impl Params {
             let Some(left) = left.get_mut(&append.session_id) else {
                 continue;
             };
-            let session_hex = hex(&append.session_id);
+            let session = Hex::of(&append.session_id);
             for message in append.messages.iter() {
                 *left -= 1;
                 // Sealed: the seq this message will have if the session's count is still
@@ -243,51 +246,57 @@ impl Params {
                             .map_or(0, |(added, _)| *added);
                         let known = seal.counts.get(&append.session_id).copied().unwrap_or(0);
                         let seq = known + added - *left;
-                        (
-                            serde_json::Value::from(seq),
-                            seal.content(append.session_id, seq, &message.content)?,
-                        )
+                        let sealed = seal.content(append.session_id, seq, &message.content)?;
+                        (Some(seq), Cow::Owned(sealed))
                     }
-                    None => (serde_json::Value::Null, message.content.clone()),
+                    None => (None, Cow::Borrowed(message.content.as_str())),
                 };
-                messages.push(serde_json::json!({
-                    "s": session_hex,
-                    "k": *left,
-                    "q": seq,
-                    "r": message.role.as_str(),
-                    "c": content,
-                    "n": message.name,
-                    "t": micros(append.at),
-                    "l": append.fence.slot,
-                    "o": append.fence.owner.as_str(),
-                    "e": append.fence.epoch.0,
-                }));
+                messages.push(MessageRow {
+                    s: session,
+                    k: *left,
+                    q: seq,
+                    r: message.role.as_str(),
+                    c: content,
+                    n: &message.name,
+                    t: micros(append.at),
+                    l: append.fence.slot,
+                    o: append.fence.owner.as_str(),
+                    e: append.fence.epoch.0,
+                });
             }
             match &append.key {
                 AppendKey::None => {}
                 AppendKey::Request { id, turn } => {
                     new_ids.insert((append.session_id, id.as_str()), ids.len());
-                    ids.push(serde_json::json!({
-                        "s": session_hex, "r": id, "k": i64::from(*turn), "b": *left,
-                        "rb": null, "p": null, "c": null, "u": null,
-                    }));
+                    ids.push(IdRow {
+                        s: session,
+                        r: id,
+                        k: i64::from(*turn),
+                        b: *left,
+                        rb: None,
+                        p: None,
+                        c: None,
+                        u: None,
+                    });
                 }
                 AppendKey::Reply { id, usage } => {
-                    let prompt = to_i64(usage.prompt_tokens);
-                    let completion = to_i64(usage.completion_tokens);
-                    let compute_us = (usage.compute_seconds.max(0.0) * 1e6).round() as i64;
+                    let reply = ReplyRow {
+                        s: session,
+                        r: id,
+                        b: *left,
+                        p: to_i64(usage.prompt_tokens),
+                        c: to_i64(usage.completion_tokens),
+                        u: (usage.compute_seconds.max(0.0) * 1e6).round() as i64,
+                    };
                     match new_ids.get(&(append.session_id, id.as_str())) {
                         Some(&row) => {
                             let row = &mut ids[row];
-                            row["rb"] = (*left).into();
-                            row["p"] = prompt.into();
-                            row["c"] = completion.into();
-                            row["u"] = compute_us.into();
+                            row.rb = Some(reply.b);
+                            row.p = Some(reply.p);
+                            row.c = Some(reply.c);
+                            row.u = Some(reply.u);
                         }
-                        None => replies.push(serde_json::json!({
-                            "s": session_hex, "r": id, "b": *left,
-                            "p": prompt, "c": completion, "u": compute_us,
-                        })),
+                        None => replies.push(reply),
                     }
                 }
             }
@@ -295,17 +304,20 @@ impl Params {
         let trims_new_messages = plan.per_session.iter().any(|(session_id, (added, _))| {
             bounds.get(session_id).is_some_and(|bound| added > bound)
         });
-        let bounds: Vec<serde_json::Value> = bounds
+        let bounds: Vec<BoundRow> = bounds
             .into_iter()
             .filter(|(session_id, bound)| {
                 *bound < u64::MAX && plan.per_session.contains_key(session_id)
             })
-            .map(|(session_id, bound)| serde_json::json!({ "s": hex(&session_id), "q": to_i64(bound) }))
+            .map(|(session_id, bound)| BoundRow {
+                s: Hex::of(&session_id),
+                q: to_i64(bound),
+            })
             .collect();
-        let encode = |what: &str, values: &[serde_json::Value]| {
+        fn encode<T: Serialize>(what: &str, values: &[T]) -> Result<String> {
             serde_json::to_string(values)
                 .map_err(|error| StoreError::Corrupt(format!("{what} do not encode: {error}")))
-        };
+        }
         Ok(Params {
             fences: fences.json()?,
             counts: counts_json(&plan.per_session)?,
@@ -317,4 +329,50 @@ impl Params {
             trims_new_messages,
         })
     }
+}
+
+/// A message: `count − k` is its seq, `q` the seq it was sealed to.
+#[derive(Serialize)]
+struct MessageRow<'a> {
+    s: Hex,
+    k: u64,
+    q: Option<u64>,
+    r: &'a str,
+    c: Cow<'a, str>,
+    n: &'a str,
+    t: i64,
+    l: u32,
+    o: &'a str,
+    e: u64,
+}
+
+/// A new request id; `rb` (its reply's seq, `count − rb`) and the usage are filled in when
+/// its turn's reply is in the same batch.
+#[derive(Serialize)]
+struct IdRow<'a> {
+    s: Hex,
+    r: &'a str,
+    k: i64,
+    b: u64,
+    rb: Option<u64>,
+    p: Option<i64>,
+    c: Option<i64>,
+    u: Option<i64>,
+}
+
+/// A turn's reply: its seq (`count − b`) and usage.
+#[derive(Serialize)]
+struct ReplyRow<'a> {
+    s: Hex,
+    r: &'a str,
+    b: u64,
+    p: i64,
+    c: i64,
+    u: i64,
+}
+
+#[derive(Serialize)]
+struct BoundRow {
+    s: Hex,
+    q: i64,
 }
