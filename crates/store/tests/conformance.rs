@@ -498,8 +498,8 @@ async fn only_batches_of_user_messages_alone_skip_the_wait_for_the_disk() {
 async fn the_wal_stays_short_under_appends_that_never_pause() {
     const WRITERS: usize = 32;
     const APPENDS: usize = 250;
-    const CONTENT: usize = 3 * 1024;
-    const WAL_BOUND: u64 = 8 * 1024 * 1024;
+    const CONTENT: usize = 6 * 1024;
+    const WAL_BOUND: u64 = 20 * 1024 * 1024;
     let dir = temp_dir("wal-bound");
     let store = Arc::new(
         SqlStore::open(SqlStoreOptions::sqlite_file(&dir.join("store.db")))

@@ -19,6 +19,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
+use super::appender::LANE_CHECKPOINT;
 use crate::{Result, StoreError};
 
 /// How long a statement waits for another connection's write lock (sqlx's default).
@@ -121,9 +122,10 @@ fn connect(path: &Path) -> Result<Connection> {
     connection
         .execute_batch(
             "PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON; PRAGMA temp_store = MEMORY; \
-             PRAGMA journal_size_limit = 67108864; PRAGMA wal_autocheckpoint = 1000",
+             PRAGMA journal_size_limit = 67108864",
         )
         .map_err(failed)?;
+    connection.execute_batch(LANE_CHECKPOINT).map_err(failed)?;
     Ok(connection)
 }
 
