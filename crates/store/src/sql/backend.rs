@@ -27,6 +27,14 @@ impl Synchronous {
     }
 }
 
+/// SQLite: how every connection to a store is set up, beside its journal mode and how its
+/// commits sync. Deleted rows are overwritten, not left in free pages: what a session held
+/// is gone from the file when it ends. Statement journals (a multi-row statement's undo)
+/// stay in memory: on disk they cost every batch a file write per page it changes. The WAL
+/// is cut back to 64 MiB whenever a checkpoint empties it.
+pub(super) const SQLITE_CONNECTION_PRAGMAS: &str = "PRAGMA secure_delete = ON; \
+     PRAGMA temp_store = MEMORY; PRAGMA journal_size_limit = 67108864";
+
 /// Which SQL engine a store runs on; the few statements that differ are picked by it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Backend {

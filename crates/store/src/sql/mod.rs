@@ -29,7 +29,7 @@ use switchyard_core::{
 
 use self::appender::Appender;
 pub use self::appender::GroupCommitStats;
-use self::backend::Backend;
+use self::backend::{Backend, SQLITE_CONNECTION_PRAGMAS};
 use self::sealed::{Sealer, sealing_error};
 use self::setup::{checkpoint_periodically, ensure_cluster_id, is_sealed, migrate};
 use crate::sealing::{KeyRing, metadata_aad};
@@ -162,16 +162,7 @@ impl SqlStore {
                     // syncs the WAL itself, beside its next commit (see `wal_sync`).
                     connection.execute("PRAGMA journal_mode = WAL").await?;
                     connection.execute(synchronous).await?;
-                    // Deleted rows are overwritten, not left in free pages: what a session
-                    // held is gone from the file when it ends.
-                    connection.execute("PRAGMA secure_delete = ON").await?;
-                    // Statement journals (a multi-row statement's undo) stay in memory: on
-                    // disk they cost every batch a file write per page it changes.
-                    connection.execute("PRAGMA temp_store = MEMORY").await?;
-                    // The WAL is cut back to 64 MiB whenever a checkpoint empties it.
-                    connection
-                        .execute("PRAGMA journal_size_limit = 67108864")
-                        .await?;
+                    connection.execute(SQLITE_CONNECTION_PRAGMAS).await?;
                     Ok(())
                 })
             });

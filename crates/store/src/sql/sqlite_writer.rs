@@ -20,6 +20,7 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
 use super::appender::LANE_CHECKPOINT;
+use super::backend::SQLITE_CONNECTION_PRAGMAS;
 use crate::{Result, StoreError};
 
 /// How long a statement waits for another connection's write lock (sqlx's default).
@@ -118,14 +119,15 @@ fn connect(path: &Path) -> Result<Connection> {
     .map_err(failed)?;
     connection.busy_timeout(BUSY_TIMEOUT).map_err(failed)?;
     connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-    // As the pool's connections and the lane's are set up (`SqlStore::open`, `Lane`).
-    connection
-        .execute_batch(
-            "PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON; PRAGMA temp_store = MEMORY; \
-             PRAGMA journal_size_limit = 67108864",
-        )
-        .map_err(failed)?;
-    connection.execute_batch(LANE_CHECKPOINT).map_err(failed)?;
+    // As the pool's connections and the lane's are set up (`SqlStore::open`, `Lane`);
+    // foreign keys are sqlx's default.
+    for pragmas in [
+        "PRAGMA foreign_keys = ON",
+        SQLITE_CONNECTION_PRAGMAS,
+        LANE_CHECKPOINT,
+    ] {
+        connection.execute_batch(pragmas).map_err(failed)?;
+    }
     Ok(connection)
 }
 

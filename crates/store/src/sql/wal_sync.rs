@@ -246,14 +246,19 @@ mod tests {
         }
     }
 
+    fn temp_dir(test: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
     fn inode(path: &Path) -> u64 {
         std::fs::metadata(path).unwrap().ino()
     }
 
     #[test]
     fn a_replaced_wal_is_synced_and_kept_and_a_removed_one_leaves_nothing_to_sync() {
-        let dir = std::env::temp_dir().join(format!("wal-sync-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = temp_dir("wal-sync");
         let path = dir.join("store.db-wal");
         std::fs::write(&path, b"first").unwrap();
         let mut worker = worker(&path);
@@ -279,8 +284,7 @@ mod tests {
 
     #[test]
     fn a_failed_sync_stays_failed() {
-        let dir = std::env::temp_dir().join(format!("wal-fail-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = temp_dir("wal-fail");
         // A path under a file cannot be read: every sync of it fails.
         let blocker = dir.join("blocker");
         std::fs::write(&blocker, b"").unwrap();

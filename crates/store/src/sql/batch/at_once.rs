@@ -80,7 +80,10 @@ pub(super) async fn commit(
                 }
                 lane.asynchronous_commit = asynchronous;
             }
-            (Backend::POSTGRES_APPEND_BATCH, Some(params.fences))
+            match fences.json() {
+                Ok(json) => (Backend::POSTGRES_APPEND_BATCH, Some(json)),
+                Err(error) => return AtOnce::Failed(BatchError::Statement(error)),
+            }
         }
     };
     if let (Backend::Sqlite, Some(writer)) = (backend, &lane.writer) {
@@ -172,7 +175,6 @@ fn has_new_ids(requests: &[AppendRequest], repeats: &[Repeat]) -> bool {
 /// how many of its session's new messages in this batch follow it; a request id's last seq
 /// and a reply's seq are given the same way (`b`, `rb`).
 struct Params {
-    fences: String,
     counts: String,
     messages: String,
     bounds: String,
@@ -319,7 +321,6 @@ impl Params {
                 .map_err(|error| StoreError::Corrupt(format!("{what} do not encode: {error}")))
         }
         Ok(Params {
-            fences: fences.json()?,
             counts: counts_json(&plan.per_session)?,
             messages: encode("messages", &messages)?,
             bounds: encode("bounds", &bounds)?,
