@@ -433,11 +433,15 @@ impl Lane {
                     // Every statement of a batch finds its rows by primary key, from a JSON
                     // array whose length PostgreSQL cannot know (it guesses 100 rows): left
                     // to itself it plans hash joins over whole tables, which cost a scan
-                    // of every message and request id per batch once they grow. Plans are
-                    // generic, so that none is made again per batch.
+                    // of every message and request id per batch once they grow. With
+                    // sequential scans off it still hashes a whole index (the sessions'
+                    // primary key, every session read to update a few), so joins are
+                    // nested loops: one look-up per row of the array. Plans are generic, so
+                    // that none is made again per batch.
                     sqlx::Executor::execute(
                         &mut connection,
-                        "SET enable_seqscan = off; SET plan_cache_mode = force_generic_plan",
+                        "SET enable_seqscan = off; SET enable_hashjoin = off; \
+                         SET enable_mergejoin = off; SET plan_cache_mode = force_generic_plan",
                     )
                     .await
                     .map_err(unavailable)?;
