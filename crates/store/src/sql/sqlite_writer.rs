@@ -72,8 +72,12 @@ impl SqliteWriter {
                         return;
                     }
                 };
+                let mut writer = Writer {
+                    connection,
+                    synchronous: None,
+                };
                 for job in receiver {
-                    let outcome = run(&connection, job.script, &job.params);
+                    let outcome = writer.run(job.script, &job.params);
                     let _ = job.reply.send(outcome);
                 }
             })
@@ -139,34 +143,52 @@ fn statements(script: &str) -> impl Iterator<Item = &str> {
         .filter(|statement| !statement.is_empty())
 }
 
-fn run(
-    connection: &Connection,
-    script: &str,
-    params: &[String; 6],
-) -> Result<ScriptRows, ScriptError> {
-    match run_statements(connection, script, params) {
-        Ok(rows) => Ok(rows),
-        // The transaction is over: the COMMIT itself failed (or SQLite rolled it back).
-        Err(error) if connection.is_autocommit() => Err(ScriptError::Unknown(error.to_string())),
-        Err(error) => match connection.execute_batch("ROLLBACK") {
-            Ok(()) => Err(ScriptError::Refused {
-                unique: is_unique_violation(&error),
-                error: error.to_string(),
-            }),
-            Err(rollback) => Err(ScriptError::Unknown(format!(
-                "{error}; then the rollback failed: {rollback}"
-            ))),
-        },
+/// The thread's connection, and how it syncs.
+struct Writer {
+    connection: Connection,
+    /// The last `PRAGMA synchronous` that ran on the connection. SQLite parses such a
+    /// statement anew each time it runs, cached or not; one that changes nothing is skipped.
+    synchronous: Option<&'static str>,
+}
+
+impl Writer {
+    fn run(
+        &mut self,
+        script: &'static str,
+        params: &[String; 6],
+    ) -> Result<ScriptRows, ScriptError> {
+        let connection = &self.connection;
+        match run_statements(connection, &mut self.synchronous, script, params) {
+            Ok(rows) => Ok(rows),
+            // The transaction is over: the COMMIT itself failed (or SQLite rolled it back).
+            Err(error) if connection.is_autocommit() => {
+                Err(ScriptError::Unknown(error.to_string()))
+            }
+            Err(error) => match connection.execute_batch("ROLLBACK") {
+                Ok(()) => Err(ScriptError::Refused {
+                    unique: is_unique_violation(&error),
+                    error: error.to_string(),
+                }),
+                Err(rollback) => Err(ScriptError::Unknown(format!(
+                    "{error}; then the rollback failed: {rollback}"
+                ))),
+            },
+        }
     }
 }
 
 fn run_statements(
     connection: &Connection,
-    script: &str,
+    synchronous: &mut Option<&'static str>,
+    script: &'static str,
     params: &[String; 6],
 ) -> rusqlite::Result<ScriptRows> {
     let mut counts = Vec::new();
     for sql in statements(script) {
+        let sets_synchronous = sql.starts_with("PRAGMA synchronous");
+        if sets_synchronous && *synchronous == Some(sql) {
+            continue;
+        }
         let mut statement = connection.prepare_cached(sql)?;
         for index in 1..=statement.parameter_count() {
             let param = statement
@@ -185,6 +207,9 @@ fn run_statements(
                 counts.push((row.get(0)?, row.get(1)?));
             }
         }
+        if sets_synchronous {
+            *synchronous = Some(sql);
+        }
     }
     Ok(counts)
 }
@@ -198,8 +223,58 @@ fn is_unique_violation(error: &rusqlite::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::statements;
+    use super::{Writer, connect, statements};
     use crate::sql::backend::{Backend, SqliteBatchParts, Synchronous};
+
+    /// A batch's setting of `synchronous` runs only when it changes the connection's.
+    #[test]
+    fn a_sync_setting_runs_only_when_it_changes() {
+        const FULL: &str = "PRAGMA synchronous = FULL; BEGIN IMMEDIATE; \
+             INSERT INTO counts (id) VALUES ($1); COMMIT";
+        const NORMAL: &str = "PRAGMA synchronous = NORMAL; BEGIN IMMEDIATE; \
+             INSERT INTO counts (id) VALUES ($1); COMMIT";
+        let dir = std::env::temp_dir().join(format!("sqlite-writer-sync-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("lane.db");
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE counts (id TEXT PRIMARY KEY)")
+            .unwrap();
+        let mut writer = Writer {
+            connection: connect(&path).unwrap(),
+            synchronous: None,
+        };
+        let level = |writer: &Writer| -> i64 {
+            writer
+                .connection
+                .pragma_query_value(None, "synchronous", |row| row.get(0))
+                .unwrap()
+        };
+        let mut runs = 0;
+        for (script, level_after) in [(FULL, 2), (NORMAL, 1), (FULL, 2)] {
+            runs += 1;
+            let params = std::array::from_fn(|index| format!("{runs}-{index}"));
+            writer.run(script, &params).unwrap();
+            assert_eq!(level(&writer), level_after, "after run {runs}");
+        }
+        // Changed behind the writer's back, the setting is not restored: the writer skipped
+        // a FULL it believed in force.
+        writer
+            .connection
+            .execute_batch("PRAGMA synchronous = OFF")
+            .unwrap();
+        let params = std::array::from_fn(|index| format!("last-{index}"));
+        writer.run(FULL, &params).unwrap();
+        assert_eq!(level(&writer), 0);
+        let rows: i64 = writer
+            .connection
+            .query_row("SELECT count(*) FROM counts", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(rows, 4);
+        drop(writer);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     /// Every script splits into whole statements: none holds a `;` of its own.
     #[test]
