@@ -420,6 +420,10 @@ impl Backend {
                     "usage versions",
                     include_str!("../../migrations/sqlite/0008_usage_versions.sql"),
                 ),
+                (
+                    "messages in write order",
+                    include_str!("../../migrations/sqlite/0009_messages_in_write_order.sql"),
+                ),
             ],
             Backend::Postgres => &[
                 (

@@ -99,3 +99,87 @@ pub(super) async fn is_sealed(pool: &AnyPool) -> Result<bool> {
     let sealed: i64 = row.try_get("sealed").map_err(unavailable)?;
     Ok(sealed != 0)
 }
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::Connection;
+
+    use crate::sql::Backend;
+
+    /// A store written before its messages were kept in write order keeps every message,
+    /// its seq's uniqueness and its system messages' index; new messages go after the old.
+    #[test]
+    fn messages_move_to_write_order_with_everything_they_held() {
+        let connection = Connection::open_in_memory().unwrap();
+        let migrations = Backend::Sqlite.migrations();
+        let (last, earlier) = migrations.split_last().unwrap();
+        assert_eq!(last.0, "messages in write order");
+        for (_, sql) in earlier {
+            connection.execute_batch(sql).unwrap();
+        }
+        let insert = "INSERT INTO messages (session_id, seq, role, content, name, created_at_us) \
+                      VALUES (?1, ?2, ?3, ?4, '', ?2)";
+        // Two sessions, written interleaved; one message of each is a system message.
+        for seq in 1..=3_i64 {
+            for session in [[2_u8; 16], [1_u8; 16]] {
+                let role = if seq == 2 { "system" } else { "user" };
+                let content = format!("{}-{seq}", session[0]);
+                connection
+                    .execute(insert, rusqlite::params![&session[..], seq, role, content])
+                    .unwrap();
+            }
+        }
+        connection.execute_batch(last.1).unwrap();
+
+        let rows: Vec<(Vec<u8>, i64, String)> = connection
+            .prepare("SELECT session_id, seq, content FROM messages ORDER BY id")
+            .unwrap()
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let contents: Vec<&str> = rows
+            .iter()
+            .map(|(_, _, content)| content.as_str())
+            .collect();
+        assert_eq!(contents, ["1-1", "1-2", "1-3", "2-1", "2-2", "2-3"]);
+        // A forked seq is refused as before.
+        let forked = connection.execute(
+            insert,
+            rusqlite::params![&[1_u8; 16][..], 3_i64, "user", "fork"],
+        );
+        let code = forked.unwrap_err().sqlite_error().unwrap().extended_code;
+        assert_eq!(code, rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE);
+        // Reads by seq and the system messages' look-up use the indexes.
+        for (query, index) in [
+            (
+                "SELECT content FROM messages WHERE session_id = x'01010101010101010101010101010101' AND seq >= 2 ORDER BY seq",
+                "messages_by_seq",
+            ),
+            (
+                "SELECT seq FROM messages WHERE session_id = x'01010101010101010101010101010101' AND role = 'system' ORDER BY seq",
+                "messages_system",
+            ),
+        ] {
+            let plan: String = connection
+                .query_row(&format!("EXPLAIN QUERY PLAN {query}"), [], |row| row.get(3))
+                .unwrap();
+            assert!(plan.contains(index), "{query}: {plan}");
+        }
+        // A new message is written after every old one.
+        connection
+            .execute(
+                insert,
+                rusqlite::params![&[1_u8; 16][..], 4_i64, "user", "1-4"],
+            )
+            .unwrap();
+        let last_content: String = connection
+            .query_row(
+                "SELECT content FROM messages ORDER BY id DESC LIMIT 1",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(last_content, "1-4");
+    }
+}
