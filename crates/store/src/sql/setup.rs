@@ -112,9 +112,11 @@ mod tests {
     fn messages_move_to_write_order_with_everything_they_held() {
         let connection = Connection::open_in_memory().unwrap();
         let migrations = Backend::Sqlite.migrations();
-        let (last, earlier) = migrations.split_last().unwrap();
-        assert_eq!(last.0, "messages in write order");
-        for (_, sql) in earlier {
+        let moved = migrations
+            .iter()
+            .position(|(description, _)| *description == "messages in write order")
+            .expect("the migration is listed");
+        for (_, sql) in &migrations[..moved] {
             connection.execute_batch(sql).unwrap();
         }
         let insert = "INSERT INTO messages (session_id, seq, role, content, name, created_at_us) \
@@ -129,7 +131,7 @@ mod tests {
                     .unwrap();
             }
         }
-        connection.execute_batch(last.1).unwrap();
+        connection.execute_batch(migrations[moved].1).unwrap();
 
         let rows: Vec<(Vec<u8>, i64, String)> = connection
             .prepare("SELECT session_id, seq, content FROM messages ORDER BY id")
