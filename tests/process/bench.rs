@@ -66,8 +66,9 @@ fn bench_refuses_an_unknown_scenario() {
 }
 
 /// A first-delta run times turns to their first delta, through the cluster and with the
-/// same agent run alone (here an OpenAI-compatible model that waits 30 ms), and reports
-/// every interval with the watched process's memory and the watched files' size.
+/// same agent run alone (here an OpenAI-compatible model that waits 30 ms, whose own time
+/// is left out), and reports every interval with the watched process's memory and the
+/// watched files' size.
 #[test]
 fn bench_times_first_deltas_against_the_agent_alone_and_reports_intervals() {
     let watched = crate::harness::temp_dir("bench-watch").join("watched");
@@ -142,8 +143,10 @@ fn bench_times_first_deltas_against_the_agent_alone_and_reports_intervals() {
         assert_eq!(result["calls"], 120, "{result}");
         assert_eq!(result["errors"], serde_json::json!({}), "{result}");
         let p50 = result["latency_us"]["p50"].as_f64().expect("p50");
-        // Never less than the model's own delay, and not the whole turn's many seconds.
-        assert!((30_000.0..1_000_000.0).contains(&p50), "{result}");
+        // The time the model held each request (30 ms, and however late its timer fired),
+        // which its first delta states, is left out of both: what remains is the agent's
+        // own work and, through the cluster, the hops; some, and well under the delay.
+        assert!((1.0..30_000.0).contains(&p50), "{result}");
     }
     let added = report["added_to_first_delta_us"]["p50"]
         .as_f64()

@@ -1,7 +1,9 @@
 //! The agent of a first-delta run, run directly in this process: its own time to a first
 //! delta, at the same concurrency, on a context like the sessions' (their prepared messages
 //! and the turn's own). What a turn through the cluster takes beyond it is what Switchyard
-//! adds.
+//! adds. With the fixed-delay model, both leave out the time the model held each request
+//! (its first delta states it), so neither its delay nor how late its timer fired under
+//! load is counted as Switchyard's.
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -12,6 +14,7 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use super::BenchArgs;
+use super::llm::less_model_time;
 use super::load::{self, LoadShape, Outcome};
 
 pub(super) async fn first_delta(args: &BenchArgs, shape: LoadShape, pool: AgentPool) -> Outcome {
@@ -38,7 +41,10 @@ pub(super) async fn first_delta(args: &BenchArgs, shape: LoadShape, pool: AgentP
                 .map_err(|error| Status::resource_exhausted(error.to_string()))?;
             let (deltas, mut receiver) = mpsc::channel::<String>(32);
             let first = async move {
-                let first = receiver.recv().await.map(|_| called.elapsed());
+                let first = receiver
+                    .recv()
+                    .await
+                    .map(|text| less_model_time(called.elapsed(), &text));
                 while receiver.recv().await.is_some() {}
                 first
             };

@@ -1,11 +1,13 @@
 //! A local OpenAI-compatible chat-completions server that answers every request after a
 //! fixed delay, so that the `openai` backend can be measured against a model whose own
 //! time to first token is known. HTTP/1.1 with keep-alive; each reply is a stream of
-//! server-sent events (a few content deltas, a usage block, `[DONE]`), sent chunked.
+//! server-sent events (a few content deltas, a usage block, `[DONE]`), sent chunked. The
+//! first delta states how long the server held the request, which first-delta runs take
+//! out of what they report.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use switchyard_agents::{OpenAiConfig, PoolConfig};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -16,6 +18,26 @@ use tokio_util::sync::CancellationToken;
 pub const AGENT_TYPE: &str = "fixed-delay-llm";
 /// Content deltas per reply.
 const DELTAS: usize = 4;
+/// Opens the first delta: `[held 20117us] `.
+const HELD_TAG: &str = "[held ";
+
+/// A time to a first delta, less the time the model held the request when the delta says
+/// (this server's replies do); as it is otherwise.
+pub fn less_model_time(elapsed: Duration, first_delta: &str) -> Duration {
+    elapsed.saturating_sub(model_time(first_delta).unwrap_or_default())
+}
+
+/// How long the model held the request before it answered, from the first delta of one of
+/// its replies; none for a delta that is not its first (or another model's).
+fn model_time(first_delta: &str) -> Option<Duration> {
+    let micros = first_delta
+        .strip_prefix(HELD_TAG)?
+        .split_once("us]")?
+        .0
+        .parse()
+        .ok()?;
+    Some(Duration::from_micros(micros))
+}
 
 /// A running server; stops when dropped.
 pub struct FixedDelayLlm {
@@ -102,14 +124,21 @@ async fn serve(socket: TcpStream, delay: Duration) {
         if reader.read_exact(&mut body).await.is_err() {
             return;
         }
+        let received = Instant::now();
         tokio::time::sleep(delay).await;
-        if reply(&mut writer).await.is_err() {
+        if reply(&mut writer, received.elapsed()).await.is_err() {
             return;
         }
     }
 }
 
-async fn reply(writer: &mut tokio::net::tcp::OwnedWriteHalf) -> std::io::Result<()> {
+/// The first delta opens with the time the model held the request, as it measured it, so
+/// that a first-delta run can take the model's own time (its delay, and however late its
+/// timer fired) out of what it reports: see [`less_model_time`].
+async fn reply(
+    writer: &mut tokio::net::tcp::OwnedWriteHalf,
+    held: Duration,
+) -> std::io::Result<()> {
     writer
         .write_all(
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
@@ -117,7 +146,14 @@ async fn reply(writer: &mut tokio::net::tcp::OwnedWriteHalf) -> std::io::Result<
         .await?;
     let mut events: Vec<String> = (0..DELTAS)
         .map(|index| {
-            format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"token{index} \"}}}}]}}\n\n")
+            let held = if index == 0 {
+                format!("{HELD_TAG}{}us] ", held.as_micros())
+            } else {
+                String::new()
+            };
+            format!(
+                "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{held}token{index} \"}}}}]}}\n\n"
+            )
         })
         .collect();
     events.push(format!(

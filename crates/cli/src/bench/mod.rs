@@ -435,8 +435,8 @@ async fn measure(
     .await
 }
 
-/// A turn, timed from the call to its first delta (to its end when it has none). The stream
-/// is read to its end either way.
+/// A turn, timed from the call to its first delta (to its end when it has none), less the
+/// time the fixed-delay model held its request. The stream is read to its end either way.
 async fn first_delta(
     client: &SwitchyardClient,
     session: &str,
@@ -452,8 +452,8 @@ async fn first_delta(
     let mut done = false;
     while let Some(event) = stream.message().await? {
         match event.event {
-            Some(pb::turn_event::Event::Delta(_)) => {
-                first.get_or_insert_with(|| called.elapsed());
+            Some(pb::turn_event::Event::Delta(delta)) => {
+                first.get_or_insert_with(|| llm::less_model_time(called.elapsed(), &delta.text));
             }
             Some(pb::turn_event::Event::Done(_)) => done = true,
             None => {}
@@ -609,6 +609,11 @@ fn report(
             "added to the agent's own first delta: p50 {p50:+.0}µs, p99 {p99:+.0}µs (first-delta minus {})",
             alone.map_or("", |alone| alone.label.as_str())
         );
+        if args.llm_delay.is_some() {
+            println!(
+                "(both first-delta rows leave out the time the model held each request, as it measured it)"
+            );
+        }
     }
     for outcome in outcomes {
         if !outcome.errors.is_empty() {
