@@ -22,6 +22,14 @@ pub use placement::StoredPlacement;
 pub use queued::{Append, AppendTicket, Durability, QueuedAppend};
 pub use sql::{GroupCommitStats, SqlStore, SqlStoreOptions};
 
+/// How far a session's stored activity time lags its appends at most. An append moves it
+/// only once it is this much newer, so most appends leave the activity index alone (on
+/// PostgreSQL, their update of the session's row stays in place). The worker keeps the
+/// exact time in memory and saves it when the session leaves memory or is handed over
+/// ([`SessionStore::touch_session`]); only a worker that stops without a drain, or dies,
+/// loses up to this much of it, against idle timeouts of minutes.
+pub const ACTIVITY_STEP: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     #[error("session {0} not found")]
@@ -211,7 +219,7 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn delete_session(&self, fence: &Fence, session_id: SessionId) -> Result<bool>;
 
     /// Appends messages in order and returns the sequence number of the last one. The
-    /// session's activity time becomes `at`.
+    /// session's activity time becomes `at` once `at` is [`ACTIVITY_STEP`] past it.
     async fn append_messages(
         &self,
         fence: &Fence,

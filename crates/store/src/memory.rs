@@ -277,7 +277,9 @@ impl SessionStore for MemoryStore {
             });
         }
         stored.session.message_count = stored.dropped + stored.messages.len() as u64;
-        stored.session.last_activity_at = at;
+        if at >= stored.session.last_activity_at + crate::ACTIVITY_STEP {
+            stored.session.last_activity_at = at;
+        }
         let last_seq = stored.session.message_count;
         let excess = (stored.messages.len() as u64).saturating_sub(keep_last.max(1));
         if excess > 0 {

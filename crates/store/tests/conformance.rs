@@ -10,7 +10,9 @@ use std::time::{Duration, SystemTime};
 use switchyard_core::{ContextMessage, Epoch, Message, Role, Session, SessionId, UserId, WorkerId};
 use switchyard_store::sealing::{Kek, KeyRing};
 use switchyard_store::testing::TestDatabase;
-use switchyard_store::{Fence, MemoryStore, SessionStore, SqlStore, SqlStoreOptions, StoreError};
+use switchyard_store::{
+    ACTIVITY_STEP, Fence, MemoryStore, SessionStore, SqlStore, SqlStoreOptions, StoreError,
+};
 
 #[path = "conformance/appends.rs"]
 mod appends;
@@ -184,6 +186,58 @@ async fn idle_sessions_respect_slots_and_time(store: Arc<dyn SessionStore>) {
     );
 }
 
+/// An append moves the stored activity only once it is `ACTIVITY_STEP` past it; a touch
+/// (a session leaving memory) saves the exact time.
+async fn activity_moves_in_steps_and_a_touch_is_exact(store: Arc<dyn SessionStore>) {
+    fn micros(at: SystemTime) -> u128 {
+        at.duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_micros()
+    }
+    let fence = own_slot(&*store).await;
+    let created = session("erin");
+    store.create_session(&fence, &created).await.unwrap();
+    let activity = async || {
+        micros(
+            store
+                .get_session(created.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .last_activity_at,
+        )
+    };
+    let start = created.last_activity_at;
+    let within = start + ACTIVITY_STEP - Duration::from_millis(1);
+    store
+        .append_messages(&fence, created.id, &[text("soon")], within)
+        .await
+        .unwrap();
+    assert_eq!(activity().await, micros(start));
+    let past = start + ACTIVITY_STEP;
+    store
+        .append_messages(&fence, created.id, &[text("later")], past)
+        .await
+        .unwrap();
+    assert_eq!(activity().await, micros(past));
+    let touched = past + Duration::from_secs(1);
+    store
+        .touch_session(&fence, created.id, touched)
+        .await
+        .unwrap();
+    assert_eq!(activity().await, micros(touched));
+    // The appends were kept whatever they did to the activity.
+    assert_eq!(
+        store
+            .get_session(created.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .message_count,
+        2
+    );
+}
+
 /// Many concurrent appends (group-committed on SQL stores): every acknowledged append is
 /// stored exactly once, under the seqs it was acknowledged with.
 async fn concurrent_appends_are_all_kept_once(store: Arc<dyn SessionStore>) {
@@ -344,6 +398,7 @@ conformance!(
     context_windows,
     delete_removes_everything,
     idle_sessions_respect_slots_and_time,
+    activity_moves_in_steps_and_a_touch_is_exact,
     a_stale_owner_cannot_write,
     concurrent_appends_are_all_kept_once,
     users_are_listed_oldest_first,

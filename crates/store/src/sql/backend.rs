@@ -5,6 +5,23 @@ use std::sync::OnceLock;
 
 use super::quota::sqlite_save_batch_usage;
 
+/// SQLite: moves the activity of the sessions in the JSON array `$param` of `{i: session
+/// hex, t: time}` to `t`, for those it has fallen [`crate::ACTIVITY_STEP`] (10 s) behind.
+/// A statement of its own: SQLite rewrites an index entry whenever its column is set, even
+/// to the value it holds, so the counts' update does not touch the activity.
+macro_rules! sqlite_move_activity {
+    ($param:literal) => {
+        concat!(
+            "UPDATE sessions SET last_activity_us = j.t \
+             FROM (SELECT unhex(json_extract(value, '$.i')) AS id, json_extract(value, '$.t') AS t \
+                   FROM jsonb_each(",
+            $param,
+            ")) AS j \
+             WHERE sessions.session_id = j.id AND j.t >= sessions.last_activity_us + 10000000; "
+        )
+    };
+}
+
 /// How an SQLite commit syncs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Synchronous {
@@ -149,11 +166,12 @@ impl Backend {
                      JOIN jsonb_each($1) AS f ON l.slot = json_extract(f.value, '$.s') \
                       AND l.owner = json_extract(f.value, '$.o') AND l.epoch = json_extract(f.value, '$.e') \
                      WHERE l.released = 0; \
-                     UPDATE sessions SET message_count = sessions.message_count + j.n, last_activity_us = j.t \
-                     FROM (SELECT unhex(json_extract(value, '$.i')) AS id, json_extract(value, '$.n') AS n, \
-                                  json_extract(value, '$.t') AS t FROM jsonb_each($2)) AS j \
+                     UPDATE sessions SET message_count = sessions.message_count + j.n \
+                     FROM (SELECT unhex(json_extract(value, '$.i')) AS id, json_extract(value, '$.n') AS n \
+                           FROM jsonb_each($2)) AS j \
                      WHERE sessions.session_id = j.id \
-                     RETURNING lower(hex(sessions.session_id)) AS id, sessions.message_count AS message_count"
+                     RETURNING lower(hex(sessions.session_id)) AS id, sessions.message_count AS message_count; ",
+                    sqlite_move_activity!("$2")
                 )
             };
         }
@@ -220,7 +238,9 @@ impl Backend {
                  WHERE slot = f.s AND owner = f.o AND epoch = f.e AND released = 0 \
                  FOR SHARE) AS l), \
          counted AS ( \
-             UPDATE sessions AS s SET message_count = s.message_count + j.n, last_activity_us = j.t \
+             UPDATE sessions AS s SET message_count = s.message_count + j.n, \
+                 last_activity_us = CASE WHEN j.t >= s.last_activity_us + 10000000 \
+                                         THEN j.t ELSE s.last_activity_us END \
              FROM json_to_recordset($2::json) AS j(i text, n bigint, t bigint) \
              WHERE s.session_id = decode(j.i, 'hex') \
              RETURNING s.session_id, s.message_count), \
@@ -370,14 +390,19 @@ impl Backend {
     pub(super) fn count_messages_query(self) -> &'static str {
         match self {
             Backend::Sqlite => {
-                "UPDATE sessions SET message_count = sessions.message_count + j.n, last_activity_us = j.t \
-                 FROM (SELECT unhex(json_extract(value, '$.i')) AS id, json_extract(value, '$.n') AS n, \
-                              json_extract(value, '$.t') AS t FROM json_each($1)) AS j \
-                 WHERE sessions.session_id = j.id \
-                 RETURNING lower(hex(sessions.session_id)) AS id, sessions.message_count AS message_count"
+                concat!(
+                    "UPDATE sessions SET message_count = sessions.message_count + j.n \
+                     FROM (SELECT unhex(json_extract(value, '$.i')) AS id, json_extract(value, '$.n') AS n \
+                           FROM json_each($1)) AS j \
+                     WHERE sessions.session_id = j.id \
+                     RETURNING lower(hex(sessions.session_id)) AS id, sessions.message_count AS message_count; ",
+                    sqlite_move_activity!("$1")
+                )
             }
             Backend::Postgres => {
-                "UPDATE sessions AS s SET message_count = s.message_count + j.n, last_activity_us = j.t \
+                "UPDATE sessions AS s SET message_count = s.message_count + j.n, \
+                     last_activity_us = CASE WHEN j.t >= s.last_activity_us + 10000000 \
+                                             THEN j.t ELSE s.last_activity_us END \
                  FROM json_to_recordset($1::json) AS j(i text, n bigint, t bigint) \
                  WHERE s.session_id = decode(j.i, 'hex') \
                  RETURNING encode(s.session_id, 'hex') AS id, s.message_count AS message_count"
@@ -475,13 +500,15 @@ impl SqliteBatchParts {
     pub(super) const USAGE: u8 = 8;
 }
 
-const SQLITE_BATCH_MESSAGES: &str = "BEGIN IMMEDIATE; \
-     UPDATE sessions SET message_count = sessions.message_count + j.n, last_activity_us = j.t \
-     FROM (SELECT unhex(json_extract(value, '$.i')) AS id, json_extract(value, '$.n') AS n, \
-                  json_extract(value, '$.t') AS t FROM jsonb_each($1)) AS j \
+const SQLITE_BATCH_MESSAGES: &str = concat!(
+    "BEGIN IMMEDIATE; \
+     UPDATE sessions SET message_count = sessions.message_count + j.n \
+     FROM (SELECT unhex(json_extract(value, '$.i')) AS id, json_extract(value, '$.n') AS n \
+           FROM jsonb_each($1)) AS j \
      WHERE sessions.session_id = j.id \
-     RETURNING lower(hex(sessions.session_id)) AS id, sessions.message_count AS message_count; \
-     INSERT INTO messages (session_id, seq, role, content, name, created_at_us) \
+     RETURNING lower(hex(sessions.session_id)) AS id, sessions.message_count AS message_count; ",
+    sqlite_move_activity!("$1"),
+    "INSERT INTO messages (session_id, seq, role, content, name, created_at_us) \
      SELECT s.session_id, \
             CASE WHEN EXISTS (SELECT 1 FROM slot_leases AS l \
                  WHERE l.slot = json_extract(j.value, '$.l') AND l.owner = json_extract(j.value, '$.o') \
@@ -492,7 +519,8 @@ const SQLITE_BATCH_MESSAGES: &str = "BEGIN IMMEDIATE; \
             json_extract(j.value, '$.r'), json_extract(j.value, '$.c'), \
             json_extract(j.value, '$.n'), json_extract(j.value, '$.t') \
      FROM jsonb_each($2) AS j \
-     LEFT JOIN sessions AS s ON s.session_id = unhex(json_extract(j.value, '$.s')); ";
+     LEFT JOIN sessions AS s ON s.session_id = unhex(json_extract(j.value, '$.s')); "
+);
 
 const SQLITE_BATCH_BOUNDS: &str = "DELETE FROM messages WHERE (session_id, seq) IN ( \
          SELECT m.session_id, m.seq FROM jsonb_each($3) AS j \
@@ -517,3 +545,29 @@ const SQLITE_BATCH_REPLIES: &str = "UPDATE request_ids SET reply_seq = j.q, prom
            FROM jsonb_each($5) AS j \
            JOIN sessions AS s ON s.session_id = unhex(json_extract(j.value, '$.s'))) AS j \
      WHERE request_ids.session_id = j.s AND request_ids.request_id = j.r; ";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every statement that moves a session's activity with its appends moves it by the
+    /// store's step, and none sets it outright.
+    #[test]
+    fn appends_move_the_activity_by_the_step() {
+        let step = format!("+ {}", crate::ACTIVITY_STEP.as_micros());
+        let statements = [
+            Backend::POSTGRES_APPEND_BATCH,
+            Backend::Postgres.count_messages_query(),
+            Backend::Sqlite.count_messages_query(),
+            Backend::sqlite_begin_batch(Synchronous::Full),
+            SQLITE_BATCH_MESSAGES,
+        ];
+        for statement in statements {
+            assert!(statement.contains(&step), "{statement}");
+            assert!(
+                !statement.contains("last_activity_us = j.t,"),
+                "{statement}"
+            );
+        }
+    }
+}

@@ -286,10 +286,11 @@ mod tests {
                 assert_eq!(statements.first(), Some(&synchronous.pragma()));
                 assert_eq!(statements.get(1), Some(&"BEGIN IMMEDIATE"));
                 assert_eq!(statements.last(), Some(&"COMMIT"));
-                // The pragma, BEGIN, the counts, the messages, COMMIT, and one per part.
+                // The pragma, BEGIN, the counts, the activity, the messages, COMMIT, and one
+                // per part.
                 assert_eq!(
                     statements.len(),
-                    5 + parts.count_ones() as usize,
+                    6 + parts.count_ones() as usize,
                     "{script}"
                 );
             }
