@@ -5,6 +5,27 @@ use std::sync::OnceLock;
 
 use super::quota::sqlite_save_batch_usage;
 
+/// [`crate::ACTIVITY_STEP`] in microseconds, as the SQL that moves activity writes it (a
+/// unit test holds the two together).
+macro_rules! activity_step_us {
+    () => {
+        "10000000"
+    };
+}
+
+/// PostgreSQL: the activity of session `s` after an append at `j.t`, moved only once it has
+/// fallen the step behind. In the update of the counts: PostgreSQL compares the values, so
+/// a row whose activity stays is updated in place.
+macro_rules! pg_moved_activity {
+    () => {
+        concat!(
+            "CASE WHEN j.t >= s.last_activity_us + ",
+            activity_step_us!(),
+            " THEN j.t ELSE s.last_activity_us END"
+        )
+    };
+}
+
 /// SQLite: moves the activity of the sessions in the JSON array `$param` of `{i: session
 /// hex, t: time}` to `t`, for those it has fallen [`crate::ACTIVITY_STEP`] (10 s) behind.
 /// A statement of its own: SQLite rewrites an index entry whenever its column is set, even
@@ -17,7 +38,9 @@ macro_rules! sqlite_move_activity {
                    FROM jsonb_each(",
             $param,
             ")) AS j \
-             WHERE sessions.session_id = j.id AND j.t >= sessions.last_activity_us + 10000000; "
+             WHERE sessions.session_id = j.id AND j.t >= sessions.last_activity_us + ",
+            activity_step_us!(),
+            "; "
         )
     };
 }
@@ -229,7 +252,8 @@ impl Backend {
     /// as in `holding_fences_query`. Its parts all see the snapshot the statement began
     /// with: messages take their seqs from the updated counts that `counted` returns, and
     /// the bounds cannot drop messages of this very batch (the caller stages such a batch).
-    pub(super) const POSTGRES_APPEND_BATCH: &'static str = "\
+    pub(super) const POSTGRES_APPEND_BATCH: &'static str = concat!(
+        "\
          WITH held AS ( \
              SELECT l.slot, l.owner, l.epoch \
              FROM json_to_recordset($1::json) AS f(s bigint, o text, e bigint) \
@@ -238,9 +262,9 @@ impl Backend {
                  WHERE slot = f.s AND owner = f.o AND epoch = f.e AND released = 0 \
                  FOR SHARE) AS l), \
          counted AS ( \
-             UPDATE sessions AS s SET message_count = s.message_count + j.n, \
-                 last_activity_us = CASE WHEN j.t >= s.last_activity_us + 10000000 \
-                                         THEN j.t ELSE s.last_activity_us END \
+             UPDATE sessions AS s SET message_count = s.message_count + j.n, last_activity_us = ",
+        pg_moved_activity!(),
+        " \
              FROM json_to_recordset($2::json) AS j(i text, n bigint, t bigint) \
              WHERE s.session_id = decode(j.i, 'hex') \
              RETURNING s.session_id, s.message_count), \
@@ -293,7 +317,8 @@ impl Backend {
              ON CONFLICT (user_id, resource) DO UPDATE SET state = excluded.state, version = excluded.version \
              WHERE excluded.version >= user_usage_windows.version \
              RETURNING 1) \
-         SELECT encode(session_id, 'hex') AS id, message_count FROM counted";
+         SELECT encode(session_id, 'hex') AS id, message_count FROM counted"
+    );
 
     /// SQLite: a batch's writes and its commit in one call to the database thread. `$1`:
     /// messages (as in `insert_messages_query`); `$2`: `{s: session hex, q: seq}`, dropping
@@ -400,12 +425,13 @@ impl Backend {
                 )
             }
             Backend::Postgres => {
-                "UPDATE sessions AS s SET message_count = s.message_count + j.n, \
-                     last_activity_us = CASE WHEN j.t >= s.last_activity_us + 10000000 \
-                                             THEN j.t ELSE s.last_activity_us END \
-                 FROM json_to_recordset($1::json) AS j(i text, n bigint, t bigint) \
-                 WHERE s.session_id = decode(j.i, 'hex') \
-                 RETURNING encode(s.session_id, 'hex') AS id, s.message_count AS message_count"
+                concat!(
+                    "UPDATE sessions AS s SET message_count = s.message_count + j.n, last_activity_us = ",
+                    pg_moved_activity!(),
+                    " FROM json_to_recordset($1::json) AS j(i text, n bigint, t bigint) \
+                     WHERE s.session_id = decode(j.i, 'hex') \
+                     RETURNING encode(s.session_id, 'hex') AS id, s.message_count AS message_count"
+                )
             }
         }
     }
