@@ -20,6 +20,8 @@ mod appends;
 mod leases;
 #[path = "conformance/quotas.rs"]
 mod quotas;
+#[path = "conformance/wal.rs"]
+mod wal;
 
 use appends::{
     a_bounded_context_drops_its_oldest_messages, a_follow_up_commits_only_after_its_predecessor,

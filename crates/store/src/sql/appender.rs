@@ -43,10 +43,11 @@ pub(super) const UNSYNCED_LIMIT: Duration = Duration::from_millis(20);
 /// lane can: no other writer appends between its commits, so its checkpoint copies every
 /// frame and its next commit starts the WAL over from the beginning. A checkpoint beside
 /// the lane (the store's checkpointer) never finds the WAL whole under steady load; at 32
-/// turns in flight the WAL grew by 70 MB/s until the next truncation. Four times SQLite's
-/// default, because a page rewritten by many batches is copied back once per checkpoint:
-/// the store's append benchmark commits about a quarter more appends per second than at
-/// 1000 pages.
+/// turns in flight the WAL grew by 70 MB/s until the next truncation. The checkpointer's
+/// passive checkpoints copy most frames beforehand, so that the lane's copies little. Four
+/// times SQLite's default, because a page rewritten by many batches is copied back once per
+/// checkpoint: the store's append benchmark commits about a quarter more appends per second
+/// than at 1000 pages.
 pub(super) const LANE_CHECKPOINT: &str = "PRAGMA wal_autocheckpoint = 4000";
 
 /// What the group commit has done since the store opened.
