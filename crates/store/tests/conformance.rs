@@ -549,68 +549,6 @@ async fn only_batches_of_user_messages_alone_skip_the_wait_for_the_disk() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Under appends that never pause, the WAL is checkpointed and started over again and
-/// again: it stays a few megabytes long while many times that passes through it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_wal_stays_short_under_appends_that_never_pause() {
-    const WRITERS: usize = 32;
-    const APPENDS: usize = 250;
-    const CONTENT: usize = 6 * 1024;
-    const WAL_BOUND: u64 = 20 * 1024 * 1024;
-    let dir = temp_dir("wal-bound");
-    let store = Arc::new(
-        SqlStore::open(SqlStoreOptions::sqlite_file(&dir.join("store.db")))
-            .await
-            .unwrap(),
-    );
-    let fence = own_slot(&*store).await;
-    let wal = dir.join("store.db-wal");
-    let (done, mut watching) = tokio::sync::watch::channel(false);
-    let watcher = tokio::spawn(async move {
-        let (mut samples, mut longest) = (0_u64, 0_u64);
-        while !*watching.borrow_and_update() {
-            if let Ok(metadata) = std::fs::metadata(&wal) {
-                samples += 1;
-                longest = longest.max(metadata.len());
-            }
-            let _ = tokio::time::timeout(Duration::from_millis(10), watching.changed()).await;
-        }
-        (samples, longest)
-    });
-    let content = "w".repeat(CONTENT);
-    let mut writers = Vec::new();
-    for writer in 0..WRITERS {
-        let session = session(&format!("wal-{writer}"));
-        store.create_session(&fence, &session).await.unwrap();
-        let (store, fence, content) = (store.clone(), fence.clone(), content.clone());
-        writers.push(tokio::spawn(async move {
-            for _ in 0..APPENDS {
-                store
-                    .append_messages(&fence, session.id, &[text(&content)], SystemTime::now())
-                    .await
-                    .unwrap();
-            }
-            store.read_context(session.id, 0, 0).await.unwrap().len()
-        }));
-    }
-    for writer in writers {
-        assert_eq!(writer.await.unwrap(), APPENDS, "every append was kept");
-    }
-    done.send(true).unwrap();
-    let (samples, longest) = watcher.await.unwrap();
-    let written = (WRITERS * APPENDS * CONTENT) as u64;
-    assert!(samples > 0, "the WAL was never seen");
-    assert!(
-        written > 2 * WAL_BOUND,
-        "the test writes too little to tell: {written} bytes"
-    );
-    assert!(
-        longest <= WAL_BOUND,
-        "the WAL reached {longest} bytes while {written} bytes of messages were appended"
-    );
-    let _ = std::fs::remove_dir_all(dir);
-}
-
 #[tokio::test]
 async fn a_bad_store_url_is_a_clear_error() {
     let Err(error) = SqlStore::open(SqlStoreOptions::new("mysql://localhost/x")).await else {
