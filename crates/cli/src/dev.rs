@@ -9,7 +9,7 @@ use switchyard::tls::{ClientTlsFiles, TlsError};
 use switchyard_agents::AgentCatalog;
 use switchyard_coordinator::{CallerAuth, CoordinatorConfig, CoordinatorHandle};
 use switchyard_core::{ClusterKey, DEFAULT_SLOT_COUNT, Limits, TokenKey, WorkerId};
-use switchyard_server::{ClientCertificates, ServerLimits, ServerTlsFiles};
+use switchyard_server::{ClientCertificates, LocalNodes, ServerLimits, ServerTlsFiles};
 
 use crate::tls::DevTlsFiles;
 use switchyard_store::SessionStore;
@@ -129,6 +129,8 @@ pub struct DevCluster {
     /// `None` where a worker was stopped.
     pub workers: Vec<Option<WorkerHandle>>,
     shutdown: CancellationToken,
+    /// The workers' servers, which the coordinator calls in place.
+    local: LocalNodes,
 }
 
 impl DevCluster {
@@ -159,6 +161,8 @@ impl DevCluster {
         coordinator_config.lease = config.lease;
         coordinator_config.handoff_grace = config.handoff_grace;
         coordinator_config.epsilon = config.epsilon;
+        let local = LocalNodes::new();
+        coordinator_config.local = local.clone();
         let coordinator = switchyard_coordinator::start(
             coordinator_config,
             config.store.clone(),
@@ -171,6 +175,7 @@ impl DevCluster {
             coordinator,
             workers: Vec::new(),
             shutdown,
+            local,
         };
         for _ in 0..cluster.config.workers {
             cluster.add_worker().await?;
@@ -231,6 +236,7 @@ impl DevCluster {
                 None => None,
             },
             quotas: self.config.quotas.clone(),
+            local: Some(self.local.clone()),
         };
         let handle = switchyard_worker::start(
             config,

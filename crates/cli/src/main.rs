@@ -684,6 +684,7 @@ async fn run_worker(args: WorkerArgs) -> Result<(), BoxError> {
         tls,
         coordinator_tls,
         quotas: args.quotas.config(&args.sessions)?,
+        local: None,
     };
     let store = args.store.open_as(false, true).await?;
     let worker = switchyard_worker::start(config, listener, store, shutdown.clone()).await?;

@@ -17,7 +17,7 @@ use switchyard::pb::membership_service_server::MembershipServiceServer;
 use switchyard::tls::ClientTls;
 use switchyard_core::bounded::DEFAULT_EPSILON;
 use switchyard_core::{ClusterKey, DEFAULT_SLOT_COUNT, TokenKey};
-use switchyard_server::{GrpcServer, ServerLimits, ServerTls};
+use switchyard_server::{GrpcServer, LocalNodes, ServerLimits, ServerTls};
 use switchyard_store::SessionStore;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -62,6 +62,9 @@ pub struct CoordinatorConfig {
     pub handoff_grace: Duration,
     /// The bounded-load placement's ε: no worker carries more than ⌈(1+ε)·total/N⌉.
     pub epsilon: f64,
+    /// Workers in this process (`switchyard dev`), called in place rather than through a
+    /// socket. Empty when the workers are processes of their own.
+    pub local: LocalNodes,
 }
 
 impl CoordinatorConfig {
@@ -75,6 +78,7 @@ impl CoordinatorConfig {
             access_log: false,
             tls: None,
             worker_tls: None,
+            local: LocalNodes::new(),
             slot_count: DEFAULT_SLOT_COUNT,
             heartbeat_interval: Duration::from_millis(500),
             lease: Duration::from_secs(2),
@@ -149,6 +153,7 @@ pub async fn start(
         config.cluster_key.clone(),
         max_message_bytes,
         config.worker_tls.clone(),
+        config.local.clone(),
     ));
     let server = GrpcServer::new()
         .with_node("coordinator")

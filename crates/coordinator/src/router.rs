@@ -28,10 +28,10 @@ use tonic::body::Body;
 use tonic::codegen::BoxFuture;
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::server::{Grpc, NamedService, ServerStreamingService, UnaryService};
-use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use switchyard_server::metrics::TRACEPARENT;
+use switchyard_server::{CallError, LocalNodes, NodeChannel};
 
 use crate::error::CoordinatorError;
 use crate::gate::Caller;
@@ -121,7 +121,9 @@ pub struct Router {
     /// Mutual TLS towards the workers, when the cluster uses it.
     worker_tls: Option<Arc<ClientTls>>,
     /// Read on every call, written only when a worker appears or moves.
-    channels: RwLock<HashMap<WorkerId, (String, Channel)>>,
+    channels: RwLock<HashMap<WorkerId, (String, NodeChannel)>>,
+    /// Workers of this process, called in place rather than through a socket.
+    local: LocalNodes,
 }
 
 /// What every forwarded call carries besides its message.
@@ -153,6 +155,7 @@ impl Router {
         cluster_key: ClusterKey,
         max_message_bytes: usize,
         worker_tls: Option<Arc<ClientTls>>,
+        local: LocalNodes,
     ) -> Self {
         Router {
             membership,
@@ -161,6 +164,7 @@ impl Router {
             max_message_bytes,
             worker_tls,
             channels: RwLock::new(HashMap::new()),
+            local,
         }
     }
 
@@ -217,13 +221,17 @@ impl Router {
     }
 
     /// The channel to a worker, made when it first appears or moves. Channels of workers no
-    /// longer in `members` are dropped then, so the map holds at most the cluster.
+    /// longer in `members` are dropped then, so the map holds at most the cluster. A worker
+    /// of this process is called in place while its server accepts calls.
     fn channel(
         &self,
         worker_id: &WorkerId,
         address: &str,
         members: &HashMap<WorkerId, String>,
-    ) -> Result<Channel, Status> {
+    ) -> Result<NodeChannel, Status> {
+        if let Some(local) = self.local.get(address) {
+            return Ok(local);
+        }
         {
             let channels = self
                 .channels
@@ -256,6 +264,9 @@ impl Router {
                 "worker {worker_id} has an invalid address {address:?}: {error}"
             ))
         })?;
+        let channel = NodeChannel::new(tower::ServiceExt::map_err(channel, |error| {
+            CallError(error.into())
+        }));
         let mut channels = self
             .channels
             .write()
@@ -283,7 +294,7 @@ impl Router {
         forwarding: Forwarding,
         message: RawMessage,
         call: impl AsyncFn(
-            tonic::client::Grpc<Channel>,
+            tonic::client::Grpc<NodeChannel>,
             Request<RawMessage>,
             PathAndQuery,
         ) -> Result<Response<R>, Status>,
@@ -336,7 +347,21 @@ impl Router {
             grpc.ready().await.map_err(|error| {
                 Status::unavailable(format!("worker {owner} is not reachable: {error}"))
             })?;
-            match call(grpc, request, PathAndQuery::from_static(method.path)).await {
+            // The worker's server bounds the call by its deadline too; a worker of this
+            // process, called in place, has no server of its own in between.
+            let called = call(grpc, request, PathAndQuery::from_static(method.path));
+            let called = match forwarding.deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline.into(), called)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Status::deadline_exceeded(format!(
+                            "worker {owner} did not answer {} in time",
+                            method.path
+                        )))
+                    }),
+                None => called.await,
+            };
+            match called {
                 Err(status) if !retried && is_not_owner(&status) => {
                     tracing::debug!(slot = forwarding.slot, worker_id = %owner, "worker is not the slot's owner, retrying with the current table");
                     retried = true;
@@ -638,8 +663,7 @@ mod tests {
     use super::*;
     use crate::membership::MembershipConfig;
 
-    #[tokio::test]
-    async fn channels_of_workers_that_left_are_dropped() {
+    fn router(local: LocalNodes) -> Router {
         let membership = Arc::new(Membership::new(
             MembershipConfig {
                 slot_count: 8,
@@ -654,14 +678,23 @@ mod tests {
             None,
             false,
         ));
-        let router = Router::new(
+        Router::new(
             membership,
             TokenKey::from_secret(&[1; 32]).unwrap(),
             ClusterKey::from_secret(&[2; 32]).unwrap(),
             1024,
             None,
-        );
-        let worker = |id: &str| WorkerId::parse(id).unwrap();
+            local,
+        )
+    }
+
+    fn worker(id: &str) -> WorkerId {
+        WorkerId::parse(id).unwrap()
+    }
+
+    #[tokio::test]
+    async fn channels_of_workers_that_left_are_dropped() {
+        let router = router(LocalNodes::new());
         let members = |ids: &[&str]| -> HashMap<WorkerId, String> {
             ids.iter()
                 .map(|id| (worker(id), format!("127.0.0.1:{}", id.len())))
@@ -680,5 +713,51 @@ mod tests {
             .channel(&worker("dddd"), &now[&worker("dddd")], &now)
             .unwrap();
         assert_eq!(router.channel_count(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_worker_of_this_process_is_called_in_place() {
+        let local = LocalNodes::new();
+        // An address no socket answers: the call can only arrive in place.
+        let address = "in-process.invalid:1";
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let listener = switchyard_server::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let serving = tokio::spawn(
+            switchyard_server::GrpcServer::new()
+                .with_local(local.clone(), address.to_string())
+                .serve(listener, shutdown.clone()),
+        );
+        let router = router(local.clone());
+        let members = HashMap::from([(worker("w"), address.to_string())]);
+        let mut channel = None;
+        for _ in 0..500 {
+            if local.get(address).is_some() {
+                channel = Some(router.channel(&worker("w"), address, &members).unwrap());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut grpc = tonic::client::Grpc::new(channel.expect("the worker lists itself"));
+        grpc.ready().await.unwrap();
+        // grpc.health.v1.HealthCheckRequest for the whole server: an empty message.
+        let answer = grpc
+            .unary(
+                Request::new(RawMessage(Default::default())),
+                PathAndQuery::from_static("/grpc.health.v1.Health/Check"),
+                RawCodec,
+            )
+            .await
+            .unwrap();
+        // HealthCheckResponse { status: SERVING }.
+        assert_eq!(&answer.into_inner().0[..], &[0x08, 0x01]);
+        assert_eq!(router.channel_count(), 0, "no channel was made for it");
+
+        shutdown.cancel();
+        serving.await.unwrap().unwrap();
+        // Stopped, it is reached (or not) through its address like any other worker.
+        router.channel(&worker("w"), address, &members).unwrap();
+        assert_eq!(router.channel_count(), 1);
     }
 }

@@ -1,10 +1,12 @@
 //! The shared gRPC server builder and shutdown handling.
 
 mod admission;
+pub mod local;
 pub mod metrics;
 pub mod tls;
 
 pub use admission::{CallClass, Gate, OpenGate, ServerLimits};
+pub use local::{CallError, LocalNodes, NodeChannel};
 pub use tls::{ClientCertificates, ServerTls, ServerTlsFiles, TlsConnectInfo};
 
 use std::convert::Infallible;
@@ -54,6 +56,9 @@ pub struct GrpcServer {
     /// The health name that reports SERVING only while this is true (a readiness probe's
     /// `service`), beside "" and the services, which report SERVING while the server runs.
     readiness: Option<(&'static str, tokio::sync::watch::Receiver<bool>)>,
+    /// Where this server lists itself for callers in the same process, and under which
+    /// address.
+    local: Option<(LocalNodes, String)>,
 }
 
 impl Default for GrpcServer {
@@ -75,6 +80,7 @@ impl GrpcServer {
             node: "node".to_string(),
             call_log: metrics::CallLog::default(),
             readiness: None,
+            local: None,
         }
     }
 
@@ -116,6 +122,13 @@ impl GrpcServer {
         ready: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         self.readiness = Some((name, ready));
+        self
+    }
+
+    /// Lists this server in `nodes` under `address` while it accepts calls, so that nodes of
+    /// the same process call it in place rather than through a socket.
+    pub fn with_local(mut self, nodes: LocalNodes, address: String) -> Self {
+        self.local = Some((nodes, address));
         self
     }
 
@@ -225,16 +238,29 @@ impl GrpcServer {
                 .add_service(reflection().build_v1alpha()?);
         }
 
+        let limits = self.limits;
+        let routes = routes.routes();
+        let metrics_layer = metrics::RpcMetricsLayer::new(&self.node, self.call_log);
+        let admission_layer = admission::AdmissionLayer::new(self.gate.clone(), limits);
+        // The same stack as the socket's, called in place; unlisted as shutdown begins.
+        let listed = self.local.map(|(nodes, local_address)| {
+            let service = tower::ServiceBuilder::new()
+                .map_err(|never: Infallible| -> local::CallError { match never {} })
+                .layer(metrics_layer.clone())
+                .layer(admission_layer.clone())
+                .service(routes.clone());
+            nodes.list(local_address, NodeChannel::new(service))
+        });
         let stopping = {
             let shutdown = shutdown.clone();
             let health = health.clone();
             let names = self.service_names.clone();
             async move {
                 shutdown.cancelled().await;
+                drop(listed);
                 report_not_serving(&health, &names).await;
             }
         };
-        let limits = self.limits;
         let router = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -245,10 +271,10 @@ impl GrpcServer {
             .http2_max_pending_accept_reset_streams(Some(64))
             .initial_stream_window_size(Some(1024 * 1024))
             .initial_connection_window_size(Some(4 * 1024 * 1024))
-            .layer(metrics::RpcMetricsLayer::new(&self.node, self.call_log))
-            .layer(admission::AdmissionLayer::new(self.gate.clone(), limits))
+            .layer(metrics_layer)
+            .layer(admission_layer)
             .trace_fn(|request| tracing::debug_span!("grpc", path = %request.uri().path()))
-            .add_routes(routes.routes());
+            .add_routes(routes);
         let serving: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
             match self.tls {
                 Some(tls) => {

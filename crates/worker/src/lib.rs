@@ -25,7 +25,7 @@ use switchyard::pb::worker_status_service_server::WorkerStatusServiceServer;
 use switchyard::tls::ClientTls;
 use switchyard_agents::AgentCatalog;
 use switchyard_core::{ClusterKey, Limits, Slot, TokenKey, WorkerId};
-use switchyard_server::{GrpcServer, ServerLimits, ServerTls};
+use switchyard_server::{GrpcServer, LocalNodes, ServerLimits, ServerTls};
 use switchyard_store::{Fence, SessionStore, SlotLease};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -66,6 +66,9 @@ pub struct WorkerConfig {
     pub coordinator_tls: Option<Arc<ClientTls>>,
     /// Every user's quota defaults and rate limits.
     pub quotas: quotas::QuotaConfig,
+    /// Where the worker lists its server for a coordinator in the same process
+    /// (`switchyard dev`), which then calls it in place. `None` for a worker process.
+    pub local: Option<LocalNodes>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +128,7 @@ pub async fn start(
     ));
     let membership = MembershipClient::new(
         &config,
-        advertise,
+        advertise.clone(),
         store.cluster_id().await?,
         placement.clone(),
     )?;
@@ -209,6 +212,7 @@ pub async fn start(
         let reflection = config.reflection;
         let access_log = config.access_log;
         let tls = config.tls.clone();
+        let local = config.local.clone().map(|nodes| (nodes, advertise.clone()));
         tokio::spawn(async move {
             let max_message_bytes = server_limits.max_message_bytes;
             let server = GrpcServer::new()
@@ -229,6 +233,10 @@ pub async fn start(
                 )
                 .add_service(UserStateServiceServer::new(user_state))
                 .add_service(WorkerStatusServiceServer::new(status));
+            let server = match local {
+                Some((nodes, address)) => server.with_local(nodes, address),
+                None => server,
+            };
             if let Err(error) = server.serve(listener, server_shutdown).await {
                 tracing::error!(%worker_id, %error, "worker server failed");
             }
