@@ -124,6 +124,17 @@ mod tests {
         }
     }
 
+    /// The server listed under `address`, once its task has started serving.
+    async fn listed(nodes: &LocalNodes, address: &str) -> NodeChannel {
+        for _ in 0..500 {
+            if let Some(service) = nodes.get(address) {
+                return service;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the server never listed itself under {address}");
+    }
+
     #[tokio::test]
     async fn a_server_is_called_in_place_through_its_gate_until_it_shuts_down() {
         let nodes = LocalNodes::new();
@@ -136,16 +147,7 @@ mod tests {
             .with_local(nodes.clone(), address.clone())
             .add_service(EchoServer::new(Answer));
         let serving = tokio::spawn(server.serve(listener, shutdown.clone()));
-
-        let mut listed = None;
-        for _ in 0..500 {
-            listed = nodes.get(&address);
-            if listed.is_some() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let mut client = EchoClient::new(listed.expect("the server lists itself"));
+        let mut client = EchoClient::new(listed(&nodes, &address).await);
         let mut request = Request::new(EchoRequest {
             payload: b"in place".to_vec(),
         });
@@ -179,15 +181,7 @@ mod tests {
             .with_local(nodes.clone(), "aborted:1".to_string())
             .add_service(EchoServer::new(Answer));
         let serving = tokio::spawn(server.serve(listener, CancellationToken::new()));
-        let mut seen = false;
-        for _ in 0..500 {
-            if nodes.get("aborted:1").is_some() {
-                seen = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(seen, "the server lists itself");
+        listed(&nodes, "aborted:1").await;
         serving.abort();
         let _ = serving.await;
         assert!(nodes.get("aborted:1").is_none());
