@@ -325,3 +325,50 @@ async fn rebalance_moves_slots_only_when_the_loads_call_for_it() {
     }
     sandbox.stop().await;
 }
+
+/// Established TCP connections on 127.0.0.1 whose local end is `port`: the server's side of
+/// every connection made to it.
+fn connections_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp is readable");
+    let local = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // 01: ESTABLISHED.
+            fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"01")
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn the_coordinator_calls_the_workers_of_its_process_without_a_socket() {
+    let sandbox = Sandbox::start().await;
+    let client = sandbox.client().await;
+    let coordinator_port = sandbox.cluster.coordinator_address().port();
+    let sessions = populate(&client, 12).await;
+    let mut owners = std::collections::HashSet::new();
+    for (user, session_id) in &sessions {
+        let reply = client
+            .send_message_collect(session_id, "echo", "in place")
+            .await
+            .unwrap();
+        assert_eq!(reply.text, "echo: in place");
+        owners.insert(sandbox.owner_of(user).await);
+    }
+    assert!(
+        owners.len() > 1,
+        "the turns went to one worker only: {owners:?}"
+    );
+    // The check sees connections at all: the caller's, and the workers' to the coordinator.
+    assert!(connections_to(coordinator_port) >= 2);
+    for worker in sandbox.cluster.live_workers() {
+        assert_eq!(
+            connections_to(worker.address.port()),
+            0,
+            "worker {} has a connection, though every call reached it in place",
+            worker.worker_id
+        );
+    }
+}
