@@ -347,8 +347,10 @@ impl Router {
             grpc.ready().await.map_err(|error| {
                 Status::unavailable(format!("worker {owner} is not reachable: {error}"))
             })?;
-            // The worker's server bounds the call by its deadline too; a worker of this
-            // process, called in place, has no server of its own in between.
+            // The coordinator's own server also ends the call at the caller's deadline, but
+            // as CANCELLED ("Timeout expired", tonic's mapping); this timer, on the same
+            // deadline and polled first, answers DEADLINE_EXCEEDED and names the worker,
+            // whether it is called in place or over the network.
             let called = call(grpc, request, PathAndQuery::from_static(method.path));
             let called = match forwarding.deadline {
                 Some(deadline) => tokio::time::timeout_at(deadline.into(), called)
