@@ -6,8 +6,11 @@
 //! durable by the next durable commit (the WAL, SQLite's or PostgreSQL's, is written and
 //! flushed in order). An append queued to follow another commits only if that one did.
 //!
-//! On SQLite the lane itself never waits for the disk: it commits without syncing, and a
-//! thread of its own syncs the WAL while the lane commits the next batch ([`WalSyncer`]).
+//! On SQLite a lane runs on a thread of its own, which calls SQLite directly: the batches
+//! are a serial path, and a lane that is a task waits for a busy runtime's threads to poll
+//! it twice per batch (its queue, then its connection's answer). A lane never waits for
+//! the disk while others queue behind it: it commits without syncing, and another thread
+//! syncs the WAL while the lane commits the next batch ([`WalSyncer`]).
 //!
 //! No commit stays short of the disk for long: on SQLite, a commit nobody waits on is synced
 //! within [`UNSYNCED_LIMIT`] if no other sync came first; on PostgreSQL the WAL writer
@@ -126,8 +129,9 @@ impl Appender {
         max_batch: usize,
         durable: bool,
         sealer: Option<Arc<Sealer>>,
-    ) -> Self {
+    ) -> Result<Self> {
         let counters = Arc::new(Counters::default());
+        let runtime = tokio::runtime::Handle::current();
         let lanes = (0..lanes)
             .map(|_| {
                 let (sender, receiver) = mpsc::channel(QUEUE_DEPTH);
@@ -143,11 +147,31 @@ impl Appender {
                     sealer: sealer.clone(),
                     counts: HashMap::new(),
                 };
-                tokio::spawn(lane.run(receiver, max_batch));
-                sender
+                match backend {
+                    // Its calls to SQLite block the thread they run on.
+                    Backend::Sqlite => {
+                        let runtime = runtime.clone();
+                        std::thread::Builder::new()
+                            .name("sqlite-lane".into())
+                            .spawn(move || {
+                                // The thread runs nothing else: no task waits for its turn.
+                                let lane = lane.run(receiver, max_batch, true);
+                                runtime.block_on(tokio::task::coop::unconstrained(lane))
+                            })
+                            .map_err(|error| {
+                                StoreError::Unavailable(format!(
+                                    "cannot start the SQLite lane's thread: {error}"
+                                ))
+                            })?;
+                    }
+                    Backend::Postgres => {
+                        runtime.spawn(lane.run(receiver, max_batch, false));
+                    }
+                }
+                Ok(sender)
             })
-            .collect();
-        Appender { lanes, counters }
+            .collect::<Result<_>>()?;
+        Ok(Appender { lanes, counters })
     }
 
     pub(super) fn stats(&self) -> GroupCommitStats {
@@ -199,7 +223,13 @@ struct Lane {
 }
 
 impl Lane {
-    async fn run(mut self, mut receiver: mpsc::Receiver<AppendRequest>, max_batch: usize) {
+    /// `own_thread`: the lane runs on a thread of its own, where it may block.
+    async fn run(
+        mut self,
+        mut receiver: mpsc::Receiver<AppendRequest>,
+        max_batch: usize,
+        own_thread: bool,
+    ) {
         let mut batch = Vec::with_capacity(max_batch);
         loop {
             let received = receiver.recv_many(&mut batch, max_batch).await;
@@ -209,17 +239,22 @@ impl Lane {
             // Nobody waits on turns' user messages alone before their replies, which a fast
             // agent makes within the moment: a reply that joins its user message's batch
             // saves the pair a transaction and a wait for the disk.
-            let deadline = tokio::time::Instant::now() + FOLLOW_UP_WAIT;
+            let deadline = std::time::Instant::now() + FOLLOW_UP_WAIT;
             while batch.len() < max_batch
                 && batch
                     .iter()
                     .all(|request| request.append.durability == Durability::WithNext)
             {
                 let room = max_batch - batch.len();
-                match tokio::time::timeout_at(deadline, receiver.recv_many(&mut batch, room)).await
-                {
-                    Ok(received) if received > 0 => {}
-                    _ => break,
+                let received = if own_thread {
+                    receive_until(&mut receiver, &mut batch, room, deadline)
+                } else {
+                    tokio::time::timeout_at(deadline.into(), receiver.recv_many(&mut batch, room))
+                        .await
+                        .unwrap_or(0)
+                };
+                if received == 0 {
+                    break;
                 }
             }
             let requests = std::mem::take(&mut batch);
@@ -374,7 +409,7 @@ impl Lane {
 
     /// SQLite: the lane checkpoints the WAL itself ([`LANE_CHECKPOINT`]), and a
     /// durable store's lane syncs the WAL file itself when there is one. Returns the
-    /// thread that commits at-once batches, for a database in a file.
+    /// direct connection that commits at-once batches, for a database in a file.
     async fn prepare_sqlite(
         &mut self,
         connection: &mut sqlx::AnyConnection,
@@ -394,9 +429,7 @@ impl Lane {
         if self.durable && self.wal.is_none() {
             self.find_wal(connection, &file).await?;
         }
-        SqliteWriter::open(std::path::Path::new(&file))
-            .await
-            .map(Some)
+        SqliteWriter::open(std::path::Path::new(&file)).map(Some)
     }
 
     /// Starts syncing the database's WAL file, if it has one.
@@ -456,6 +489,36 @@ impl Lane {
             }
         };
         Ok(self.connection.insert(connection))
+    }
+}
+
+/// Receives up to `room` more requests into `batch`, waiting until `deadline` at most, on
+/// a lane's own thread: it blocks that thread, and uses no timer of the runtime's (one
+/// polled while the runtime shuts down panics). Returns how many came.
+fn receive_until(
+    receiver: &mut mpsc::Receiver<AppendRequest>,
+    batch: &mut Vec<AppendRequest>,
+    room: usize,
+    deadline: std::time::Instant,
+) -> usize {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut context = std::task::Context::from_waker(&waker);
+    loop {
+        if let std::task::Poll::Ready(received) = receiver.poll_recv_many(&mut context, batch, room)
+        {
+            return received;
+        }
+        let now = std::time::Instant::now();
+        if now >= deadline {
+            return 0;
+        }
+        std::thread::park_timeout(deadline - now);
     }
 }
 

@@ -57,7 +57,8 @@ pub(super) struct LaneConnection {
     pub(super) connection: AnyConnection,
     /// PostgreSQL: the session commits without waiting for its WAL to be flushed.
     pub(super) asynchronous_commit: bool,
-    /// SQLite with a database file: the thread that commits at-once batches.
+    /// SQLite with a database file: the direct connection that commits at-once batches,
+    /// on the lane's own thread.
     pub(super) writer: Option<SqliteWriter>,
 }
 

@@ -212,7 +212,7 @@ impl SqlStore {
             options.max_batch.max(1),
             options.durable,
             sealer.clone(),
-        );
+        )?;
         tracing::info!(backend = ?backend, %cluster_id, "session store open");
         let checkpointer = (backend == Backend::Sqlite)
             .then(|| tokio::spawn(checkpoint_periodically(pool.clone())));

@@ -1,23 +1,21 @@
-//! SQLite: a lane's at-once batches ([`Backend::sqlite_append_batch`]) on a thread of its
-//! own that calls SQLite directly.
+//! SQLite: a lane's at-once batches ([`Backend::sqlite_append_batch`]) on a connection
+//! that calls SQLite directly, from the lane's own thread.
 //!
 //! Through sqlx, each statement of a batch's script hands its result from the connection's
-//! thread to the lane's task, a wake-up each: eight per batch, about half of what a lone
-//! turn's commit cost beside SQLite's own work and the sync. Here the whole script runs on
-//! the thread, and the lane is woken once, with the batch's counts.
+//! thread to the lane, a wake-up each: eight per batch, about half of what a lone turn's
+//! commit cost beside SQLite's own work and the sync. Here the whole script runs on the
+//! lane's thread, which waits for nothing else while it does.
 //!
-//! The thread holds a second connection to the lane's database file, set up as the pool's
+//! The writer holds a second connection to the lane's database file, set up as the pool's
 //! connections are. The lane uses one of its two connections at a time, so they never wait
 //! on each other's write lock.
 //!
 //! [`Backend::sqlite_append_batch`]: super::Backend::sqlite_append_batch
 
 use std::path::Path;
-use std::sync::mpsc;
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
-use tokio::sync::oneshot;
 
 use super::appender::LANE_CHECKPOINT;
 use super::backend::SQLITE_CONNECTION_PRAGMAS;
@@ -42,70 +40,22 @@ pub(super) enum ScriptError {
 /// What a script's statements returned: each updated session's id (hex) and message count.
 pub(super) type ScriptRows = Vec<(String, i64)>;
 
-struct Job {
-    script: &'static str,
-    params: [String; 6],
-    reply: oneshot::Sender<Result<ScriptRows, ScriptError>>,
-}
-
-/// The writing thread; it ends when this is dropped.
+/// A lane's direct connection, and how it syncs. Its calls block: only a lane on a thread
+/// of its own holds one.
 pub(super) struct SqliteWriter {
-    jobs: mpsc::Sender<Job>,
+    connection: Connection,
+    /// The last `PRAGMA synchronous` that ran on the connection. SQLite parses such a
+    /// statement anew each time it runs, cached or not; one that changes nothing is skipped.
+    synchronous: Option<&'static str>,
 }
 
 impl SqliteWriter {
-    /// Opens a connection to the database at `path` on a new thread.
-    pub(super) async fn open(path: &Path) -> Result<Self> {
-        let (jobs, receiver) = mpsc::channel::<Job>();
-        let (opened, opening) = oneshot::channel();
-        let path = path.to_path_buf();
-        std::thread::Builder::new()
-            .name("sqlite-lane".into())
-            .spawn(move || {
-                let connection = match connect(&path) {
-                    Ok(connection) => {
-                        let _ = opened.send(Ok(()));
-                        connection
-                    }
-                    Err(error) => {
-                        let _ = opened.send(Err(error));
-                        return;
-                    }
-                };
-                let mut writer = Writer {
-                    connection,
-                    synchronous: None,
-                };
-                for job in receiver {
-                    let outcome = writer.run(job.script, &job.params);
-                    let _ = job.reply.send(outcome);
-                }
-            })
-            .map_err(|error| {
-                StoreError::Unavailable(format!("cannot start the SQLite lane's thread: {error}"))
-            })?;
-        opening.await.map_err(|_| {
-            StoreError::Unavailable("the SQLite lane's thread stopped while opening".into())
-        })??;
-        Ok(SqliteWriter { jobs })
-    }
-
-    /// Runs `script` (statements separated by `;`) with `params` bound to `$1`…`$6`.
-    pub(super) async fn run(
-        &self,
-        script: &'static str,
-        params: [String; 6],
-    ) -> Result<Result<ScriptRows, ScriptError>> {
-        let (reply, answer) = oneshot::channel();
-        let stopped = || StoreError::Unavailable("the SQLite lane's thread has stopped".into());
-        self.jobs
-            .send(Job {
-                script,
-                params,
-                reply,
-            })
-            .map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())
+    /// Opens a connection to the database at `path`.
+    pub(super) fn open(path: &Path) -> Result<Self> {
+        Ok(SqliteWriter {
+            connection: connect(path)?,
+            synchronous: None,
+        })
     }
 }
 
@@ -143,16 +93,9 @@ fn statements(script: &str) -> impl Iterator<Item = &str> {
         .filter(|statement| !statement.is_empty())
 }
 
-/// The thread's connection, and how it syncs.
-struct Writer {
-    connection: Connection,
-    /// The last `PRAGMA synchronous` that ran on the connection. SQLite parses such a
-    /// statement anew each time it runs, cached or not; one that changes nothing is skipped.
-    synchronous: Option<&'static str>,
-}
-
-impl Writer {
-    fn run(
+impl SqliteWriter {
+    /// Runs `script` (statements separated by `;`) with `params` bound to `$1`…`$6`.
+    pub(super) fn run(
         &mut self,
         script: &'static str,
         params: &[String; 6],
@@ -223,7 +166,7 @@ fn is_unique_violation(error: &rusqlite::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{Writer, connect, statements};
+    use super::{SqliteWriter, statements};
     use crate::sql::backend::{Backend, SqliteBatchParts, Synchronous};
 
     /// A batch's setting of `synchronous` runs only when it changes the connection's.
@@ -241,11 +184,8 @@ mod tests {
             .unwrap()
             .execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE counts (id TEXT PRIMARY KEY)")
             .unwrap();
-        let mut writer = Writer {
-            connection: connect(&path).unwrap(),
-            synchronous: None,
-        };
-        let level = |writer: &Writer| -> i64 {
+        let mut writer = SqliteWriter::open(&path).unwrap();
+        let level = |writer: &SqliteWriter| -> i64 {
             writer
                 .connection
                 .pragma_query_value(None, "synchronous", |row| row.get(0))

@@ -86,7 +86,7 @@ pub(super) async fn commit(
             }
         }
     };
-    if let (Backend::Sqlite, Some(writer)) = (backend, &lane.writer) {
+    if let (Backend::Sqlite, Some(writer)) = (backend, &mut lane.writer) {
         let params = [
             params.counts,
             params.messages,
@@ -95,9 +95,9 @@ pub(super) async fn commit(
             params.replies,
             params.usage,
         ];
-        return match writer.run(statement, params).await {
-            Ok(Ok(rows)) => committed(requests, &fences, repeats, &plan, counts_of(rows)),
-            Ok(Err(ScriptError::Refused { unique, error })) => {
+        return match writer.run(statement, &params) {
+            Ok(rows) => committed(requests, &fences, repeats, &plan, counts_of(rows)),
+            Err(ScriptError::Refused { unique, error }) => {
                 if !look_up_ids && unique && has_new_ids(requests, repeats) {
                     AtOnce::RequestIdKept
                 } else {
@@ -105,10 +105,9 @@ pub(super) async fn commit(
                     AtOnce::Refused
                 }
             }
-            Ok(Err(ScriptError::Unknown(error))) => {
+            Err(ScriptError::Unknown(error)) => {
                 AtOnce::Failed(BatchError::Commit(StoreError::Unavailable(error)))
             }
-            Err(error) => AtOnce::Failed(BatchError::Commit(error)),
         };
     }
     let mut query = sqlx::query(statement);
