@@ -42,15 +42,13 @@ const FOLLOW_UP_WAIT: Duration = Duration::from_millis(1);
 /// How long an SQLite commit made without waiting for the disk may stay so when no durable
 /// commit follows (a turn whose agent takes longer, or that ended without a reply).
 pub(super) const UNSYNCED_LIMIT: Duration = Duration::from_millis(20);
-/// SQLite: a lane's commit checkpoints the WAL once it holds 4000 pages (16 MB). Only the
-/// lane can: no other writer appends between its commits, so its checkpoint copies every
-/// frame and its next commit starts the WAL over from the beginning. A checkpoint beside
-/// the lane (the store's checkpointer) never finds the WAL whole under steady load; at 32
-/// turns in flight the WAL grew by 70 MB/s until the next truncation. The checkpointer's
-/// passive checkpoints copy most frames beforehand, so that the lane's copies little. Four
-/// times SQLite's default, because a page rewritten by many batches is copied back once per
-/// checkpoint: the store's append benchmark commits about a quarter more appends per second
-/// than at 1000 pages.
+/// SQLite: a commit on the lane's sqlx connection (a staged batch) checkpoints the WAL once
+/// it holds 4000 pages (16 MB), as the lane's direct connection does after its commits
+/// ([`super::lane_checkpoint`]). Only the lane can empty the WAL: no other writer appends
+/// between its commits, so its checkpoint copies every frame left and its next commit
+/// starts the WAL over from the beginning. A checkpoint beside the lane never finds the WAL
+/// whole under steady load; at 32 turns in flight the WAL grew by 70 MB/s until the next
+/// truncation.
 pub(super) const LANE_CHECKPOINT: &str = "PRAGMA wal_autocheckpoint = 4000";
 
 /// What the group commit has done since the store opened.
@@ -70,6 +68,10 @@ pub struct GroupCommitStats {
     /// Batches that could not commit in one call (a fence had moved, a session was gone,
     /// a row was refused) and were staged.
     pub staged_batches: u64,
+    /// SQLite: checkpoints of the WAL made beside the lane, while it went on committing.
+    pub checkpoints_beside: u64,
+    /// SQLite: checkpoints the lane made itself, holding its appends up meanwhile.
+    pub checkpoints_in_lane: u64,
 }
 
 #[derive(Default)]
@@ -80,6 +82,8 @@ pub(super) struct Counters {
     deferred_batches: AtomicU64,
     pub(super) syncs: AtomicU64,
     staged_batches: AtomicU64,
+    pub(super) checkpoints_beside: AtomicU64,
+    pub(super) checkpoints_in_lane: AtomicU64,
 }
 
 impl Counters {
@@ -110,6 +114,8 @@ impl Counters {
             deferred_batches: self.deferred_batches.load(Ordering::Relaxed),
             syncs: self.syncs.load(Ordering::Relaxed),
             staged_batches: self.staged_batches.load(Ordering::Relaxed),
+            checkpoints_beside: self.checkpoints_beside.load(Ordering::Relaxed),
+            checkpoints_in_lane: self.checkpoints_in_lane.load(Ordering::Relaxed),
         }
     }
 }
@@ -429,7 +435,7 @@ impl Lane {
         if self.durable && self.wal.is_none() {
             self.find_wal(connection, &file).await?;
         }
-        SqliteWriter::open(std::path::Path::new(&file)).map(Some)
+        SqliteWriter::open(std::path::Path::new(&file), self.counters.clone()).map(Some)
     }
 
     /// Starts syncing the database's WAL file, if it has one.

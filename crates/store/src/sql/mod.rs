@@ -8,6 +8,7 @@
 mod appender;
 mod backend;
 mod batch;
+mod lane_checkpoint;
 mod quota;
 mod requests;
 mod sealed;

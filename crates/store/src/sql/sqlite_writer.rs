@@ -13,12 +13,14 @@
 //! [`Backend::sqlite_append_batch`]: super::Backend::sqlite_append_batch
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
-use super::appender::LANE_CHECKPOINT;
+use super::appender::Counters;
 use super::backend::SQLITE_CONNECTION_PRAGMAS;
+use super::lane_checkpoint::{self, LaneCheckpoints};
 use crate::{Result, StoreError};
 
 /// How long a statement waits for another connection's write lock (sqlx's default).
@@ -44,16 +46,21 @@ pub(super) type ScriptRows = Vec<(String, i64)>;
 /// of its own holds one.
 pub(super) struct SqliteWriter {
     connection: Connection,
+    checkpoints: LaneCheckpoints,
     /// The last `PRAGMA synchronous` that ran on the connection. SQLite parses such a
     /// statement anew each time it runs, cached or not; one that changes nothing is skipped.
     synchronous: Option<&'static str>,
 }
 
 impl SqliteWriter {
-    /// Opens a connection to the database at `path`.
-    pub(super) fn open(path: &Path) -> Result<Self> {
+    /// Opens a connection to the database at `path`, and the thread that checkpoints its
+    /// WAL beside it ([`lane_checkpoint`]).
+    pub(super) fn open(path: &Path, counters: Arc<Counters>) -> Result<Self> {
+        let connection = connect(path)?;
+        lane_checkpoint::watch(&connection);
         Ok(SqliteWriter {
-            connection: connect(path)?,
+            connection,
+            checkpoints: LaneCheckpoints::start(path, connect, counters)?,
             synchronous: None,
         })
     }
@@ -75,11 +82,7 @@ fn connect(path: &Path) -> Result<Connection> {
     connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     // As the pool's connections and the lane's are set up (`SqlStore::open`, `Lane`);
     // foreign keys are sqlx's default.
-    for pragmas in [
-        "PRAGMA foreign_keys = ON",
-        SQLITE_CONNECTION_PRAGMAS,
-        LANE_CHECKPOINT,
-    ] {
+    for pragmas in ["PRAGMA foreign_keys = ON", SQLITE_CONNECTION_PRAGMAS] {
         connection.execute_batch(pragmas).map_err(failed)?;
     }
     Ok(connection)
@@ -102,7 +105,10 @@ impl SqliteWriter {
     ) -> Result<ScriptRows, ScriptError> {
         let connection = &self.connection;
         match run_statements(connection, &mut self.synchronous, script, params) {
-            Ok(rows) => Ok(rows),
+            Ok(rows) => {
+                self.checkpoints.after_commit(connection);
+                Ok(rows)
+            }
             // The transaction is over: the COMMIT itself failed (or SQLite rolled it back).
             Err(error) if connection.is_autocommit() => {
                 Err(ScriptError::Unknown(error.to_string()))
@@ -184,7 +190,7 @@ mod tests {
             .unwrap()
             .execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE counts (id TEXT PRIMARY KEY)")
             .unwrap();
-        let mut writer = SqliteWriter::open(&path).unwrap();
+        let mut writer = SqliteWriter::open(&path, Default::default()).unwrap();
         let level = |writer: &SqliteWriter| -> i64 {
             writer
                 .connection
