@@ -80,7 +80,7 @@ impl LaneCheckpoints {
             .name("sqlite-checkpoint".into())
             .spawn(move || {
                 for () in asked {
-                    match checkpoint(&connection) {
+                    match checkpoint(&connection, "beside") {
                         Ok(true) => {
                             helped
                                 .checkpoints_beside
@@ -117,7 +117,7 @@ impl LaneCheckpoints {
                 self.busy.store(false, Ordering::Release);
             }
         } else if (frames >= LANE_AT && !helper_busy) || frames >= FORCED_AT {
-            match checkpoint(connection) {
+            match checkpoint(connection, "lane") {
                 Ok(true) => {
                     self.counters
                         .checkpoints_in_lane
@@ -136,6 +136,13 @@ impl LaneCheckpoints {
 }
 
 /// A passive checkpoint; whether it ran (another connection's may hold the checkpoint).
-fn checkpoint(connection: &Connection) -> rusqlite::Result<bool> {
-    connection.query_row(CHECKPOINT, [], |row| Ok(row.get::<_, i64>(0)? == 0))
+/// `by` names who made it in `switchyard_store_wal_checkpoint_seconds`.
+fn checkpoint(connection: &Connection, by: &'static str) -> rusqlite::Result<bool> {
+    let started = std::time::Instant::now();
+    let ran = connection.query_row(CHECKPOINT, [], |row| Ok(row.get::<_, i64>(0)? == 0))?;
+    if ran {
+        metrics::histogram!("switchyard_store_wal_checkpoint_seconds", "by" => by)
+            .record(started.elapsed().as_secs_f64());
+    }
+    Ok(ran)
 }
