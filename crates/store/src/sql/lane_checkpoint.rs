@@ -4,7 +4,7 @@
 //! into the database, and a checkpoint beside a lane that keeps writing never copies the
 //! frames written while it runs. So the lane checkpoints itself, after a commit, when the
 //! WAL holds [`LANE_AT`] frames: while it does, every append waits. Done wholly by the
-//! lane, that checkpoint copied up to 4 000 pages and synced the database, 12–17 ms at 32
+//! lane, that checkpoint copied up to 4 000 pages and synced the database, 4–17 ms at 32
 //! turns in flight once the tables outgrew the page cache, several times a second: the
 //! appends' p99 was that stall.
 //!
