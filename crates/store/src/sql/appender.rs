@@ -290,6 +290,13 @@ impl Lane {
                     self.settle(requests, outcomes);
                 }
             }
+            if let Some(writer) = self
+                .connection
+                .as_ref()
+                .and_then(|lane| lane.writer.as_ref())
+            {
+                writer.checkpoint_if_due();
+            }
         }
     }
 

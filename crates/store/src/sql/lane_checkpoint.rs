@@ -2,8 +2,9 @@
 //!
 //! The WAL starts over from its beginning only once every frame in it has been copied back
 //! into the database, and a checkpoint beside a lane that keeps writing never copies the
-//! frames written while it runs. So the lane checkpoints itself, after a commit, when the
-//! WAL holds [`LANE_AT`] frames: while it does, every append waits. Done wholly by the
+//! frames written while it runs. So the lane checkpoints itself, after a commit (once that
+//! batch's appends are answered), when the WAL holds [`LANE_AT`] frames: while it does,
+//! every append queued behind it waits. Done wholly by the
 //! lane, that checkpoint copied up to 4 000 pages and synced the database, 4–17 ms at 32
 //! turns in flight once the tables outgrew the page cache, several times a second: the
 //! appends' p99 was that stall.
@@ -108,8 +109,8 @@ impl LaneCheckpoints {
         })
     }
 
-    /// After a commit of the watched connection, on its thread: asks the helper for a pass,
-    /// or checkpoints on `connection` itself.
+    /// After a commit of the watched connection, on its thread, once the batch it committed
+    /// is answered: asks the helper for a pass, or checkpoints on `connection` itself.
     pub(super) fn after_commit(&self, connection: &Connection) {
         let frames = FRAMES.with(Cell::get);
         let helper_busy = self.busy.load(Ordering::Acquire);

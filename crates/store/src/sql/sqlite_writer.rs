@@ -105,10 +105,7 @@ impl SqliteWriter {
     ) -> Result<ScriptRows, ScriptError> {
         let connection = &self.connection;
         match run_statements(connection, &mut self.synchronous, script, params) {
-            Ok(rows) => {
-                self.checkpoints.after_commit(connection);
-                Ok(rows)
-            }
+            Ok(rows) => Ok(rows),
             // The transaction is over: the COMMIT itself failed (or SQLite rolled it back).
             Err(error) if connection.is_autocommit() => {
                 Err(ScriptError::Unknown(error.to_string()))
@@ -123,6 +120,16 @@ impl SqliteWriter {
                 ))),
             },
         }
+    }
+}
+
+impl SqliteWriter {
+    /// After a batch's appends are answered: checkpoints the WAL, or has it checkpointed
+    /// beside the lane, if its last commit left it long enough. A checkpoint the lane makes
+    /// itself holds up the appends queued behind it, but not those of the batch just
+    /// committed.
+    pub(super) fn checkpoint_if_due(&self) {
+        self.checkpoints.after_commit(&self.connection);
     }
 }
 
