@@ -45,6 +45,8 @@ use crate::{
 pub struct SqlStoreOptions {
     /// `sqlite://PATH?mode=rwc` or `postgres://USER@HOST:PORT/DATABASE`.
     pub url: String,
+    /// The pool's connections at most: 16 on PostgreSQL; on SQLite twice the cores, from
+    /// 4 to 16.
     pub max_connections: u32,
     /// Parallel group-commit queues; SQLite has one writer, so it always uses one.
     pub append_lanes: usize,
@@ -59,11 +61,29 @@ pub struct SqlStoreOptions {
     pub keys: Option<KeyRing>,
 }
 
+/// Connections a PostgreSQL store's pool holds at most.
+const POSTGRES_CONNECTIONS: u32 = 16;
+
+/// Connections an SQLite store's pool holds at most, by default: its readers, since the
+/// append lane writes on connections of its own. Each is a thread with a page cache of its
+/// own (up to 2 MB, SQLite's default) that fills as the database grows: readers beyond what
+/// the machine runs at once add memory rather than reads.
+fn sqlite_connections() -> u32 {
+    let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get());
+    u32::try_from(2 * cores).unwrap_or(u32::MAX).clamp(4, 16)
+}
+
 impl SqlStoreOptions {
     pub fn new(url: impl Into<String>) -> Self {
+        let url = url.into();
+        let max_connections = if url.starts_with("sqlite:") {
+            sqlite_connections()
+        } else {
+            POSTGRES_CONNECTIONS
+        };
         SqlStoreOptions {
-            url: url.into(),
-            max_connections: 16,
+            url,
+            max_connections,
             append_lanes: 4,
             max_batch: 256,
             durable: true,
