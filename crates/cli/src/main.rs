@@ -514,7 +514,20 @@ struct DevArgs {
     timing: ClusterTimingArgs,
 }
 
+/// mimalloc asks the kernel for transparent huge pages on its arena (`MADV_HUGEPAGE`), and
+/// khugepaged, when its slow scan reaches the arena, collapses every 2 MiB range there
+/// into one huge page, filling the range's unused pages: in the 30-minute soak the RSS
+/// stepped up by 3–12 MiB at the same minute of every run, with 28 MiB of the arena in
+/// huge pages after it. Without them the RSS follows what is allocated.
+fn without_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    if let Err(error) = rustix::thread::disable_transparent_huge_pages(true) {
+        eprintln!("warning: cannot turn transparent huge pages off: {error}");
+    }
+}
+
 fn main() -> ExitCode {
+    without_transparent_huge_pages();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
