@@ -4,10 +4,9 @@
 //! into the database, and a checkpoint beside a lane that keeps writing never copies the
 //! frames written while it runs. So the lane checkpoints itself, after a commit (once that
 //! batch's appends are answered), when the WAL holds [`LANE_AT`] frames: while it does,
-//! every append queued behind it waits. Done wholly by the
-//! lane, that checkpoint copied up to 4 000 pages and synced the database, 4–17 ms at 32
-//! turns in flight once the tables outgrew the page cache, several times a second: the
-//! appends' p99 was that stall.
+//! every append queued behind it waits. Done wholly by the lane, that checkpoint copied up
+//! to 4 000 pages and synced the database, 4–17 ms at 32 turns in flight once the tables
+//! outgrew the page cache, several times a second: the appends' p99 was that stall.
 //!
 //! Here a thread of its own, on a connection of its own, checkpoints pass after pass once
 //! the WAL holds [`HELPER_AT`] frames, while the lane goes on committing: its first pass

@@ -121,9 +121,7 @@ impl SqliteWriter {
             },
         }
     }
-}
 
-impl SqliteWriter {
     /// After a batch's appends are answered: checkpoints the WAL, or has it checkpointed
     /// beside the lane, if its last commit left it long enough. A checkpoint the lane makes
     /// itself holds up the appends queued behind it, but not those of the batch just
