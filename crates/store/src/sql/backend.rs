@@ -83,6 +83,17 @@ pub(super) enum Backend {
 }
 
 impl Backend {
+    /// The engine a store URL names: `sqlite:…`, `postgres:…` or `postgresql:…`.
+    pub(super) fn of_url(url: &str) -> Option<Backend> {
+        if url.starts_with("sqlite:") {
+            Some(Backend::Sqlite)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Some(Backend::Postgres)
+        } else {
+            None
+        }
+    }
+
     /// Starts a write transaction. SQLite takes the write lock at once, so the fence read
     /// that follows cannot go stale before the write.
     pub(super) fn begin_write(self) -> &'static str {

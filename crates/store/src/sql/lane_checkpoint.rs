@@ -108,8 +108,9 @@ impl LaneCheckpoints {
         })
     }
 
-    /// After a commit of the watched connection, on its thread, once the batch it committed
-    /// is answered: asks the helper for a pass, or checkpoints on `connection` itself.
+    /// On the watched connection's thread, once the lane's batch is answered: asks the
+    /// helper for a pass, or checkpoints on `connection` itself, by the frames its last
+    /// commit left in the WAL.
     pub(super) fn after_commit(&self, connection: &Connection) {
         let frames = FRAMES.with(Cell::get);
         let helper_busy = self.busy.load(Ordering::Acquire);

@@ -76,10 +76,9 @@ fn sqlite_connections() -> u32 {
 impl SqlStoreOptions {
     pub fn new(url: impl Into<String>) -> Self {
         let url = url.into();
-        let max_connections = if url.starts_with("sqlite:") {
-            sqlite_connections()
-        } else {
-            POSTGRES_CONNECTIONS
+        let max_connections = match Backend::of_url(&url) {
+            Some(Backend::Sqlite) => sqlite_connections(),
+            _ => POSTGRES_CONNECTIONS,
         };
         SqlStoreOptions {
             url,
@@ -154,11 +153,7 @@ impl SqlStore {
     /// Connects, runs the migrations and reads (or creates) the cluster id.
     pub async fn open(options: SqlStoreOptions) -> Result<Self> {
         sqlx::any::install_default_drivers();
-        let backend = if options.url.starts_with("sqlite:") {
-            Backend::Sqlite
-        } else if options.url.starts_with("postgres:") || options.url.starts_with("postgresql:") {
-            Backend::Postgres
-        } else {
+        let Some(backend) = Backend::of_url(&options.url) else {
             return Err(StoreError::Unavailable(format!(
                 "store URL must start with sqlite:// or postgres://, not {:?}",
                 options.url.split(':').next().unwrap_or_default()
