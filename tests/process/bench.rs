@@ -154,3 +154,77 @@ fn bench_times_first_deltas_against_the_agent_alone_and_reports_intervals() {
     assert!(added.is_finite(), "{report}");
     let _ = std::fs::remove_dir_all(watched.parent().unwrap());
 }
+
+/// Against a `switchyard dev` of its own (as an operator runs it), a first-delta run serves
+/// its fixed-delay model on the address the target's agent type points at: every turn
+/// reaches that model, whose held time is left out as in a run of bench's own cluster.
+/// Without that address, --llm-delay with --target is refused before anything runs.
+#[test]
+fn bench_times_first_deltas_of_a_target_whose_agent_calls_its_model() {
+    let dir = crate::harness::temp_dir("bench-target-model");
+    let model = crate::harness::free_address().to_string();
+    let address = crate::harness::free_address().to_string();
+    std::fs::write(
+        dir.join("agents.toml"),
+        format!(
+            "[agents.fixed-delay-llm]\nbackend = \"openai\"\n\
+             openai = {{ base_url = \"http://{model}/v1\", model = \"fixed-delay\" }}\n\
+             pool = {{ max = 8 }}\n"
+        ),
+    )
+    .unwrap();
+    let mut dev = crate::harness::start_dev(
+        &dir,
+        &address,
+        &["--store", "memory", "--agents", "agents.toml"],
+    );
+    let target = format!("http://{address}");
+    let run = |extra: &[&str]| {
+        Command::new(BINARY)
+            .args(["bench", "--target", &target, "--scenario", "first-delta"])
+            .args(["--agent-type", "fixed-delay-llm", "--llm-delay", "30ms"])
+            .args(extra)
+            .args(["--count", "60", "--concurrency", "4", "--users", "4"])
+            .args(["--no-baseline", "--json"])
+            .output()
+            .expect("switchyard bench runs")
+    };
+
+    let refused = run(&[]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--llm-listen"), "{stderr}");
+
+    let output = run(&["--llm-listen", &model]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        dev.log()
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    let results = report["results"].as_array().expect("results");
+    let labels: Vec<&str> = results
+        .iter()
+        .map(|result| result["scenario"].as_str().expect("label"))
+        .collect();
+    assert_eq!(labels, ["fixed-delay-llm alone", "first-delta"]);
+    for result in results {
+        assert_eq!(result["calls"], 60, "{result}");
+        assert_eq!(result["errors"], serde_json::json!({}), "{result}");
+        // Under the model's 30 ms: each first delta came from the bench's model, which
+        // states the time it held the request.
+        let p50 = result["latency_us"]["p50"].as_f64().expect("p50");
+        assert!((1.0..30_000.0).contains(&p50), "{result}");
+    }
+    assert!(
+        report["added_to_first_delta_us"]["p50"]
+            .as_f64()
+            .expect("added")
+            .is_finite(),
+        "{report}"
+    );
+    dev.kill();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -46,8 +46,15 @@ pub struct FixedDelayLlm {
 }
 
 impl FixedDelayLlm {
-    pub async fn start(delay: Duration) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await?;
+    /// Listens on `address`, or on a free port of 127.0.0.1.
+    pub async fn start(delay: Duration, address: Option<SocketAddr>) -> std::io::Result<Self> {
+        let address = address.unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+        let listener = TcpListener::bind(address).await.map_err(|error| {
+            std::io::Error::new(
+                error.kind(),
+                format!("the fixed-delay model cannot listen on {address}: {error}"),
+            )
+        })?;
         let base_url = format!("http://{}/v1", listener.local_addr()?);
         let stop = CancellationToken::new();
         let stopped = stop.clone();

@@ -135,9 +135,14 @@ pub struct BenchArgs {
     #[arg(long)]
     pub agents: Option<PathBuf>,
     /// Start a local OpenAI-compatible model answering after this delay, as the agent type
-    /// `fixed-delay-llm` (not with --target).
-    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "target")]
+    /// `fixed-delay-llm`. With --target, give --llm-listen too.
+    #[arg(long, value_parser = humantime::parse_duration)]
     pub llm_delay: Option<Duration>,
+    /// The address the --llm-delay model listens on (default: a free port on 127.0.0.1).
+    /// With --target, the target's `fixed-delay-llm` agent type must point at it:
+    /// `backend = "openai"`, `openai = { base_url = "http://ADDR/v1", model = "fixed-delay" }`.
+    #[arg(long, requires = "llm_delay")]
+    pub llm_listen: Option<std::net::SocketAddr>,
     /// Print the figures of every interval this long (for soaks), not only the totals.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub report_every: Option<Duration>,
@@ -196,8 +201,15 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
         }
         return compare::run(&args, shape, &compare::Variant::ENCRYPTION).await;
     }
+    if args.target.is_some() && args.llm_delay.is_some() && args.llm_listen.is_none() {
+        return Err(
+            "--llm-delay with --target needs --llm-listen: the address the target's \
+                    fixed-delay-llm agent type points at"
+                .into(),
+        );
+    }
     let llm = match args.llm_delay {
-        Some(delay) => Some(llm::FixedDelayLlm::start(delay).await?),
+        Some(delay) => Some(llm::FixedDelayLlm::start(delay, args.llm_listen).await?),
         None => None,
     };
     let agents = || -> Result<switchyard_agents::AgentCatalog, BoxError> {
