@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use switchyard_agents::{OpenAiConfig, PoolConfig};
+use switchyard_core::ContextWindow;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -75,8 +76,11 @@ impl FixedDelayLlm {
         Ok(FixedDelayLlm { base_url, stop })
     }
 
-    /// The `openai` agent type that talks to this server, and its pool.
-    pub fn agent(&self) -> (Arc<OpenAiConfig>, PoolConfig) {
+    /// The `openai` agent type that talks to this server, and its pool. A turn sends it the
+    /// newest `context_messages` of its session, as many as a first-delta run's agent alone
+    /// is given: a session's history grows during a run, and a longer context would make
+    /// the turns through the cluster serialize, send and read more than the agent alone.
+    pub fn agent(&self, context_messages: usize) -> (Arc<OpenAiConfig>, PoolConfig) {
         let config = OpenAiConfig {
             agent_type: AGENT_TYPE.to_string(),
             base_url: self.base_url.clone(),
@@ -91,6 +95,10 @@ impl FixedDelayLlm {
         };
         let pool = PoolConfig {
             max: 256,
+            context_window: ContextWindow {
+                max_messages: context_messages,
+                ..ContextWindow::default()
+            },
             ..PoolConfig::default()
         };
         (Arc::new(config), pool)

@@ -39,7 +39,8 @@ pub enum Scenario {
     /// SendMessage to --agent-type, timed until its final event.
     SendMessage,
     /// SendMessage to --agent-type, timed until its first delta, beside the same agent
-    /// type run directly in this process (its own time to a first delta).
+    /// type run directly in this process (its own time to a first delta) on a context of
+    /// --context-messages + 1 messages. The --llm-delay model's turns send that many too.
     FirstDelta,
     /// 70% GetContext, 20% AppendContext, 10% SendMessage.
     Mixed,
@@ -215,7 +216,8 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
     let agents = || -> Result<switchyard_agents::AgentCatalog, BoxError> {
         let mut catalog = crate::agents::load(args.agents.as_deref())?;
         if let Some(llm) = &llm {
-            let (config, pool) = llm.agent();
+            // The alone run's context: the prepared messages and the turn's own.
+            let (config, pool) = llm.agent(args.context_messages as usize + 1);
             catalog.register(llm::AGENT_TYPE, config, pool);
         }
         Ok(catalog)
