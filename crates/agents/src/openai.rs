@@ -6,14 +6,15 @@
 //! before anything was streamed; what still fails reaches the caller as RESOURCE_EXHAUSTED
 //! (rate limited) or UNAVAILABLE, with the provider's message.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use eventsource_stream::Eventsource;
 use futures::{Stream, StreamExt};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 use switchyard_core::ContextMessage;
 use switchyard_core::RetryPolicy;
 use tokio::sync::mpsc;
@@ -71,20 +72,56 @@ impl AgentFactory for OpenAiConfig {
             })?),
             None => None,
         };
-        // One TLS stack for the process: rustls with ring, as sqlx uses.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
-            .timeout(self.timeout)
-            .build()
-            .map_err(|error| {
-                AgentError::Backend(format!("cannot build the HTTP client: {error}"))
-            })?;
         Ok(Box::new(OpenAiAgent {
             config: Arc::new(self.clone()),
-            client,
+            client: shared_client()?,
             api_key,
         }))
     }
+}
+
+/// The HTTP client of every `openai` instance in the process. Building one loads the TLS
+/// roots, which took longer than a turn, and gave each instance connections of its own; a
+/// pool growing under load built dozens while turns waited. Each request carries its agent
+/// type's timeout.
+static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
+
+fn shared_client() -> Result<reqwest::Client, AgentError> {
+    if let Some(client) = CLIENT.get() {
+        return Ok(client.clone());
+    }
+    // One TLS stack for the process: rustls with ring, as sqlx uses.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .build()
+        .map_err(|error| AgentError::Backend(format!("cannot build the HTTP client: {error}")))?;
+    Ok(CLIENT.get_or_init(|| client).clone())
+}
+
+/// A chat-completions request, written as it goes out (no JSON tree built first).
+#[derive(Serialize)]
+struct ChatRequest<'a> {
+    model: &'a str,
+    messages: Vec<ChatMessage<'a>>,
+    stream: bool,
+    stream_options: StreamOptions,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct ChatMessage<'a> {
+    role: &'a str,
+    content: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
 }
 
 pub struct OpenAiAgent {
@@ -94,35 +131,40 @@ pub struct OpenAiAgent {
 }
 
 impl OpenAiAgent {
-    fn body(&self, context: &[ContextMessage]) -> Value {
-        let mut messages = Vec::with_capacity(context.len() + 1);
-        if !self.config.system_prompt.is_empty() {
-            messages.push(json!({ "role": "system", "content": self.config.system_prompt }));
-        }
-        for message in context {
-            let mut entry = json!({ "role": message.role.as_str(), "content": message.content });
-            if !message.name.is_empty() && message.role == switchyard_core::Role::User {
-                entry["name"] = message.name.clone().into();
-            }
-            messages.push(entry);
-        }
-        let mut body = json!({
-            "model": self.config.model,
-            "messages": messages,
-            "stream": true,
-            "stream_options": { "include_usage": true },
+    fn body(&self, context: &[ContextMessage]) -> Result<Bytes, AgentError> {
+        let system = (!self.config.system_prompt.is_empty()).then(|| ChatMessage {
+            role: "system",
+            content: &self.config.system_prompt,
+            name: None,
         });
-        if let Some(temperature) = self.config.temperature {
-            body["temperature"] = temperature.into();
-        }
-        if let Some(max_tokens) = self.config.max_tokens {
-            body["max_tokens"] = max_tokens.into();
-        }
-        body
+        let messages = system
+            .into_iter()
+            .chain(context.iter().map(|message| {
+                ChatMessage {
+                    role: message.role.as_str(),
+                    content: &message.content,
+                    name: (!message.name.is_empty() && message.role == switchyard_core::Role::User)
+                        .then_some(message.name.as_str()),
+                }
+            }))
+            .collect();
+        let request = ChatRequest {
+            model: &self.config.model,
+            messages,
+            stream: true,
+            stream_options: StreamOptions {
+                include_usage: true,
+            },
+            temperature: self.config.temperature,
+            max_tokens: self.config.max_tokens,
+        };
+        serde_json::to_vec(&request)
+            .map(Bytes::from)
+            .map_err(|error| AgentError::Failed(format!("cannot write the model request: {error}")))
     }
 
     /// Sends the request, retrying what is worth retrying.
-    async fn send(&self, body: &Value) -> Result<reqwest::Response, AgentError> {
+    async fn send(&self, body: Bytes) -> Result<reqwest::Response, AgentError> {
         let url = format!(
             "{}/chat/completions",
             self.config.base_url.trim_end_matches('/')
@@ -132,8 +174,9 @@ impl OpenAiAgent {
             let mut request = self
                 .client
                 .post(&url)
+                .timeout(self.config.timeout)
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body.to_string());
+                .body(body.clone());
             if let Some(key) = &self.api_key {
                 request = request.bearer_auth(key);
             }
@@ -250,7 +293,7 @@ impl Agent for OpenAiAgent {
         deltas: &mpsc::Sender<String>,
     ) -> Result<Usage, AgentError> {
         let started = Instant::now();
-        let response = self.send(&self.body(context)).await?;
+        let response = self.send(self.body(context)?).await?;
         let mut usage = Usage::default();
         let mut events = capped_lines(response.bytes_stream(), MAX_SSE_LINE_BYTES).eventsource();
         while let Some(event) = events.next().await {

@@ -300,3 +300,82 @@ async fn an_event_stream_line_without_end_ends_the_turn() {
     let error = result.unwrap_err().to_string();
     assert!(error.contains("bytes"), "{error}");
 }
+
+/// A server that keeps its connections open and answers each request on them after
+/// `delay`, with a one-delta stream; counts the connections it accepted.
+async fn serve_kept_alive(delay: Duration) -> (String, Arc<Mutex<usize>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let connections = Arc::new(Mutex::new(0));
+    let accepted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            *accepted.lock().unwrap() += 1;
+            tokio::spawn(async move {
+                let mut received = Vec::new();
+                let mut buffer = [0u8; 4096];
+                loop {
+                    // One request: its head, then as much body as it announces.
+                    let text = String::from_utf8_lossy(&received).to_string();
+                    let complete = text.split_once("\r\n\r\n").and_then(|(head, body)| {
+                        let length: usize = head.lines().find_map(|line| {
+                            line.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap())
+                        })?;
+                        (body.len() >= length).then_some(head.len() + 4 + length)
+                    });
+                    let Some(used) = complete else {
+                        match socket.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(read) => received.extend_from_slice(&buffer[..read]),
+                        }
+                        continue;
+                    };
+                    received.drain(..used);
+                    tokio::time::sleep(delay).await;
+                    let body = "data: {\"choices\":[{\"delta\":{\"content\":\"ok\"}}]}\n\ndata: [DONE]\n\n";
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if socket.write_all(response.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, connections)
+}
+
+/// Instances of an agent type share one HTTP client: the second instance's request goes
+/// out on the connection the first one opened, and each request keeps its own type's
+/// timeout.
+#[tokio::test]
+async fn instances_share_connections_and_each_type_keeps_its_timeout() {
+    let (url, connections) = serve_kept_alive(Duration::ZERO).await;
+    let shared = config(&url);
+    for expected in ["ok", "ok", "ok"] {
+        let (result, text) = turn(&shared).await;
+        result.unwrap();
+        assert_eq!(text, expected);
+    }
+    assert_eq!(
+        *connections.lock().unwrap(),
+        1,
+        "three instances, one connection"
+    );
+
+    let (url, _) = serve_kept_alive(Duration::from_millis(400)).await;
+    let mut impatient = config(&url);
+    impatient.timeout = Duration::from_millis(100);
+    impatient.max_retries = 0;
+    let patient = config(&url);
+    let (result, _) = turn(&impatient).await;
+    let error = result.unwrap_err().to_string();
+    assert!(error.contains("cannot reach"), "{error}");
+    let (result, text) = turn(&patient).await;
+    result.unwrap();
+    assert_eq!(text, "ok");
+}
