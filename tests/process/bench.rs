@@ -133,25 +133,7 @@ fn bench_times_first_deltas_against_the_agent_alone_and_reports_intervals() {
     }
     assert!(calls > 0.0);
 
-    let results = report["results"].as_array().expect("results");
-    let labels: Vec<&str> = results
-        .iter()
-        .map(|result| result["scenario"].as_str().expect("label"))
-        .collect();
-    assert_eq!(labels, ["fixed-delay-llm alone", "first-delta"]);
-    for result in results {
-        assert_eq!(result["calls"], 120, "{result}");
-        assert_eq!(result["errors"], serde_json::json!({}), "{result}");
-        let p50 = result["latency_us"]["p50"].as_f64().expect("p50");
-        // The time the model held each request (30 ms, and however late its timer fired),
-        // which its first delta states, is left out of both: what remains is the agent's
-        // own work and, through the cluster, the hops; some, and well under the delay.
-        assert!((1.0..30_000.0).contains(&p50), "{result}");
-    }
-    let added = report["added_to_first_delta_us"]["p50"]
-        .as_f64()
-        .expect("added");
-    assert!(added.is_finite(), "{report}");
+    assert_first_delta_report(report, 120);
     let _ = std::fs::remove_dir_all(watched.parent().unwrap());
 }
 
@@ -204,6 +186,17 @@ fn bench_times_first_deltas_of_a_target_whose_agent_calls_its_model() {
         dev.log()
     );
     let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_first_delta_report(&report, 60);
+    dev.kill();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A first-delta report: the agent alone, then through the cluster, each `calls` calls
+/// without an error. The time the model held each request (30 ms, and however late its
+/// timer fired), which its first delta states, is left out of both: what remains is the
+/// agent's own work and, through the cluster, the hops; some, and well under the delay
+/// (a first delta from another model would not state it).
+fn assert_first_delta_report(report: &serde_json::Value, calls: u64) {
     let results = report["results"].as_array().expect("results");
     let labels: Vec<&str> = results
         .iter()
@@ -211,20 +204,13 @@ fn bench_times_first_deltas_of_a_target_whose_agent_calls_its_model() {
         .collect();
     assert_eq!(labels, ["fixed-delay-llm alone", "first-delta"]);
     for result in results {
-        assert_eq!(result["calls"], 60, "{result}");
+        assert_eq!(result["calls"], calls, "{result}");
         assert_eq!(result["errors"], serde_json::json!({}), "{result}");
-        // Under the model's 30 ms: each first delta came from the bench's model, which
-        // states the time it held the request.
         let p50 = result["latency_us"]["p50"].as_f64().expect("p50");
         assert!((1.0..30_000.0).contains(&p50), "{result}");
     }
-    assert!(
-        report["added_to_first_delta_us"]["p50"]
-            .as_f64()
-            .expect("added")
-            .is_finite(),
-        "{report}"
-    );
-    dev.kill();
-    let _ = std::fs::remove_dir_all(dir);
+    let added = report["added_to_first_delta_us"]["p50"]
+        .as_f64()
+        .expect("added");
+    assert!(added.is_finite(), "{report}");
 }
