@@ -356,10 +356,10 @@ async fn serve_kept_alive(delay: Duration) -> (String, Arc<Mutex<usize>>) {
 async fn instances_share_connections_and_each_type_keeps_its_timeout() {
     let (url, connections) = serve_kept_alive(Duration::ZERO).await;
     let shared = config(&url);
-    for expected in ["ok", "ok", "ok"] {
+    for _ in 0..3 {
         let (result, text) = turn(&shared).await;
         result.unwrap();
-        assert_eq!(text, expected);
+        assert_eq!(text, "ok");
     }
     assert_eq!(
         *connections.lock().unwrap(),
