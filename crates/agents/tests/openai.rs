@@ -45,19 +45,8 @@ async fn serve(script: Vec<Reply>) -> FakeServer {
             let (head, body) = loop {
                 let read = socket.read(&mut buffer).await.unwrap();
                 received.extend_from_slice(&buffer[..read]);
-                let text = String::from_utf8_lossy(&received).to_string();
-                if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                    let length: usize = head
-                        .lines()
-                        .find_map(|line| {
-                            line.to_ascii_lowercase()
-                                .strip_prefix("content-length:")
-                                .map(|v| v.trim().parse().unwrap())
-                        })
-                        .unwrap_or(0);
-                    if body.len() >= length {
-                        break (head.to_string(), body.to_string());
-                    }
+                if let Some((head, body, _)) = whole_request(&received) {
+                    break (head, body);
                 }
             };
             seen.lock().unwrap().push((head, body));
@@ -106,6 +95,23 @@ async fn serve(script: Vec<Reply>) -> FakeServer {
         }
     });
     FakeServer { url, requests }
+}
+
+/// The first request in `received` once it is whole (its head, then as much body as its
+/// `content-length` announces): its head, its body, and the bytes it took.
+fn whole_request(received: &[u8]) -> Option<(String, String, usize)> {
+    let text = String::from_utf8_lossy(received);
+    let (head, rest) = text.split_once("\r\n\r\n")?;
+    let length: usize = head
+        .lines()
+        .find_map(|line| {
+            line.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let body = rest.get(..length)?;
+    Some((head.to_string(), body.to_string(), head.len() + 4 + length))
 }
 
 const HELLO: [&str; 3] = [
@@ -315,17 +321,7 @@ async fn serve_kept_alive(delay: Duration) -> (String, Arc<Mutex<usize>>) {
                 let mut received = Vec::new();
                 let mut buffer = [0u8; 4096];
                 loop {
-                    // One request: its head, then as much body as it announces.
-                    let text = String::from_utf8_lossy(&received).to_string();
-                    let complete = text.split_once("\r\n\r\n").and_then(|(head, body)| {
-                        let length: usize = head.lines().find_map(|line| {
-                            line.to_ascii_lowercase()
-                                .strip_prefix("content-length:")
-                                .map(|v| v.trim().parse().unwrap())
-                        })?;
-                        (body.len() >= length).then_some(head.len() + 4 + length)
-                    });
-                    let Some(used) = complete else {
+                    let Some((_, _, used)) = whole_request(&received) else {
                         match socket.read(&mut buffer).await {
                             Ok(0) | Err(_) => return,
                             Ok(read) => received.extend_from_slice(&buffer[..read]),
