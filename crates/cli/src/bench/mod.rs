@@ -141,7 +141,9 @@ pub struct BenchArgs {
     pub llm_delay: Option<Duration>,
     /// The address the --llm-delay model listens on (default: a free port on 127.0.0.1).
     /// With --target, the target's `fixed-delay-llm` agent type must point at it:
-    /// `backend = "openai"`, `openai = { base_url = "http://ADDR/v1", model = "fixed-delay" }`.
+    /// `backend = "openai"`, `openai = { base_url = "http://ADDR/v1", model = "fixed-delay" }`,
+    /// and `context = { messages = N }` with N = --context-messages + 1, so that its turns
+    /// send the model what the agent alone is given.
     #[arg(long, requires = "llm_delay")]
     pub llm_listen: Option<std::net::SocketAddr>,
     /// Print the figures of every interval this long (for soaks), not only the totals.
